@@ -1,0 +1,34 @@
+"""kdata: build curated knowledge-distillation datasets from teacher LLMs.
+
+>>> import kdata
+>>> recipe = kdata.load_recipe("recipes/quickstart.yaml")
+>>> run = kdata.build(recipe)
+>>> run.rows()[0]["response"]
+"""
+
+__version__ = "0.1.0"
+
+from kdata.errors import BudgetExceeded, KdataError, RecipeError, TeacherError
+from kdata.recipe import GenerationParams, Recipe, Teacher, load_recipe, recipe_from_yaml
+from kdata.runner import Run, build, plan
+from kdata.steps.base import TeacherMix
+from kdata.steps.elicit import LabelStep
+from kdata.steps.sources import SeedsStep
+
+__all__ = [
+    "BudgetExceeded",
+    "GenerationParams",
+    "KdataError",
+    "LabelStep",
+    "Recipe",
+    "RecipeError",
+    "Run",
+    "SeedsStep",
+    "Teacher",
+    "TeacherError",
+    "TeacherMix",
+    "build",
+    "load_recipe",
+    "plan",
+    "recipe_from_yaml",
+]

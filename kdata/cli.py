@@ -1,0 +1,163 @@
+"""The ``kdata`` command: build, validate, inspect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdata.errors import BudgetExceeded, KdataError
+
+app = typer.Typer(
+    name="kdata",
+    help="Build curated knowledge-distillation datasets from teacher LLMs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]
+
+
+def _load(recipe: Path):
+    from kdata.recipe import load_recipe
+
+    try:
+        return load_recipe(recipe)
+    except KdataError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def validate(recipe: RecipeArg) -> None:
+    """Check a recipe without calling any teacher or writing anything."""
+    r = _load(recipe)
+    try:
+        r.check_runtime()
+    except KdataError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    out.print(
+        f"[green]ok[/green] {recipe}: {len(r.steps)} steps, "
+        f"teachers {', '.join(r.used_teachers()) or '(none)'}"
+    )
+
+
+@app.command()
+def build(
+    recipe: RecipeArg,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; call nothing.")
+    ] = False,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Run directory (overrides output.dir).")
+    ] = None,
+) -> None:
+    """Run a recipe; rerunning resumes where the last run stopped."""
+    from kdata.progress import RichReporter, summary_table
+    from kdata.runner import build as run_build
+    from kdata.runner import plan
+
+    r = _load(recipe)
+    if dry_run:
+        try:
+            steps = plan(r)
+        except KdataError as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False)
+            raise typer.Exit(2) from None
+        t = Table(title=f"plan: {recipe} -> {output or r.run_dir}")
+        for col in ("step", "type", "rows (at most)", "teacher calls", "teachers"):
+            t.add_column(col)
+        for s in steps:
+            t.add_row(
+                s["step"], s["type"], str(s["rows"]), str(s["calls"]), ", ".join(s["teachers"])
+            )
+        out.print(t)
+        out.print(
+            f"{sum(s['calls'] for s in steps)} teacher calls at most "
+            "(responses already in the run's cache are not sent again)"
+        )
+        return
+    try:
+        with RichReporter(err) as reporter:
+            run = run_build(r, run_dir=output, reporter=reporter)
+    except BudgetExceeded as e:
+        run = getattr(e, "run", None)
+        if run is not None:
+            out.print(summary_table(run))
+        err.print(
+            f"[yellow]stopped:[/yellow] {e}. Every response received is stored; "
+            "raise budget_usd and run the same command to resume.",
+            highlight=False,
+        )
+        raise typer.Exit(3) from None
+    except KeyboardInterrupt:
+        err.print(
+            "[yellow]interrupted:[/yellow] every response received is stored; "
+            "run the same command to resume."
+        )
+        raise typer.Exit(130) from None
+    except KdataError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    out.print(summary_table(run))
+    total_failed = sum(s.failed for s in run.steps)
+    out.print(
+        f"dataset: {run.dataset_path} ({run.steps[-1].rows_out} rows); "
+        f"spent ${run.cost_usd_total:.4f} in all"
+        + (f"; {total_failed} failed (see steps/*/failed.parquet)" if total_failed else "")
+    )
+
+
+@app.command()
+def inspect(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+    rows: Annotated[int, typer.Option("--rows", "-n", help="Sample rows to show.")] = 3,
+) -> None:
+    """Show a run's stats and sample rows."""
+    import pyarrow.parquet as pq
+
+    from kdata.progress import summary_table
+    from kdata.runner import DATASET_FILE, Run, StepStats
+
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        err.print(f"[red]error:[/red] {run_dir} is not a kdata run directory (no manifest.json)")
+        raise typer.Exit(2) from None
+    steps = [StepStats(**m["stats"]) for m in manifest["steps"] if m.get("stats")]
+    run = Run(
+        dir=run_dir,
+        status=manifest.get("status", "?"),
+        steps=steps,
+        ledger=manifest.get("ledger", {}),
+        cost_usd_total=manifest.get("cost_usd_total", 0),
+    )
+    out.print(summary_table(run))
+    for name, led in run.ledger.items():
+        out.print(
+            f"teacher {name}: {led['responses']} responses, {led['requests']} requests, "
+            f"{led['cache_hits']} cache hits, {led['prompt_tokens']}+"
+            f"{led['completion_tokens']} tokens, ${led['cost_usd']:.4f}"
+            + (f", failures {led['failures']}" if led["failures"] else "")
+        )
+    data = run_dir / DATASET_FILE
+    if data.exists() and rows > 0:
+        table = pq.read_table(data)
+        out.print(
+            f"dataset: {data} ({table.num_rows} rows; columns: {', '.join(table.column_names)})"
+        )
+        for row in table.slice(0, rows).to_pylist():
+            row.pop("_kdata", None)
+            out.print_json(json.dumps(row, default=str, ensure_ascii=False))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

