@@ -20,7 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]
 
@@ -141,13 +141,14 @@ def inspect(
         cost_usd_total=manifest.get("cost_usd_total", 0),
     )
     out.print(summary_table(run))
-    for name, led in run.ledger.items():
+    for name, tot in manifest.get("teachers", {}).items():
         out.print(
-            f"teacher {name}: {led['responses']} responses, {led['requests']} requests, "
-            f"{led['cache_hits']} cache hits, {led['prompt_tokens']}+"
-            f"{led['completion_tokens']} tokens, ${led['cost_usd']:.4f}"
-            + (f", failures {led['failures']}" if led["failures"] else "")
+            f"teacher {name}: {tot['responses']} responses stored, "
+            f"{tot['prompt_tokens']}+{tot['completion_tokens']} tokens, ${tot['cost_usd']:.4f}"
         )
+    for name, led in run.ledger.items():
+        if led["failures"]:
+            out.print(f"teacher {name}, last build: failures {led['failures']}")
     data = run_dir / DATASET_FILE
     if data.exists() and rows > 0:
         table = pq.read_table(data)

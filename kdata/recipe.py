@@ -165,6 +165,8 @@ class Recipe(StrictModel):
         Raises:
             RecipeError: naming the teacher, its line and the fix.
         """
+        from kdata.teachers.pool import prices
+
         for name in self.used_teachers():
             t = self.teachers[name]
             var = t.api_key_var
@@ -174,7 +176,7 @@ class Recipe(StrictModel):
                     f"export {var}=... before running",
                     ("teachers", name, "api_key"),
                 )
-            if self.budget_usd is not None and not _priced(t):
+            if self.budget_usd is not None and prices(t) is None:
                 raise self._error(
                     f"litellm has no price for model '{t.model}' and budget_usd is set; "
                     "add cost_per_1k_tokens: {input: ..., output: ...} to this teacher "
@@ -189,18 +191,6 @@ class Recipe(StrictModel):
             line=_line_for(self._lines, loc),
             field=".".join(str(p) for p in loc),
         )
-
-
-def _priced(t: Teacher) -> bool:
-    if t.cost_per_1k_tokens is not None or t.model.startswith("local/"):
-        return True
-    import litellm
-
-    try:
-        info = litellm.get_model_info(t.model)
-    except Exception:
-        return False
-    return info.get("input_cost_per_token") is not None
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -355,8 +345,13 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
 
 
 def _explain(err: ValidationError, data: dict, path: str | None, lines: dict) -> RecipeError:
-    """Turn pydantic's first error into a RecipeError with line, step, field and a fix."""
-    e = err.errors()[0]
+    """Turn pydantic's first error into a RecipeError with line, step, field and a fix.
+
+    Unknown keys and step types come first: a misspelt key also shows up as a missing one.
+    """
+    first = {"extra_forbidden": 0, "union_tag_invalid": 0, "union_tag_not_found": 0}
+    errors = sorted(err.errors(), key=lambda x: first.get(x["type"], 1))
+    e = errors[0]
     loc = tuple(e["loc"])
     # Discriminated unions put the tag into the location: steps, 1, label, field.
     if len(loc) >= 3 and loc[0] == "steps" and loc[2] in STEP_TYPES:
@@ -377,10 +372,7 @@ def _explain(err: ValidationError, data: dict, path: str | None, lines: dict) ->
         field = "type"
     elif kind == "extra_forbidden":
         key = loc[-1]
-        if step_type:
-            model = _model_at(STEP_TYPES[step_type], loc[2:])
-        else:
-            model = _model_at(Recipe, loc)
+        model = _model_at(STEP_TYPES[step_type], loc[2:]) if step_type else _model_at(Recipe, loc)
         allowed = list(model.model_fields) if model else []
         msg = f"unknown key '{key}'" + _did_you_mean(str(key), allowed)
         if allowed:
@@ -396,4 +388,6 @@ def _explain(err: ValidationError, data: dict, path: str | None, lines: dict) ->
             loc, field = ("steps", idx, "teacher"), "teacher"
             if idx < len(data.get("steps", [])) and "teacher" not in data["steps"][idx]:
                 loc, field = ("steps", idx), None
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return RecipeError(msg, path=path, line=_line_for(lines, loc), step=step, field=field)

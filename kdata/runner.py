@@ -14,6 +14,7 @@ one on disk is not run again; a teacher step that is run again is served from th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -168,7 +169,7 @@ def build(
 
 
 def fingerprints(recipe: Recipe) -> list[str]:
-    """Each step's fingerprint: a hash of its config, its teachers, its inputs and the one before."""
+    """Each step's fingerprint: hash of its config, teachers, inputs and the step before."""
     out, prev = [], ""
     for step in recipe.steps:
         teachers = {
@@ -253,6 +254,7 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter) -> Run:
             finished_at=time.time(),
             ledger=run.ledger,
             cost_usd_total=run.cost_usd_total,
+            teachers=cache.totals_by_teacher(),
         )
         done = {s.name: asdict(s) for s in run.steps}
         for m in manifest["steps"]:
@@ -324,10 +326,8 @@ def _read_stats(folder: Path) -> dict | None:
 def _manifest(recipe: Recipe, names: list[str], fps: list[str]) -> dict[str, Any]:
     versions = {"python": sys.version.split()[0]}
     for pkg in ("kdata", "litellm", "datasets", "pyarrow", "pydantic", "llama_cpp_python"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
     return {
         "kdata_version": _version(),
         "recipe_path": recipe.source_path,

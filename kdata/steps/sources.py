@@ -117,7 +117,7 @@ class SeedsStep(StepBase):
 def _read_jsonl(p: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
     good, bad = [], []
     with p.open(encoding="utf-8") as fh:
-        for i, line in enumerate(l for l in fh if l.strip()):
+        for i, line in enumerate(text for text in fh if text.strip()):
             try:
                 rec = json.loads(line)
                 if not isinstance(rec, dict):

@@ -63,6 +63,23 @@ class RequestCache:
         """USD paid for every stored response."""
         return self._db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM responses").fetchone()[0]
 
+    def totals_by_teacher(self) -> dict[str, dict[str, float]]:
+        """Responses, tokens and USD per teacher over everything stored, every run included."""
+        rows = self._db.execute(
+            "SELECT teacher, COUNT(*), SUM(json_extract(response, '$.usage.prompt_tokens')),"
+            " SUM(json_extract(response, '$.usage.completion_tokens')), SUM(cost_usd)"
+            " FROM responses GROUP BY teacher"
+        ).fetchall()
+        return {
+            t: {
+                "responses": n,
+                "prompt_tokens": p or 0,
+                "completion_tokens": c or 0,
+                "cost_usd": cost or 0.0,
+            }
+            for t, n, p, c, cost in rows
+        }
+
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 

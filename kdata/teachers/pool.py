@@ -271,13 +271,7 @@ class TeacherPool:
         return worst
 
     def _prices(self, st: _TeacherState) -> tuple[float, float]:
-        """USD per prompt token and per completion token."""
-        if st.cfg.cost_per_1k_tokens:
-            return st.cfg.cost_per_1k_tokens.input / 1000, st.cfg.cost_per_1k_tokens.output / 1000
-        if st.cfg.model.startswith("local/"):
-            return 0.0, 0.0
-        info = _litellm().get_model_info(st.cfg.model)
-        return info.get("input_cost_per_token") or 0.0, info.get("output_cost_per_token") or 0.0
+        return prices(st.cfg) or (0.0, 0.0)  # unpriced models are refused when a budget is set
 
     def _api_key(self, st: _TeacherState) -> str | None:
         var = st.cfg.api_key_var
@@ -381,6 +375,21 @@ class TeacherPool:
         led.completion_tokens += c_tok
         led.cost_usd += cost
         return data
+
+
+def prices(cfg: Teacher) -> tuple[float, float] | None:
+    """USD per prompt token and per completion token, or None when nobody knows them."""
+    if cfg.cost_per_1k_tokens:
+        return cfg.cost_per_1k_tokens.input / 1000, cfg.cost_per_1k_tokens.output / 1000
+    if cfg.model.startswith("local/"):
+        return 0.0, 0.0
+    try:
+        info = _litellm().get_model_info(cfg.model)
+    except Exception:  # litellm raises for models missing from its price table
+        return None
+    if info.get("input_cost_per_token") is None:
+        return None
+    return info["input_cost_per_token"], info.get("output_cost_per_token") or 0.0
 
 
 def classify(error: BaseException) -> tuple[str, bool]:

@@ -1,0 +1,205 @@
+"""End to end with real parts: the embedded SmolLM2 teacher, the CLI, a real llama.cpp server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import kdata
+from kdata.runner import DATASET_FILE
+from kdata.teachers.local import embedded_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kdata.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+
+
+def test_quickstart_runs_on_the_embedded_teacher(tmp_path: Path) -> None:
+    run_dir = tmp_path / "qs"
+    res = cli("build", "recipes/quickstart.yaml", "-o", str(run_dir))
+    assert res.returncode == 0, res.stderr
+    assert "20 rows" in res.stdout
+    rows = pq.read_table(run_dir / DATASET_FILE).to_pylist()
+    assert len(rows) == 20
+    assert len({r["id"] for r in rows}) == 20  # each seed task exactly once
+    for r in rows:
+        p = r["_kdata"]
+        assert r["response"].strip()
+        assert p["teacher"] == "smol" and p["model"] == "local/smollm2-135m-instruct"
+        assert len(p["request_hash"]) == 64 and p["completion_tokens"] > 0
+        assert len(p["parent_ids"]) == 1 and p["step"] == "01_label"
+    # datasets loads the final Parquet as it is
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(run_dir / DATASET_FILE), split="train")
+    assert ds.num_rows == 20 and "response" in ds.column_names
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["versions"]["litellm"]
+    assert [s["name"] for s in manifest["steps"]] == ["00_seeds", "01_label"]
+    for step in manifest["steps"]:
+        st = step["stats"]
+        assert st["expected"] == st["rows_out"] + st["dropped"] + st["failed"]
+        assert (run_dir / "steps" / step["name"] / "failed.parquet").exists()
+    # A rerun reuses both steps and calls nobody.
+    again = cli("build", "recipes/quickstart.yaml", "-o", str(run_dir))
+    assert again.returncode == 0 and again.stdout.count("reused") == 2
+    assert pq.read_table(run_dir / DATASET_FILE).to_pylist() == rows
+    shown = cli("inspect", str(run_dir), "-n", "1")
+    assert shown.returncode == 0 and "20 responses stored" in shown.stdout
+
+
+RECIPE = """\
+name: small
+teachers:
+  smol:
+    model: local/smollm2-135m-instruct
+    params: {{temperature: 0.7, max_tokens: 24, seed: 1}}
+steps:
+  - type: seeds
+    path: {seeds}
+  - type: label
+    teacher: smol
+    prompt: "{{{{ instruction }}}}"
+    output: {output}
+    n: {n}
+"""
+
+
+def test_samples_and_reparse_from_cache(tmp_path: Path, seeds: Path) -> None:
+    run_dir = tmp_path / "run"
+    r1 = kdata.build(
+        kdata.recipe_from_yaml(RECIPE.format(seeds=seeds, output="response", n=2)), run_dir=run_dir
+    )
+    label = r1.steps[1]
+    assert (label.rows_in, label.expected, label.rows_out) == (5, 10, 10)
+    assert label.requests == 10 and label.cache_hits == 0
+    rows = r1.rows()
+    assert len({r["_kdata"]["request_hash"] for r in rows}) == 10  # samples are distinct requests
+    by_parent: dict[str, set] = {}
+    for r in rows:
+        by_parent.setdefault(r["_kdata"]["parent_ids"][0], set()).add(r["response"])
+    assert any(len(texts) == 2 for texts in by_parent.values())  # seeds differ per sample
+    # Changing only how a response is parsed (the output column) re-parses stored responses.
+    r2 = kdata.build(
+        kdata.recipe_from_yaml(RECIPE.format(seeds=seeds, output="answer", n=2)), run_dir=run_dir
+    )
+    assert r2.steps[1].requests == 0 and r2.steps[1].cache_hits == 10 and not r2.steps[1].reused
+    assert sorted(r["answer"] for r in r2.rows()) == sorted(r["response"] for r in rows)
+
+
+def test_bad_seed_lines_are_failed_rows_not_lost(tmp_path: Path, seeds: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(seeds.read_text() + "{not json\n[1, 2]\n", encoding="utf-8")
+    recipe = kdata.recipe_from_yaml(f"name: b\nsteps:\n  - {{type: seeds, path: {bad}}}\n")
+    run = kdata.build(recipe, run_dir=tmp_path / "run")
+    s = run.steps[0]
+    assert (s.expected, s.rows_out, s.failed) == (7, 5, 2)
+    failed = pq.read_table(tmp_path / "run/steps/00_seeds/failed.parquet").to_pylist()
+    assert {f["error_class"] for f in failed} == {"bad_seed"}
+    assert any("record 6" in f["error"] for f in failed)
+
+
+def test_bad_recipe_fails_cleanly_and_writes_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: x\noutput: {dir: " + str(tmp_path / "out") + "}\nsteps:\n"
+        "  - type: seedz\n    path: a.jsonl\n",
+        encoding="utf-8",
+    )
+    for cmd in ("validate", "build"):
+        res = cli(cmd, str(bad))
+        assert res.returncode == 2
+        assert f"{bad}:4" in res.stderr and "did you mean 'seeds'" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_counts_calls_and_writes_nothing(tmp_path: Path) -> None:
+    res = cli("build", "recipes/quickstart.yaml", "--dry-run", "-o", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr
+    assert "20 teacher calls at most" in res.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def llama_server():
+    """A real OpenAI-compatible server: llama_cpp.server serving the embedded GGUF on loopback."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(embedded_gguf()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "2048",
+            "--model_alias",
+            "smollm2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(base + "/models", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("llama_cpp.server did not start")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_openai_compatible_server_through_litellm(tmp_path, seeds, llama_server, monkeypatch):
+    monkeypatch.setenv("KDATA_TEST_KEY", "not-needed-by-llama-cpp")
+    recipe = kdata.recipe_from_yaml(f"""\
+name: served
+teachers:
+  served:
+    model: openai/smollm2
+    api_base: {llama_server}
+    api_key: ${{KDATA_TEST_KEY}}
+    params: {{max_tokens: 16, temperature: 0}}
+steps:
+  - {{type: seeds, path: {seeds}, limit: 3}}
+  - {{type: label, teacher: served, prompt: "{{{{ instruction }}}}"}}
+""")
+    run = kdata.build(recipe, run_dir=tmp_path / "run")
+    rows = run.rows()
+    assert len(rows) == 3 and all(r["response"] for r in rows)
+    assert {r["_kdata"]["model"] for r in rows} == {"openai/smollm2"}
+    assert all(r["_kdata"]["completion_tokens"] > 0 for r in rows)
+    assert run.ledger["served"]["responses"] == 3
