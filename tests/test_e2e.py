@@ -203,3 +203,43 @@ steps:
     assert {r["_kdata"]["model"] for r in rows} == {"openai/smollm2"}
     assert all(r["_kdata"]["completion_tokens"] > 0 for r in rows)
     assert run.ledger["served"]["responses"] == 3
+
+
+def _stored(cache: Path) -> int:
+    import sqlite3
+
+    if not cache.exists():
+        return 0
+    db = sqlite3.connect(f"file:{cache}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+    except sqlite3.OperationalError:  # table not created yet
+        return 0
+    finally:
+        db.close()
+
+
+def test_ctrl_c_keeps_every_response_and_the_rerun_sends_only_the_rest(tmp_path: Path) -> None:
+    import signal
+
+    run_dir = tmp_path / "qs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdata.cli", "build", "recipes/quickstart.yaml", "-o", str(run_dir)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while _stored(run_dir / "cache.sqlite") < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    stored = _stored(run_dir / "cache.sqlite")
+    assert 4 <= stored < 20
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "interrupted"
+    run = kdata.build(kdata.load_recipe(ROOT / "recipes/quickstart.yaml"), run_dir=run_dir)
+    label = run.steps[1]
+    assert (label.cache_hits, label.requests, label.rows_out) == (stored, 20 - stored, 20)
