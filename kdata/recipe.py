@@ -165,10 +165,17 @@ class Recipe(StrictModel):
         Raises:
             RecipeError: naming the teacher, its line and the fix.
         """
+        from kdata.errors import KdataError
+        from kdata.teachers.local import model_path
         from kdata.teachers.pool import prices
 
         for name in self.used_teachers():
             t = self.teachers[name]
+            if t.model.startswith("local/"):
+                try:
+                    model_path(t.model)
+                except KdataError as e:
+                    raise self._error(str(e), ("teachers", name, "model")) from None
             var = t.api_key_var
             if var and var not in os.environ:
                 raise self._error(

@@ -87,6 +87,9 @@ def generate(model: str, messages: list[dict], params: dict[str, Any]) -> dict[s
         kwargs["logprobs"] = True
     with _lock:
         llm = _llama(model_path(model), bool(kwargs.get("logprobs")))
+        # Evaluate each prompt from scratch: reusing a cached prefix changes the numerics, and
+        # a request with a seed must give the same answer whatever ran before it.
+        llm.reset()
         out = llm.create_chat_completion(messages=messages, **kwargs)
     out["model"] = f"local/{model.removeprefix('local/')}"
     return out

@@ -1,0 +1,58 @@
+"""The embedded teacher as a litellm provider: parameters, logprobs, GGUF paths."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from kdata import RecipeError, recipe_from_yaml
+from kdata.recipe import Teacher
+from kdata.teachers.cache import RequestCache
+from kdata.teachers.local import embedded_gguf
+from kdata.teachers.pool import TeacherPool
+
+MSG = [{"role": "user", "content": "Name a colour."}]
+
+
+def ask(tmp_path: Path, model: str = "local/smollm2-135m-instruct", **params):
+    pool = TeacherPool(
+        {"t": Teacher(model=model, params=params)},
+        RequestCache(tmp_path / f"{len(list(tmp_path.iterdir()))}.sqlite"),
+    )
+    return asyncio.run(pool.complete("t", MSG, route_key="r"))
+
+
+def test_logprobs_are_captured_per_token(tmp_path: Path) -> None:
+    c = ask(tmp_path, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    content = c.logprobs["content"]
+    assert len(content) == c.completion_tokens
+    assert all(len(tok["top_logprobs"]) == 3 and tok["logprob"] <= 0 for tok in content)
+    assert "".join(tok["token"] for tok in content).strip() == c.text.strip()
+
+
+def test_seed_and_temperature_reach_llama_cpp(tmp_path: Path) -> None:
+    a = ask(tmp_path, max_tokens=24, temperature=1.0, seed=3)
+    b = ask(tmp_path, max_tokens=24, temperature=1.0, seed=3)
+    others = {ask(tmp_path, max_tokens=24, temperature=1.0, seed=s).text for s in (4, 5, 6)}
+    assert a.text == b.text  # same seed, same sample
+    assert others - {a.text}  # other seeds give other samples
+    short = ask(tmp_path, max_tokens=2, temperature=0)
+    assert short.completion_tokens == 2 and short.finish_reason == "length"
+
+
+def test_any_gguf_path_runs(tmp_path: Path) -> None:
+    c = ask(tmp_path, model=f"local/{embedded_gguf()}", max_tokens=4, temperature=0)
+    assert c.text and c.model == f"local/{embedded_gguf()}"
+
+
+@pytest.mark.parametrize("model", ["local/nope.gguf", "local/some-other-model"])
+def test_unknown_local_model_is_a_recipe_error(model: str) -> None:
+    r = recipe_from_yaml(
+        f"name: t\nteachers:\n  x: {{model: {model}}}\nsteps:\n"
+        "  - {type: label, teacher: x, prompt: hi}\n"
+    )
+    with pytest.raises(RecipeError) as info:
+        r.check_runtime()
+    assert info.value.field == "teachers.x.model" and "local" in str(info.value)
