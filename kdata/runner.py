@@ -244,6 +244,9 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter) -> Run:
     except (KeyboardInterrupt, asyncio.CancelledError):
         run.status = "interrupted"
         raise
+    except Exception:
+        run.status = "failed"
+        raise
     finally:
         run.ledger = {
             n: led.as_dict() for n, led in pool.ledgers.items() if led.requests or led.cache_hits

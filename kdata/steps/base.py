@@ -124,7 +124,7 @@ def failure(row: dict | None, error_class: str, error: str, *, attempts: int = 0
 class StepBase(StrictModel):
     """Fields and hooks every step has."""
 
-    name: str | None = None
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")  # a folder name
 
     def teacher_names(self) -> set[str]:
         """Teachers this step may call."""

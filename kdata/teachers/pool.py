@@ -426,8 +426,12 @@ def retry_after(error: BaseException) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
         parsed = email.utils.parsedate_to_datetime(value)
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+    except (TypeError, ValueError):  # neither seconds nor an HTTP-date: back off as usual
+        return None
+    return max(0.0, parsed.timestamp() - time.time()) if parsed else None
 
 
 def backoff_delay(attempt: int, after: float | None) -> float:
