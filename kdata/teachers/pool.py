@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 
 BACKOFF_BASE_S = 1.0  # first retry waits up to this long (full jitter), doubling each time
 BACKOFF_CAP_S = 60.0
+MAX_RETRY_AFTER_S = 300.0  # a server asking for a longer wait fails the request instead
 DEFAULT_MAX_TOKENS_ESTIMATE = 4096  # reserved against the budget when a teacher sets no max_tokens
+FATAL = {"auth", "permission", "not_found"}  # after one of these a teacher is sent nothing more
 
 # litellm exception name -> (error class, retryable). Checked most specific first.
 _ERRORS: list[tuple[str, str, bool]] = [
@@ -127,6 +129,15 @@ class _TeacherState:
         self.rpm = _Bucket(cfg.rpm) if cfg.rpm else None
         self.tpm = _Bucket(cfg.tpm) if cfg.tpm else None
         self.ledger = Ledger()
+        self.dead: TeacherError | None = None  # set by an auth/permission/not-found failure
+        self._prices: tuple[float, float] | None = None
+
+    @property
+    def prices(self) -> tuple[float, float]:
+        """USD per prompt and completion token (0 for unpriced models, refused under a budget)."""
+        if self._prices is None:
+            self._prices = prices(self.cfg) or (0.0, 0.0)
+        return self._prices
 
 
 class TeacherPool:
@@ -145,7 +156,9 @@ class TeacherPool:
         self.budget_usd = budget_usd
         self.spent_before = cache.total_cost()
         self._teachers = {name: _TeacherState(name, cfg) for name, cfg in teachers.items()}
-        self._reserved = 0.0
+        self._reserved = 0.0  # USD reserved by requests holding a reservation
+        self._holders = 0  # how many requests hold one (floats never sum back to exactly 0)
+        self._budget = asyncio.Condition()
         self._pending: dict[str, asyncio.Future] = {}
         self._secrets: set[str] = set()
         self.in_flight = 0
@@ -225,7 +238,10 @@ class TeacherPool:
         try:
             data, attempts = await self._send(st, messages, params, key)
             fut.set_result((data, attempts))
-        except BaseException as e:
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except Exception as e:
             fut.set_exception(e)
             fut.exception()  # mark retrieved: nobody else may be waiting
             raise
@@ -251,27 +267,44 @@ class TeacherPool:
             logprobs=data.get("logprobs"),
         )
 
-    def _reserve(self, st: _TeacherState, messages: list[dict], params: dict) -> float:
-        """Reserve the most this request could cost, or raise BudgetExceeded."""
-        if self.budget_usd is None:
-            return 0.0
-        if self.budget_hit:
-            raise BudgetExceeded(f"budget_usd={self.budget_usd} reached")
-        litellm = _litellm()
-        p_in, p_out = self._prices(st)
-        prompt = litellm.token_counter(model=st.cfg.model, messages=messages)
-        worst = prompt * p_in + params.get("max_tokens", DEFAULT_MAX_TOKENS_ESTIMATE) * p_out
-        if self.spent_before + self.spent_usd + self._reserved + worst > self.budget_usd:
-            self.budget_hit = True
-            raise BudgetExceeded(
-                f"budget_usd={self.budget_usd}: spent {self.spent_before + self.spent_usd:.4f}, "
-                f"{self._reserved:.4f} reserved in flight; next request could cost {worst:.4f}"
-            )
-        self._reserved += worst
-        return worst
+    async def _reserve(self, st: _TeacherState, messages: list[dict], params: dict) -> float | None:
+        """Reserve the most this request could cost; wait while calls in flight may free room.
 
-    def _prices(self, st: _TeacherState) -> tuple[float, float]:
-        return prices(st.cfg) or (0.0, 0.0)  # unpriced models are refused when a budget is set
+        The prompt is bounded by its UTF-8 bytes (a byte-level BPE token is at least one byte)
+        plus a margin for chat-template tokens, so the estimate never falls short.
+
+        Raises:
+            BudgetExceeded: the request could pass the budget even with nothing in flight.
+        """
+        if self.budget_usd is None:
+            return None
+        p_in, p_out = st.prices
+        prompt = sum(len(str(m.get("content", "")).encode()) + 8 for m in messages) + 8
+        worst = prompt * p_in + params.get("max_tokens", DEFAULT_MAX_TOKENS_ESTIMATE) * p_out
+        async with self._budget:
+            while True:
+                if self.budget_hit:
+                    raise BudgetExceeded(f"budget_usd={self.budget_usd} reached")
+                spent = self.spent_before + self.spent_usd
+                if spent + self._reserved + worst <= self.budget_usd:
+                    self._reserved += worst
+                    self._holders += 1
+                    return worst
+                if self._holders == 0:
+                    self.budget_hit = True
+                    self._budget.notify_all()  # whoever waits for room will not get it
+                    raise BudgetExceeded(
+                        f"budget_usd={self.budget_usd}: spent {spent:.4f}; the next request "
+                        f"could cost up to {worst:.4f}"
+                    )
+                await self._budget.wait()  # calls in flight settle at their real cost
+
+    async def _release(self, reserved: float | None) -> None:
+        if reserved is not None:
+            async with self._budget:
+                self._holders -= 1
+                self._reserved = self._reserved - reserved if self._holders else 0.0
+                self._budget.notify_all()
 
     def _api_key(self, st: _TeacherState) -> str | None:
         var = st.cfg.api_key_var
@@ -295,11 +328,10 @@ class TeacherPool:
     ) -> tuple[dict, int]:
         litellm = _litellm()
         cfg = st.cfg
-        reserved = self._reserve(st, messages, params)
         api_key = self._api_key(st)
         est_tokens = sum(len(str(m.get("content", ""))) for m in messages) / 4
         est_tokens += params.get("max_tokens", 256)
-        attempts = 0
+        attempts, reserved = 0, None
         try:
             while True:
                 attempts += 1
@@ -307,7 +339,16 @@ class TeacherPool:
                     await st.rpm.take(1)
                 if st.tpm:
                     await st.tpm.take(est_tokens)
+                if attempts == 1:  # before taking a slot: slot holders never wait for budget
+                    reserved = await self._reserve(st, messages, params)
                 async with st.sem:
+                    if st.dead:
+                        raise TeacherError(
+                            st.dead.error_class,
+                            f"not sent: teacher '{st.name}' failed with {st.dead}",
+                            retryable=False,
+                            attempts=attempts - 1,  # this one was not sent
+                        )
                     self.in_flight += 1
                     st.ledger.requests += 1
                     try:
@@ -330,20 +371,26 @@ class TeacherPool:
                     finally:
                         self.in_flight -= 1
                 if error is None:
-                    data = self._record(st, resp, messages, params, key)
-                    return data, attempts
+                    return self._record(st, resp, messages, params, key), attempts
                 error_class, retryable = classify(error)
                 st.ledger.failures[error_class] += 1
-                if not retryable or attempts > cfg.max_retries:
-                    raise TeacherError(
-                        error_class,
-                        self.redact(_message(error)),
-                        retryable=retryable,
-                        attempts=attempts,
+                wait = retry_after(error)
+                message = self.redact(_message(error))
+                if retryable and wait is not None and wait > MAX_RETRY_AFTER_S:
+                    retryable, message = (
+                        False,
+                        f"server asked to retry after {wait:.0f}s; {message}",
                     )
-                await asyncio.sleep(backoff_delay(attempts, retry_after(error)))
+                if not retryable or attempts > cfg.max_retries:
+                    failed = TeacherError(
+                        error_class, message, retryable=retryable, attempts=attempts
+                    )
+                    if error_class in FATAL:
+                        st.dead = failed
+                    raise failed
+                await asyncio.sleep(backoff_delay(attempts, wait))
         finally:
-            self._reserved -= reserved
+            await self._release(reserved)
 
     def _record(
         self, st: _TeacherState, resp: Any, messages: list[dict], params: dict, key: str
@@ -353,7 +400,7 @@ class TeacherPool:
         usage = getattr(resp, "usage", None)
         p_tok = getattr(usage, "prompt_tokens", 0) or 0
         c_tok = getattr(usage, "completion_tokens", 0) or 0
-        p_in, p_out = self._prices(st)
+        p_in, p_out = st.prices
         cost = p_tok * p_in + c_tok * p_out
         logprobs = getattr(choice, "logprobs", None)
         if logprobs is not None and hasattr(logprobs, "model_dump"):
