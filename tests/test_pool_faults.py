@@ -447,3 +447,23 @@ def test_a_retry_after_beyond_the_ceiling_fails_the_row_at_once(tmp_path, standi
     assert all(
         f["error_class"] == "rate_limit" and "retry after 3600s" in f["error"] for f in failed
     )
+
+
+def test_rpm_limit_spaces_requests(tmp_path, standin):
+    # rpm 600 = 10 requests/s with a bucket one second deep: 10 at once, then one per 0.1 s.
+    n_rows = 25
+    # litellm's first call in a process blocks the loop for a while: warm it up first, so that
+    # arrival times at the server show when the limiter let requests go.
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    write_seeds(warm, 1)
+    kdata.build(recipe_from_yaml(recipe_yaml(standin.port), warm), run_dir=warm / "run")
+    standin.clear()
+    write_seeds(tmp_path, n_rows)
+    text = recipe_yaml(standin.port).replace("    max_retries:", "    rpm: 600\n    max_retries:")
+    kdata.build(recipe_from_yaml(text, tmp_path), run_dir=tmp_path / "run")
+    arrivals = sorted(r.arrival for r in standin.records)
+    assert len(arrivals) == n_rows
+    assert arrivals[-1] - arrivals[0] >= (n_rows - 10) * 0.1 * 0.9
+    for i, t in enumerate(arrivals):  # no one-second window holds more than bucket + refill
+        assert sum(1 for u in arrivals[i:] if u - t < 1.0) <= 20
