@@ -9,6 +9,7 @@ with ``logits_all`` (slow) only when a request asks for logprobs.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import importlib.util
 import os
 import threading
@@ -32,6 +33,7 @@ _SUPPORTED = (
 
 _lock = threading.Lock()
 _loaded: dict[str, Any] = {}  # "path|logits_all" -> Llama
+atexit.register(_loaded.clear)  # free the model while llama_cpp can still do it
 
 
 def embedded_gguf() -> Path:

@@ -67,7 +67,7 @@ def _litellm():
 
 @dataclass
 class Completion:
-    """One teacher answer, from the network or the cache."""
+    """One teacher answer, from the network or the cache (``cost_usd``: what it cost when paid)."""
 
     text: str | None
     finish_reason: str | None
@@ -258,7 +258,7 @@ class TeacherPool:
             finish_reason=data.get("finish_reason"),
             prompt_tokens=usage.get("prompt_tokens", 0),
             completion_tokens=usage.get("completion_tokens", 0),
-            cost_usd=0.0 if cached else data.get("cost_usd", 0.0),
+            cost_usd=data.get("cost_usd", 0.0),  # what the response cost, even when re-served
             teacher=st.name,
             model=st.cfg.model,
             request_hash=key,
