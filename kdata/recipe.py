@@ -21,9 +21,11 @@ from kdata.steps.base import StrictModel
 from kdata.steps.elicit import LabelStep
 from kdata.steps.sources import SeedsStep
 
-Step = Annotated[SeedsStep | LabelStep, Field(discriminator="type")]
+# Every step type there is: the recipe's discriminated union is built from this tuple.
+STEP_CLASSES = (SeedsStep, LabelStep)
+Step = Annotated[typing.Union[STEP_CLASSES], Field(discriminator="type")]  # noqa: UP007
 STEP_TYPES: dict[str, type[BaseModel]] = {
-    typing.get_args(cls.model_fields["type"].annotation)[0]: cls for cls in (SeedsStep, LabelStep)
+    typing.get_args(cls.model_fields["type"].annotation)[0]: cls for cls in STEP_CLASSES
 }
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")

@@ -109,6 +109,20 @@ class StepOutput:
     failed: list[dict] = field(default_factory=list)
 
 
+def dropped(row: dict, reason: str, **detail: Any) -> dict:
+    """A record of the dropped table: which row, why, and the scores behind the decision.
+
+    ``detail`` holds what lets a threshold be re-cut later without recomputing (a score, the
+    row it duplicates and their similarity, the benchmark item it matches...).
+    """
+    return {
+        "row_id": rid(row),
+        "reason": reason,
+        "detail": json.dumps(detail, default=str, ensure_ascii=False),
+        "row": json.dumps(row, default=str, ensure_ascii=False),
+    }
+
+
 def failure(row: dict | None, error_class: str, error: str, *, attempts: int = 0, raw=None) -> dict:
     """A record of the failed table: which row, why, and whatever raw output came back."""
     return {
