@@ -396,11 +396,18 @@ def test_api_key_is_written_nowhere(tmp_path, standin, monkeypatch):
     monkeypatch.setenv("KDATA_TEST_KEY", sentinel)
     cfg = standin.config
     cfg.echo_auth = True  # the 401 message carries the Authorization header it received
-    cfg.decide = lambda body, attempt: UNAUTHORIZED if seed_id(body) % 2 else None
+    cfg.decide = lambda body, attempt: UNAUTHORIZED if body["model"] == "bad" else None
     n_rows = 20
     write_seeds(tmp_path, n_rows)
+    bad_teacher = (
+        "  bad:\n    model: openai/bad\n"
+        f"    api_base: http://127.0.0.1:{standin.port}/v1\n"
+        "    api_key: ${KDATA_TEST_KEY}\n"
+    )
+    text = recipe_yaml(standin.port).replace("teachers:\n", "teachers:\n" + bad_teacher)
+    text = text.replace("    teacher: t\n", "    teacher: {mix: {bad: 1, t: 1}}\n")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(recipe_yaml(standin.port))
+    recipe.write_text(text)
     run_dir = tmp_path / "run"
 
     proc = cli(recipe, run_dir)
@@ -410,7 +417,8 @@ def test_api_key_is_written_nowhere(tmp_path, standin, monkeypatch):
     auths = {r.authorization for r in standin.records}
     assert auths == {f"Bearer {sentinel}"}  # the key was really sent, and echoed back
     stats, rows, failed = read_step(run_dir)
-    assert len(rows) == n_rows // 2 and len(failed) == n_rows // 2
+    assert rows and failed and len(rows) + len(failed) == n_rows  # the mix routed both ways
+    assert {r["_kdata"]["teacher"] for r in rows} == {"t"}
     assert all(f["error_class"] == "auth" and "***" in f["error"] for f in failed)
 
     needle = sentinel.encode()
