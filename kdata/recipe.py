@@ -18,11 +18,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kdata.errors import RecipeError
 from kdata.steps.base import StrictModel
+from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
 from kdata.steps.elicit import LabelStep
+from kdata.steps.filters import DecontaminateStep, FilterStep
 from kdata.steps.sources import SeedsStep
 
 # Every step type there is: the recipe's discriminated union is built from this tuple.
-STEP_CLASSES = (SeedsStep, LabelStep)
+STEP_CLASSES = (
+    SeedsStep,
+    LabelStep,
+    FilterStep,
+    DecontaminateStep,
+    ExactDedupStep,
+    MinHashDedupStep,
+)
 Step = Annotated[typing.Union[STEP_CLASSES], Field(discriminator="type")]  # noqa: UP007
 STEP_TYPES: dict[str, type[BaseModel]] = {
     typing.get_args(cls.model_fields["type"].annotation)[0]: cls for cls in STEP_CLASSES

@@ -303,7 +303,11 @@ def _write_step(folder: Path, out: StepOutput, stats: StepStats) -> None:
 def _write_table(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        table = pa.Table.from_pylist(rows, schema=schema)
+        if schema is None:  # every key of every row: from_pylist would take the first row's only
+            keys = dict.fromkeys(k for r in rows for k in r)
+            table = pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in keys})
+        else:
+            table = pa.Table.from_pylist(rows, schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise KdataError(
             f"cannot store rows in {path.name}: {e}; a column holds values of different types"

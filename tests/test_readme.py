@@ -72,3 +72,17 @@ def test_cli_help(cmd: str) -> None:
         [sys.executable, "-m", "kdata.cli", cmd, "--help"], capture_output=True, text=True
     )
     assert res.returncode == 0 and "Usage" in res.stdout
+
+
+def test_curation_snippet_validates() -> None:
+    steps = next(b for b in blocks("yaml") if b.startswith("steps:"))
+    r = kdata.recipe_from_yaml("name: t\n" + steps, base_dir=ROOT / "recipes")
+    assert [s.type for s in r.steps] == [
+        "seeds",
+        "exact_dedup",
+        "minhash_dedup",
+        "filter",
+        "decontaminate",
+    ]
+    run_plan = kdata.plan(r)
+    assert run_plan[0]["rows"] == 175

@@ -62,3 +62,11 @@ def test_missing_seed_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(kdata.KdataError, match="no such file"):
         kdata.build(recipe, run_dir=tmp_path / "run")
     assert json.loads((tmp_path / "run/manifest.json").read_text())["status"] == "failed"
+
+
+def test_a_column_only_later_rows_have_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"q": "a"}\n{"q": "b", "score": 3}\n', encoding="utf-8")
+    recipe = kdata.recipe_from_yaml(f"name: s\nsteps:\n  - {{type: seeds, path: {path}}}\n")
+    rows = kdata.build(recipe, run_dir=tmp_path / "run").rows()
+    assert [(r["q"], r["score"]) for r in rows] == [("a", None), ("b", 3)]
