@@ -222,6 +222,7 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter) -> Run:
                     name=name,
                     base_dir=recipe.base_dir,
                     pool=pool,
+                    run_dir=run_dir,
                     set_total=reporter.set_total,
                     advance=lambda n: reporter.advance(
                         n, pool.in_flight, pool.tokens, pool.spent_usd

@@ -90,11 +90,15 @@ def rid(row: dict) -> str:
 
 @dataclass
 class StepContext:
-    """What a running step may use: its name, the recipe's folder, the teachers, progress."""
+    """What a running step may use: its name, the recipe's folder, the teachers, progress.
+
+    ``run_dir`` is where a step may keep what it can reuse on a rerun (embeddings, say).
+    """
 
     name: str
     base_dir: Path
     pool: TeacherPool | None
+    run_dir: Path | None = None
     advance: Callable[[int], None] = lambda n: None
     set_total: Callable[[int], None] = lambda n: None
 
