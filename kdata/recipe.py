@@ -21,6 +21,7 @@ from kdata.steps.base import StrictModel
 from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
 from kdata.steps.elicit import LabelStep
 from kdata.steps.filters import DecontaminateStep, FilterStep
+from kdata.steps.semantic import SemanticDedupStep
 from kdata.steps.sources import SeedsStep
 
 # Every step type there is: the recipe's discriminated union is built from this tuple.
@@ -31,6 +32,7 @@ STEP_CLASSES = (
     DecontaminateStep,
     ExactDedupStep,
     MinHashDedupStep,
+    SemanticDedupStep,
 )
 Step = Annotated[typing.Union[STEP_CLASSES], Field(discriminator="type")]  # noqa: UP007
 STEP_TYPES: dict[str, type[BaseModel]] = {

@@ -81,6 +81,7 @@ def test_curation_snippet_validates() -> None:
         "seeds",
         "exact_dedup",
         "minhash_dedup",
+        "semantic_dedup",
         "filter",
         "decontaminate",
     ]

@@ -53,6 +53,64 @@ def _texts(rows: list[dict], columns: list[str]) -> tuple[list[int], list[list[s
     return idx, values, failed
 
 
+def _ranked_texts(
+    rows: list[dict], columns: list[str], keep: str, score_column: str | None
+) -> tuple[list[int], list[str], np.ndarray, list[dict]]:
+    """The rows that can be compared, their texts, their order of preference, and failures.
+
+    Returns ``idx`` (positions in ``rows``), ``texts`` (the columns joined by a newline),
+    ``order`` (indices of ``texts``, the one to keep first by ``keep``; ties go to the earliest)
+    and ``failed`` (rows lacking a column, or a finite number in ``score_column``).
+    """
+    idx, values, failed = _texts(rows, columns)
+    scores: list[float] = []
+    if keep == "score":
+        kept_idx, kept_values = [], []
+        for i, vals in zip(idx, values, strict=True):
+            s = rows[i].get(score_column)
+            if s is None:
+                why = (
+                    f"score column '{score_column}' is missing or null; "
+                    "keep: score needs it in every row"
+                )
+                failed.append(failure(rows[i], "missing_column", why))
+            elif isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s):
+                why = f"score column '{score_column}' is {s!r}"
+                failed.append(failure(rows[i], "wrong_type", why))
+            else:
+                kept_idx.append(i)
+                kept_values.append(vals)
+                scores.append(s)
+        idx, values = kept_idx, kept_values
+    texts = ["\n".join(v) for v in values]
+    first = np.arange(len(texts))
+    if keep == "first":
+        order = first
+    elif keep == "longest":
+        order = np.lexsort((first, [-len(t) for t in texts]))
+    else:
+        order = np.lexsort((first, -np.array(scores, dtype=float)))
+    return idx, texts, order, failed
+
+
+def _outcome(
+    rows: list[dict],
+    idx: list[int],
+    canonical: np.ndarray,
+    similarity: np.ndarray,
+    failed: list[dict],
+) -> StepOutput:
+    """Kept rows (their own canonical) and dropped duplicates naming their kept row."""
+    out = StepOutput(rows=[], expected=len(rows), failed=failed)
+    for k, i in enumerate(idx):
+        if canonical[k] == k:
+            out.rows.append(rows[i])
+            continue
+        keeper, sim = rid(rows[idx[canonical[k]]]), float(similarity[k])
+        out.dropped.append(dropped(rows[i], "duplicate", duplicate_of=keeper, similarity=sim))
+    return out
+
+
 class ExactDedupStep(StepBase):
     """Drop rows whose normalised text repeats an earlier row's; the first of each group is kept.
 
@@ -163,45 +221,10 @@ class MinHashDedupStep(StepBase):
 
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
         ctx.set_total(len(rows))
-        idx, values, failed = _texts(rows, self.columns)
-        if self.keep == "score":
-            idx, values, scores = self._scores(rows, idx, values, failed)
+        idx, texts, order, failed = _ranked_texts(rows, self.columns, self.keep, self.score_column)
         ctx.advance(len(failed))
-        texts = ["\n".join(v) for v in values]
-        if self.keep == "first":
-            order = np.arange(len(texts))
-        elif self.keep == "longest":
-            order = np.lexsort((np.arange(len(texts)), [-len(t) for t in texts]))
-        else:
-            order = np.lexsort((np.arange(len(texts)), -np.array(scores, dtype=float)))
         canonical, similarity = self.find(texts, order, ctx.advance)
-        out = StepOutput(rows=[], expected=len(rows), failed=failed)
-        for k, i in enumerate(idx):
-            if canonical[k] == k:
-                out.rows.append(rows[i])
-                continue
-            keeper, sim = rid(rows[idx[canonical[k]]]), float(similarity[k])
-            out.dropped.append(dropped(rows[i], "duplicate", duplicate_of=keeper, similarity=sim))
-        return out
-
-    def _scores(
-        self, rows: list[dict], idx: list[int], values: list[list[str]], failed: list[dict]
-    ) -> tuple[list[int], list[list[str]], list[float]]:
-        """Keep the rows whose score column is a finite number; the others join ``failed``."""
-        col = self.score_column
-        kept_idx, kept_values, scores = [], [], []
-        for i, vals in zip(idx, values, strict=True):
-            s = rows[i].get(col)
-            if s is None:
-                why = f"score column '{col}' is missing or null; keep: score needs it in every row"
-                failed.append(failure(rows[i], "missing_column", why))
-            elif isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s):
-                failed.append(failure(rows[i], "wrong_type", f"score column '{col}' is {s!r}"))
-            else:
-                kept_idx.append(i)
-                kept_values.append(vals)
-                scores.append(s)
-        return kept_idx, kept_values, scores
+        return _outcome(rows, idx, canonical, similarity, failed)
 
     def find(
         self,
@@ -232,7 +255,9 @@ class MinHashDedupStep(StepBase):
         pairs = _candidates(sig, *self.lsh_shape())
         sim = _similarity(sig, pairs)
         pairs = pairs[:, sim >= self.threshold]
-        canonical, similarity = _clusters(sig, pairs, rank[has], self.threshold)
+        canonical, similarity = _clusters(
+            len(sig), pairs, rank[has], self.threshold, lambda b, r: (sig[r] == sig[b]).mean(axis=1)
+        )
         full_canonical, full_similarity = np.arange(n), np.ones(n)
         full_canonical[has] = has[canonical]
         full_similarity[has] = similarity
@@ -335,10 +360,16 @@ def _similarity(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 
 
 def _clusters(
-    sig: np.ndarray, pairs: np.ndarray, rank: np.ndarray, threshold: float
+    n: int,
+    pairs: np.ndarray,
+    rank: np.ndarray,
+    threshold: float,
+    similar: Callable[[int, np.ndarray], np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split the connected groups of ``pairs`` into clusters around their best-ranked rows."""
-    n = len(sig)
+    """Split the connected groups of ``pairs`` into clusters around their best-ranked rows.
+
+    ``similar(best, rest)`` is the similarity of item ``best`` to each of the items ``rest``.
+    """
     parent = list(range(n))
 
     def root(x: int) -> int:
@@ -359,7 +390,7 @@ def _clusters(
     for rest in np.split(members, np.flatnonzero(np.diff(group)) + 1):
         while len(rest) > 1:
             best, rest = rest[0], rest[1:]
-            sim = (sig[rest] == sig[best]).mean(axis=1)
+            sim = similar(best, rest)
             hit = sim >= threshold
             canonical[rest[hit]] = best
             similarity[rest[hit]] = sim[hit]
