@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from kdata.errors import RecipeError
 from kdata.steps.base import StrictModel
@@ -117,8 +117,6 @@ class Output(StrictModel):
 
 class Recipe(StrictModel):
     """A whole recipe: teachers, steps, output and an optional budget."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
     name: str = Field(min_length=1)
     teachers: dict[str, Teacher] = {}
