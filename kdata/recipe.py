@@ -256,7 +256,7 @@ def _parse(text: str, path: str | None, base_dir: Path) -> Recipe:
     lines = _line_map(node)
     data = _interpolate(data, (), path, lines)
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as e:
         raise _explain(e, data, path, lines) from None
     recipe._source_path, recipe._base_dir, recipe._lines = path, base_dir, lines

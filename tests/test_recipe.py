@@ -161,3 +161,21 @@ def test_same_recipe_in_python_and_yaml(tmp_path: Path) -> None:
         "prompt: '{{ q }}'}\n"
     )
     assert py.model_dump() == yml.model_dump()
+
+
+def test_template_from_a_file_next_to_the_recipe(tmp_path: Path) -> None:
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "ask.jinja").write_text("Answer briefly: {{ instruction }}\n")
+    text = GOOD.replace('prompt: "{{ instruction }}"', "prompt: {path: prompts/ask.jinja}")
+    r = load_text(tmp_path, text)
+    assert r.steps[1].prompt == "Answer briefly: {{ instruction }}\n"
+    assert r.steps[1].render(r.steps[1].prompt, {"instruction": "hi"}) == "Answer briefly: hi"
+
+
+def test_missing_template_file_names_the_field(tmp_path: Path) -> None:
+    text = GOOD.replace('prompt: "{{ instruction }}"', "prompt: {path: prompts/nope.jinja}")
+    with pytest.raises(RecipeError) as e:
+        load_text(tmp_path, text)
+    msg = str(e.value)
+    assert "nope.jinja" in msg and "prompt" in msg and "steps[1]" in msg
+    assert e.value.line == GOOD.splitlines().index('    prompt: "{{ instruction }}"') + 1

@@ -13,11 +13,20 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+)
 
 from kdata.errors import BudgetExceeded, TeacherError
 
@@ -32,6 +41,30 @@ class StrictModel(BaseModel):
     """Base of every recipe model: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def _template_source(value: Any, info: ValidationInfo) -> Any:
+    """``{path: file}`` becomes the file's text, read relative to the recipe's folder."""
+    if isinstance(value, dict) and set(value) == {"path"}:
+        path = Path((info.context or {}).get("base_dir", ".")) / str(value["path"])
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"cannot read template file {path}: {e.strerror}") from None
+    return value
+
+
+def _template_compiles(value: str) -> str:
+    try:
+        _JINJA.from_string(value)
+    except TemplateError as e:
+        raise ValueError(f"template does not compile: {e}") from None
+    return value
+
+
+# A Jinja template field: inline text, or ``{path: prompts/mine.jinja}`` relative to the recipe.
+# Method steps default such fields to their packaged template (`kdata.prompts.load`).
+Template = Annotated[str, BeforeValidator(_template_source), AfterValidator(_template_compiles)]
 
 
 class TeacherMix(StrictModel):
@@ -172,21 +205,11 @@ class TeacherStep(StepBase):
     """
 
     teacher: TeacherRef
-    system: str | None = None
-    prompt: str
+    system: Template | None = None
+    prompt: Template
     n: int = Field(default=1, ge=1)
 
     _templates: dict[str, Any] = PrivateAttr(default_factory=dict)
-
-    @field_validator("prompt", "system")
-    @classmethod
-    def _compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                _JINJA.from_string(v)
-            except TemplateError as e:
-                raise ValueError(f"template does not compile: {e}") from None
-        return v
 
     def teacher_names(self) -> set[str]:
         return teacher_names(self.teacher)
