@@ -117,6 +117,8 @@ class Config:
         fault_kinds: kind -> weight, among `TRANSIENT_KINDS`.
         always: a kind from `FIXED_KINDS` (or `TRANSIENT_KINDS`) answered to every request.
         decide: ``decide(body, attempt) -> kind | None`` overrides everything above when set.
+        reply: ``reply(body) -> text``, the assistant's content, when set (scripted teachers for
+            the logic of multi-call methods); otherwise `expected_answer` of the last user message.
         retry_after_s: value of the ``Retry-After`` header of a 429 (seconds, may be fractional).
         retry_after_header: the header's raw text instead (an HTTP-date, or junk), when set.
         hang_s: how long a hang lasts before the connection is closed without an answer.
@@ -133,6 +135,7 @@ class Config:
     )
     always: str | None = None
     decide: Callable[[dict, int], str | None] | None = None
+    reply: Callable[[dict], str] | None = None
     retry_after_s: float = 0.2
     retry_after_header: str | None = None
     hang_s: float = 60.0
@@ -459,7 +462,9 @@ class _Conn(asyncio.Protocol):
                     "index": 0,
                     "message": {
                         "role": "assistant",
-                        "content": expected_answer(last_user_message(body)),
+                        "content": cfg.reply(body)
+                        if cfg.reply
+                        else expected_answer(last_user_message(body)),
                     },
                     "logprobs": None,
                     "finish_reason": "stop",
