@@ -1,4 +1,4 @@
-"""The ``kdata`` command: build, validate, inspect."""
+"""The ``kdata`` command: build, validate, inspect, validate-sft."""
 
 from __future__ import annotations
 
@@ -114,6 +114,8 @@ def build(
         f"spent ${run.cost_usd_total:.4f} in all"
         + (f"; {total_failed} failed (see steps/*/failed.parquet)" if total_failed else "")
     )
+    if r.validation is not None:
+        out.print(f"this recipe has a validate: section: kdata validate-sft {run.dir}")
 
 
 @app.command()
@@ -158,6 +160,39 @@ def inspect(
         for row in table.slice(0, rows).to_pylist():
             row.pop("_kdata", None)
             out.print_json(json.dumps(row, default=str, ensure_ascii=False))
+
+
+@app.command("validate-sft")
+def validate_sft(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+) -> None:
+    """Train the recipe's student on the curated rows and on an uncurated baseline; compare.
+
+    Uses the validate: section of the recipe recorded in the run. Writes RUN_DIR/validation/.
+    """
+    try:
+        from kdata.validation import validate_run
+
+        report = validate_run(run_dir)
+    except KdataError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    except ImportError as e:
+        err.print(f"[red]error:[/red] {e}; SFT validation needs: pip install 'kdata[sft]'")
+        raise typer.Exit(1) from None
+    table = Table("metric", "curated", "baseline", "curated - baseline (95% CI)", "better")
+    arms = report["arms"]
+    for metric, d in report["difference"].items():
+        lo, hi = d["ci95"]
+        table.add_row(
+            metric,
+            f"{arms['curated']['metrics'][metric]:.4f}",
+            f"{arms['baseline']['metrics'][metric]:.4f}",
+            f"{d['curated_minus_baseline']:+.4f} ({lo:+.4f}, {hi:+.4f})",
+            d["better"],
+        )
+    out.print(table)
+    out.print(f"report: {run_dir / 'validation' / 'report.json'} ({report['device']})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdata.errors import RecipeError
 from kdata.steps.base import StrictModel
@@ -23,6 +23,7 @@ from kdata.steps.elicit import LabelStep
 from kdata.steps.filters import DecontaminateStep, FilterStep
 from kdata.steps.semantic import SemanticDedupStep
 from kdata.steps.sources import SeedsStep
+from kdata.validation import ValidationConfig
 
 # Every step type there is: the recipe's discriminated union is built from this tuple.
 STEP_CLASSES = (
@@ -123,6 +124,10 @@ class Recipe(StrictModel):
     steps: list[Step] = Field(min_length=1)
     output: Output | None = None
     budget_usd: float | None = Field(default=None, gt=0)
+    # The recipe's `validate:` section (a field may not be called `validate` on a pydantic model).
+    validation: ValidationConfig | None = Field(default=None, alias="validate")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
 
     # Set by load_recipe; not part of the recipe's own fields.
     _source_path: str | None = None

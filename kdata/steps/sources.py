@@ -57,12 +57,12 @@ class SeedsStep(StepBase):
         return h.hexdigest()
 
     def plan(self, n_rows: int, base_dir: Path) -> tuple[int, int]:
-        records, failed = self._read(self.resolve(base_dir))
+        records, failed = self.read(base_dir)
         n = len(records) + len(failed)
         return n_rows + (min(n, self.limit) if self.limit else n), 0
 
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
-        records, failed = self._read(self.resolve(ctx.base_dir))
+        records, failed = self.read(ctx.base_dir)
         if self.limit is not None:  # the first `limit` records of the file, good or bad
             records = [(i, r) for i, r in records if i < self.limit]
             failed = [f for f in failed if f["_index"] < self.limit]
@@ -78,7 +78,9 @@ class SeedsStep(StepBase):
             rows=rows + made, expected=len(rows) + len(made) + len(failed), failed=failed
         )
 
-    def _read(self, p: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
+    def read(self, base_dir: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
+        """(index, record) pairs of the good records, and failed-table entries for bad ones."""
+        p = self.resolve(base_dir)
         if not p.exists():
             if "/" in self.path and not self.path.startswith((".", "/")) and p.suffix == "":
                 return self._hub(), []

@@ -1,0 +1,214 @@
+"""The torch side of SFT validation: load a student, train it with trl, evaluate it.
+
+Kept apart from `kdata.validation` so that only this module imports torch, transformers and trl
+(the ``sft`` extra).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kdata.errors import KdataError
+
+if TYPE_CHECKING:
+    from kdata.validation import Pair, ValidationConfig
+
+EVAL_BATCH = 16
+
+
+def load_student(spec: str, seed: int) -> tuple[Any, Any]:
+    """(model, tokenizer) for a student spec.
+
+    - ``tiny``: a 2-layer Llama with random weights (seeded) and SmolLM2's tokenizer, for CPU tests;
+    - ``local/smollm2-135m-instruct`` or a ``.gguf`` path: loaded into transformers with
+      ``gguf_file=`` (de-quantised to float32);
+    - anything else: a folder or Hub id for ``AutoModelForCausalLM.from_pretrained``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from kdata.validation import TINY
+
+    if spec == TINY or spec.startswith("local/") or spec.endswith(".gguf"):
+        from kdata.teachers.local import EMBEDDED, model_path
+
+        gguf = model_path(EMBEDDED if spec == TINY else spec)
+        kw = {"gguf_file": gguf.name}
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
+        if spec == TINY:
+            torch.manual_seed(seed)
+            config = LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=2048,
+                tie_word_embeddings=True,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            model = LlamaForCausalLM(config)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), **kw)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+            model = AutoModelForCausalLM.from_pretrained(spec)
+        except OSError as e:
+            raise KdataError(f"cannot load student '{spec}': {e}") from None
+    if tokenizer.chat_template is None:
+        raise KdataError(f"student '{spec}' has no chat template; SFT needs one")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def parameter_count(model) -> int:
+    """Distinct trainable parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def device_name() -> str:
+    """What trains: the GPU's name, or the CPU with its thread count."""
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _peak_flops() -> float | None:
+    from kdata.validation import PEAK_BF16
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def train_and_evaluate(
+    model, tokenizer, pairs: list[Pair], eval_items: list[Pair], config: ValidationConfig
+) -> dict[str, Any]:
+    """Fine-tune ``model`` on ``pairs`` with trl's SFTTrainer, then answer ``eval_items``.
+
+    Returns the training log (step, loss), tokens, time, tokens/s and MFU, per-item eval losses
+    of the references, and the greedy answers.
+    """
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    cuda = torch.cuda.is_available()
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": p.prompt}],
+                "completion": [{"role": "assistant", "content": p.response}],
+            }
+            for p in pairs
+        ]
+    )
+    with tempfile.TemporaryDirectory(prefix="kdata-sft-") as tmp:
+        args = SFTConfig(
+            output_dir=tmp,
+            max_steps=config.max_steps,
+            per_device_train_batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, config.max_steps // 20),
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=config.seed,
+            data_seed=config.seed,
+            max_length=config.max_length,
+            packing=config.packing,
+            bf16=cuda,
+            use_cpu=not cuda,
+            dataloader_num_workers=0,
+            disable_tqdm=not os.isatty(2),
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        t0 = time.perf_counter()
+        result = trainer.train()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    logs = trainer.state.log_history
+    log = [{"step": e["step"], "loss": e["loss"]} for e in logs if "loss" in e]
+    tokens = int(next((e["num_tokens"] for e in reversed(logs) if "num_tokens" in e), 0))
+    n_params = parameter_count(model)
+    peak = _peak_flops()
+    c = model.config
+    sequences = config.max_steps * config.batch_size
+    seq = config.max_length if config.packing else tokens / max(1, sequences)
+    # Training FLOPs per token: 6N for the weights plus 12·layers·hidden·seq for attention.
+    flops_per_token = 6 * n_params + 12 * c.num_hidden_layers * c.hidden_size * seq
+    tps = tokens / seconds if seconds else math.nan
+    model.eval()
+    return {
+        "log": log,
+        "train_loss": result.training_loss,
+        "train_tokens": tokens,
+        "train_seconds": round(seconds, 3),
+        "tokens_per_second": round(tps, 1),
+        "mfu": round(tps * flops_per_token / peak, 4) if peak else None,
+        "eval_losses": reference_losses(model, tokenizer, eval_items),
+        "answers": generate(model, tokenizer, [it.prompt for it in eval_items], config),
+    }
+
+
+def _chat(tokenizer, prompt: str) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+@torch.no_grad()
+def reference_losses(model, tokenizer, items: list[Pair]) -> list[float]:
+    """Per item, the mean negative log-likelihood of the reference answer's tokens."""
+    device = next(model.parameters()).device
+    out = []
+    for item in items:
+        full = tokenizer.apply_chat_template(
+            [
+                {"role": "user", "content": item.prompt},
+                {"role": "assistant", "content": item.response},
+            ],
+            tokenize=False,
+        )
+        n_prompt = len(tokenizer(_chat(tokenizer, item.prompt), add_special_tokens=False).input_ids)
+        ids = tokenizer(full, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+        labels = ids.clone()
+        labels[:, :n_prompt] = -100
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=ids, labels=labels).loss
+        out.append(float(loss))
+    return out
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], config: ValidationConfig) -> list[str]:
+    """Greedy answers, in batches, left-padded."""
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    answers = []
+    for i in range(0, len(prompts), EVAL_BATCH):
+        texts = [_chat(tokenizer, p) for p in prompts[i : i + EVAL_BATCH]]
+        batch = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            ids = model.generate(
+                **batch,
+                max_new_tokens=config.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new = ids[:, batch["input_ids"].shape[1] :]
+        answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+    tokenizer.padding_side = "right"
+    return [a.strip() for a in answers]

@@ -1,0 +1,368 @@
+"""SFT validation: does the curated dataset make a better student than uncurated data?
+
+`validate_run` trains one student twice with trl's ``SFTTrainer``, with the same seed, steps and
+batch size: on the run's final (curated) rows and on a **baseline** of equal size drawn from the
+rows before curation. Both students answer a held-out set, decontaminated against the training
+rows, and are scored on loss of the reference answers, ROUGE-L of their greedy answers against the
+references and, for verifiable answers, exact match. The difference between the arms comes with a
+95% paired-bootstrap confidence interval over eval items.
+
+It writes ``RUN_DIR/validation/``: ``report.json``, ``loss.png`` (both training-loss curves) and
+``section.md`` (the dataset card's validation section).
+
+Needs the ``sft`` extra (trl, torch, transformers, gguf).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+
+from kdata.answers import answers_match, extract_answer, rouge_l
+from kdata.errors import KdataError
+from kdata.steps.base import _JINJA, PROVENANCE, StrictModel, Template
+from kdata.steps.filters import ngram_hashes
+
+# Step types that curate (drop rows) rather than make them: the baseline is drawn from the rows
+# that enter the first of these.
+CURATION_TYPES = {"exact_dedup", "minhash_dedup", "semantic_dedup", "filter", "decontaminate"}
+TINY = "tiny"
+# Dense bf16 peak FLOP/s by GPU name, for model FLOPs utilisation (vendor datasheet figures).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+BOOTSTRAP_SAMPLES = 2000
+
+
+class EvalSet(StrictModel):
+    """The held-out items: a file the recipe names, or ``holdout`` prompts split off the baseline
+    pool (removed from both arms' training rows)."""
+
+    path: str | None = None
+    holdout: int | None = Field(default=None, ge=1)
+    limit: int | None = Field(default=None, ge=1)
+    prompt: Template | None = None  # default: the training prompt template
+    reference: Template | None = None  # default: the training response template
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvalSet:
+        if (self.path is None) == (self.holdout is None):
+            raise ValueError("give exactly one of path (an eval file) or holdout (a row count)")
+        return self
+
+
+class ValidationConfig(StrictModel):
+    """The recipe's ``validate:`` section."""
+
+    student: str = TINY
+    prompt: Template = "{{ instruction }}"
+    response: Template = "{{ response }}"
+    eval: EvalSet
+    baseline: Literal["sample", "first"] = "sample"
+    baseline_step: str | None = None
+    exact_match: bool = False
+    max_steps: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    max_length: int = Field(default=512, ge=16)
+    packing: bool = False
+    max_new_tokens: int = Field(default=256, ge=1)
+    seed: int = 0
+
+
+@dataclass
+class Pair:
+    """One training or eval item: a prompt and its response (or reference answer)."""
+
+    prompt: str
+    response: str
+
+
+def validate_run(
+    run_dir: str | Path, config: ValidationConfig | None = None, base_dir: Path | None = None
+) -> dict[str, Any]:
+    """Train the student on both arms, evaluate, and write ``RUN_DIR/validation/``.
+
+    ``config`` defaults to the ``validate:`` section of the recipe recorded in the run's
+    manifest; ``base_dir`` (for the eval file) to the recorded recipe's folder.
+
+    Returns:
+        The report (also written as ``validation/report.json``).
+    """
+    run_dir = Path(run_dir)
+    manifest = _manifest(run_dir)
+    if config is None or base_dir is None:
+        recorded, recorded_base = _recorded_config(manifest)
+        config = config or recorded
+        base_dir = base_dir or recorded_base
+    curated_rows = pq.read_table(run_dir / "data").to_pylist()
+    step = config.baseline_step or _baseline_step(manifest)
+    pool_rows = _generated_rows(run_dir / "steps" / step)
+
+    curated, skipped_c = _pairs(curated_rows, config.prompt, config.response)
+    pool, skipped_p = _pairs(pool_rows, config.prompt, config.response)
+    if config.eval.holdout is not None:
+        eval_items, held = _holdout(pool, config.eval.holdout, config.seed)
+        curated = [p for p in curated if p.prompt not in held]
+        pool = [p for p in pool if p.prompt not in held]
+        eval_source = f"{config.eval.holdout} prompts held out of step {step}"
+    else:
+        eval_items = _eval_file(config, base_dir)
+        eval_source = config.eval.path
+    if not curated:
+        raise KdataError(f"{run_dir}: the curated dataset has no usable rows to train on")
+    baseline = _baseline(pool, len(curated), config.baseline, config.seed)
+    eval_items, contaminated = _decontaminate(eval_items, curated + baseline)
+    if not eval_items:
+        raise KdataError("no eval items left after decontamination against the training rows")
+
+    from kdata import sft
+
+    base_model, tokenizer = sft.load_student(config.student, config.seed)
+    arms = {}
+    for arm, pairs in (("curated", curated), ("baseline", baseline)):
+        arms[arm] = sft.train_and_evaluate(
+            copy.deepcopy(base_model), tokenizer, pairs, eval_items, config
+        )
+    for name, arm in arms.items():
+        arm["rows"] = len(curated if name == "curated" else baseline)
+        arm["scores"] = _score(arm.pop("answers"), eval_items, config.exact_match)
+        arm["scores"]["loss"] = arm.pop("eval_losses")
+    report = {
+        "student": config.student,
+        "student_parameters": sft.parameter_count(base_model),
+        "device": sft.device_name(),
+        "config": config.model_dump(mode="json", exclude={"prompt", "response", "eval"}),
+        "data": {
+            "curated_rows": len(curated),
+            "baseline_rows": len(baseline),
+            "baseline": f"{config.baseline} of {len(pool)} rows from step {step}",
+            "rows_without_columns": {"curated": skipped_c, "baseline_pool": skipped_p},
+            "eval": eval_source,
+            "eval_items": len(eval_items),
+            "eval_removed_as_contaminated": contaminated,
+        },
+        "arms": {name: _summary(arm) for name, arm in arms.items()},
+        "difference": _differences(arms["curated"]["scores"], arms["baseline"]["scores"]),
+    }
+    out = run_dir / "validation"
+    out.mkdir(exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "arms.json").write_text(
+        json.dumps({n: {"log": a["log"], "scores": a["scores"]} for n, a in arms.items()}) + "\n",
+        encoding="utf-8",
+    )
+    _plot_losses(arms, out / "loss.png")
+    (out / "section.md").write_text(section_markdown(report), encoding="utf-8")
+    return report
+
+
+def _manifest(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KdataError(f"{run_dir} is not a run directory (no manifest.json)") from None
+
+
+def _recorded_config(manifest: dict) -> tuple[ValidationConfig, Path]:
+    section = manifest["recipe"].get("validate")
+    if section is None:
+        raise KdataError("the run's recipe has no validate: section; add one and rebuild")
+    base = Path(manifest.get("recipe_path") or ".").parent
+    return ValidationConfig.model_validate(section, context={"base_dir": base}), base
+
+
+def _baseline_step(manifest: dict) -> str:
+    """The step whose output enters the first curation step."""
+    steps = manifest["steps"]
+    for i, s in enumerate(steps):
+        if s["type"] in CURATION_TYPES:
+            if i == 0:
+                break
+            return steps[i - 1]["name"]
+    raise KdataError(
+        "the recipe has no curation step after a generating step, so there is no baseline to "
+        "compare with; name one with validate.baseline_step"
+    )
+
+
+def _generated_rows(folder: Path) -> list[dict]:
+    """Everything a step made: its kept rows and the rows it dropped itself (rejection sampling
+    drops generated rows, which belong to the uncurated pool)."""
+    if not (folder / "rows.parquet").exists():
+        raise KdataError(f"no rows for baseline step {folder.name} in {folder.parent}")
+    rows = pq.read_table(folder / "rows.parquet").to_pylist()
+    if (folder / "dropped.parquet").exists():
+        for d in pq.read_table(folder / "dropped.parquet").to_pylist():
+            row = json.loads(d["row"])
+            if row.get(PROVENANCE, {}).get("step") == folder.name:
+                rows.append(row)
+    return rows
+
+
+def _pairs(rows: list[dict], prompt: str, response: str) -> tuple[list[Pair], int]:
+    """(pairs, rows skipped because the templates need a column they lack or render empty)."""
+    p_t, r_t = _JINJA.from_string(prompt), _JINJA.from_string(response)
+    out, skipped = [], 0
+    for row in rows:
+        ctx = {k: v for k, v in row.items() if k != PROVENANCE}
+        try:
+            pair = Pair(p_t.render(ctx).strip(), r_t.render(ctx).strip())
+        except Exception:  # StrictUndefined: a missing column
+            skipped += 1
+            continue
+        if pair.prompt and pair.response:
+            out.append(pair)
+        else:
+            skipped += 1
+    return out, skipped
+
+
+def _holdout(pool: list[Pair], n: int, seed: int) -> tuple[list[Pair], set[str]]:
+    prompts = sorted({p.prompt for p in pool}, key=lambda s: _key(seed, s))
+    if len(prompts) <= n:
+        raise KdataError(f"holdout {n} leaves nothing to train on ({len(prompts)} prompts)")
+    held = set(prompts[:n])
+    first: dict[str, Pair] = {}
+    for p in pool:
+        if p.prompt in held:
+            first.setdefault(p.prompt, p)
+    return [first[s] for s in prompts[:n]], held
+
+
+def _eval_file(config: ValidationConfig, base_dir: Path) -> list[Pair]:
+    from kdata.steps.sources import SeedsStep
+
+    records, _ = SeedsStep(path=config.eval.path).read(base_dir)
+    rows = [r for _, r in records][: config.eval.limit]
+    items, _ = _pairs(
+        rows, config.eval.prompt or config.prompt, config.eval.reference or config.response
+    )
+    return items
+
+
+def _key(seed: int, text: str) -> str:
+    return hashlib.sha1(f"{seed}\x1f{text}".encode()).hexdigest()
+
+
+def _baseline(pool: list[Pair], n: int, how: str, seed: int) -> list[Pair]:
+    if len(pool) < n:
+        raise KdataError(
+            f"the baseline pool has {len(pool)} rows, fewer than the {n} curated rows; "
+            "the arms would not be of equal size"
+        )
+    if how == "first":
+        return pool[:n]
+    return random.Random(seed).sample(pool, n)
+
+
+def _decontaminate(items: list[Pair], train: list[Pair], n: int = 13) -> tuple[list[Pair], int]:
+    """Drop eval items whose prompt shares a word ``n``-gram with a training prompt."""
+    seen: set[int] = set()
+    for p in train:
+        seen |= ngram_hashes(p.prompt, n)
+    kept = [it for it in items if not (ngram_hashes(it.prompt, n) & seen)]
+    return kept, len(items) - len(kept)
+
+
+def _score(answers: list[str], items: list[Pair], exact: bool) -> dict[str, list[float]]:
+    scores = {"rouge_l": [rouge_l(a, it.response) for a, it in zip(answers, items, strict=True)]}
+    if exact:
+        scores["exact_match"] = [
+            float(answers_match(extract_answer(a), extract_answer(it.response)))
+            for a, it in zip(answers, items, strict=True)
+        ]
+    return scores
+
+
+def _summary(arm: dict) -> dict:
+    out = {k: v for k, v in arm.items() if k not in ("log", "scores")}
+    out["metrics"] = {k: _mean(v) for k, v in arm["scores"].items()}
+    return out
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def bootstrap_ci(
+    a: list[float], b: list[float], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of the paired differences ``a - b`` and its 95% percentile-bootstrap interval."""
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
+    return _mean(diffs), means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
+
+
+def _differences(curated: dict, baseline: dict) -> dict:
+    out = {}
+    for metric in curated:
+        mean, lo, hi = bootstrap_ci(curated[metric], baseline[metric])
+        better = "lower" if metric == "loss" else "higher"
+        out[metric] = {"curated_minus_baseline": mean, "ci95": [lo, hi], "better": better}
+    return out
+
+
+def _plot_losses(arms: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for name, arm in arms.items():
+        steps = [e["step"] for e in arm["log"]]
+        ax.plot(steps, [e["loss"] for e in arm["log"]], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def section_markdown(report: dict) -> str:
+    """The dataset card's validation section."""
+    d, arms = report["data"], report["arms"]
+    lines = [
+        "## Validation: does the curation make a better student?",
+        "",
+        f"The student `{report['student']}` ({report['student_parameters']:,} parameters) was "
+        f"fine-tuned twice with trl's SFTTrainer, same seed, {report['config']['max_steps']} "
+        f"steps of {report['config']['batch_size']} sequences: on the {d['curated_rows']} curated "
+        f"rows, and on a baseline of {d['baseline_rows']} rows ({d['baseline']}). Both answered "
+        f"{d['eval_items']} held-out items ({d['eval']}; {d['eval_removed_as_contaminated']} "
+        "removed for overlapping the training rows). Intervals are 95% paired-bootstrap "
+        "intervals over eval items.",
+        "",
+        "| metric | curated | baseline | curated − baseline (95% CI) | better |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for metric, diff in report["difference"].items():
+        lo, hi = diff["ci95"]
+        lines.append(
+            f"| {metric} | {arms['curated']['metrics'][metric]:.4f} "
+            f"| {arms['baseline']['metrics'][metric]:.4f} "
+            f"| {diff['curated_minus_baseline']:+.4f} ({lo:+.4f}, {hi:+.4f}) | {diff['better']} |"
+        )
+    c = arms["curated"]
+    lines += [
+        "",
+        f"Compute: {report['device']}; curated arm {c['train_tokens']:,} training tokens in "
+        f"{c['train_seconds']:.1f} s ({c['tokens_per_second']:,.0f} tokens/s"
+        + (f", MFU {c['mfu']:.1%}" if c.get("mfu") is not None else "")
+        + ").",
+        "",
+        "![training loss](validation/loss.png)",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""SFT validation: a tiny student trained on a real run's curated rows and on its baseline.
+
+The run is real (seeds -> exact_dedup -> filter over GSM8K rows with planted duplicates and junk);
+the student is a randomly initialised 2-layer Llama with SmolLM2's tokenizer, trained by trl's
+SFTTrainer on CPU. Its scores are near zero: the test checks the report's shape and arithmetic,
+not that curation helped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import kdata
+from kdata.cli import app
+from kdata.errors import KdataError
+from kdata.validation import Pair, _baseline, _decontaminate, _holdout, bootstrap_ci
+
+pytest.importorskip("trl")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+RECIPE = """\
+name: sft-check
+steps:
+  - type: seeds
+    path: seeds.jsonl
+  - type: exact_dedup
+    columns: [question]
+  - type: filter
+    column: response
+    min_words: 5
+validate:
+  student: tiny
+  prompt: "{{ question }}"
+  response: "{{ response }}"
+  eval: {path: eval.jsonl, reference: "{{ answer }}"}
+  exact_match: true
+  max_steps: 3
+  batch_size: 4
+  max_length: 192
+  max_new_tokens: 12
+output:
+  dir: run
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("sft")
+    rows = [json.loads(line) for line in (FIXTURES / "gsm8k_60.jsonl").open()]
+    seeds = [{"question": r["question"], "response": r["answer"]} for r in rows[:40]]
+    seeds += seeds[:8]  # planted exact duplicates: exact_dedup drops them
+    seeds += [{"question": f"Junk question {i}?", "response": "42"} for i in range(6)]  # too short
+    (tmp / "seeds.jsonl").write_text("".join(json.dumps(s) + "\n" for s in seeds))
+    evals = rows[40:46] + [{"question": seeds[0]["question"], "answer": "leaked"}]  # 1 contaminated
+    (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    (tmp / "recipe.yaml").write_text(RECIPE)
+    recipe = kdata.load_recipe(tmp / "recipe.yaml")
+    run = kdata.build(recipe, run_dir=tmp / "run")
+    assert [s.dropped for s in run.steps] == [0, 8, 6]
+    return run.dir
+
+
+def test_validate_sft_trains_both_arms_and_writes_the_report(run_dir: Path) -> None:
+    res = CliRunner().invoke(app, ["validate-sft", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert "rouge_l" in res.output and "exact_match" in res.output
+    report = json.loads((run_dir / "validation" / "report.json").read_text())
+    data = report["data"]
+    # 40 distinct curated rows; the baseline draws 40 of the 54 rows the seeds step made.
+    assert data["curated_rows"] == data["baseline_rows"] == 40
+    assert data["baseline"] == "sample of 54 rows from step 00_seeds"
+    assert data["eval_items"] == 6 and data["eval_removed_as_contaminated"] == 1
+    for arm in ("curated", "baseline"):
+        a = report["arms"][arm]
+        assert a["rows"] == 40
+        assert a["train_tokens"] > 0 and a["tokens_per_second"] > 0
+        m = a["metrics"]
+        assert 0.0 <= m["rouge_l"] <= 1.0 and 0.0 <= m["exact_match"] <= 1.0
+        assert math.isfinite(m["loss"]) and m["loss"] > 0
+        assert a["mfu"] is None  # CPU: no peak to divide by
+    for d in report["difference"].values():
+        lo, hi = d["ci95"]
+        assert lo <= d["curated_minus_baseline"] <= hi
+    arms = json.loads((run_dir / "validation" / "arms.json").read_text())
+    assert [e["step"] for e in arms["curated"]["log"]] == [1, 2, 3]
+    assert len(arms["baseline"]["scores"]["rouge_l"]) == data["eval_items"]
+    # The same seed and data give the same first loss in both arms only if the data matched;
+    # the arms saw different rows, so their curves differ.
+    assert arms["curated"]["log"] != arms["baseline"]["log"]
+    png = (run_dir / "validation" / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    section = (run_dir / "validation" / "section.md").read_text()
+    assert "| rouge_l |" in section and "40 curated rows" in section
+    assert "validation/loss.png" in section
+
+
+def test_no_validate_section_is_a_clear_error(run_dir: Path, tmp_path: Path) -> None:
+    other = tmp_path / "run"
+    shutil.copytree(run_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    del manifest["recipe"]["validate"]
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    res = CliRunner().invoke(app, ["validate-sft", str(other)])
+    assert res.exit_code == 1 and "no validate: section" in res.output
+
+
+def test_bootstrap_interval() -> None:
+    mean, lo, hi = bootstrap_ci([1.0, 2.0, 3.0], [0.5, 1.5, 2.5])
+    assert (mean, lo, hi) == (0.5, 0.5, 0.5)  # constant differences: no spread
+    a = [float(i % 2) for i in range(200)]
+    mean, lo, hi = bootstrap_ci(a, [0.0] * 200)
+    assert mean == 0.5 and 0.4 < lo < 0.5 < hi < 0.6
+
+
+def test_decontamination_and_equal_size_baseline() -> None:
+    q = "Tom has seven red apples and buys nine more apples at the market on Sunday morning"
+    train = [Pair(q + " then eats two.", "x")]
+    items = [Pair(q + ". How many now?", "14"), Pair("A different question entirely", "1")]
+    kept, removed = _decontaminate(items, train)
+    assert removed == 1 and kept == items[1:]
+    pool = [Pair(str(i), str(i)) for i in range(10)]
+    assert len(_baseline(pool, 4, "sample", 0)) == 4
+    assert _baseline(pool, 4, "first", 0) == pool[:4]
+    with pytest.raises(KdataError, match="fewer than the 11 curated rows"):
+        _baseline(pool, 11, "sample", 0)
+
+
+def test_holdout_takes_whole_prompts() -> None:
+    pool = [Pair(f"q{i % 5}", f"a{i}") for i in range(15)]  # 5 prompts, 3 samples each
+    items, held = _holdout(pool, 2, seed=0)
+    assert len(items) == 2 and {it.prompt for it in items} == held
+    assert held < {p.prompt for p in pool}
+    assert _holdout(pool, 2, seed=0) == (items, held)  # seeded: the same split every time
+    with pytest.raises(KdataError, match="nothing to train on"):
+        _holdout(pool, 5, seed=0)
