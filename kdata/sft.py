@@ -56,7 +56,13 @@ def load_student(spec: str, seed: int) -> tuple[Any, Any]:
             )
             model = LlamaForCausalLM(config)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), **kw)
+            # Loading de-quantises to float32 but leaves the model marked as quantized, which
+            # the Trainer refuses to fine-tune: rebuild it plainly from its config and weights.
+            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), **kw)
+            config = loaded.config
+            del config.quantization_config
+            model = AutoModelForCausalLM.from_config(config)
+            model.load_state_dict(loaded.state_dict())
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(spec)
@@ -91,13 +97,11 @@ def _peak_flops() -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def train_and_evaluate(
-    model, tokenizer, pairs: list[Pair], eval_items: list[Pair], config: ValidationConfig
-) -> dict[str, Any]:
-    """Fine-tune ``model`` on ``pairs`` with trl's SFTTrainer, then answer ``eval_items``.
+def train(model, tokenizer, pairs: list[Pair], config: ValidationConfig) -> dict[str, Any]:
+    """Fine-tune ``model`` in place on ``pairs`` with trl's SFTTrainer (bf16 on a GPU).
 
-    Returns the training log (step, loss), tokens, time, tokens/s and MFU, per-item eval losses
-    of the references, and the greedy answers.
+    Returns the training log (step, loss), training tokens, seconds, tokens/s and model FLOPs
+    utilisation (on a GPU whose peak is known).
     """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -139,27 +143,41 @@ def train_and_evaluate(
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
     logs = trainer.state.log_history
-    log = [{"step": e["step"], "loss": e["loss"]} for e in logs if "loss" in e]
     tokens = int(next((e["num_tokens"] for e in reversed(logs) if "num_tokens" in e), 0))
-    n_params = parameter_count(model)
+    tps = tokens / seconds if seconds else math.nan
     peak = _peak_flops()
     c = model.config
-    sequences = config.max_steps * config.batch_size
-    seq = config.max_length if config.packing else tokens / max(1, sequences)
-    # Training FLOPs per token: 6N for the weights plus 12·layers·hidden·seq for attention.
-    flops_per_token = 6 * n_params + 12 * c.num_hidden_layers * c.hidden_size * seq
-    tps = tokens / seconds if seconds else math.nan
+    seq = _mean_sequence_length(trainer.train_dataset)
+    # Training FLOPs per token: 6N for the weights plus 12·layers·hidden·seq for attention, seq
+    # being the length of the examples (packing keeps attention within each example).
+    flops_per_token = 6 * parameter_count(model) + 12 * c.num_hidden_layers * c.hidden_size * seq
     model.eval()
     return {
-        "log": log,
+        "log": [{"step": e["step"], "loss": e["loss"]} for e in logs if "loss" in e],
         "train_loss": result.training_loss,
         "train_tokens": tokens,
         "train_seconds": round(seconds, 3),
         "tokens_per_second": round(tps, 1),
         "mfu": round(tps * flops_per_token / peak, 4) if peak else None,
-        "eval_losses": reference_losses(model, tokenizer, eval_items),
-        "answers": generate(model, tokenizer, [it.prompt for it in eval_items], config),
     }
+
+
+def _mean_sequence_length(dataset) -> float:
+    if "seq_lengths" in dataset.column_names:  # packed: the examples each packed row holds
+        lengths = [n for row in dataset["seq_lengths"] for n in row]
+    else:
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+    return sum(lengths) / max(1, len(lengths))
+
+
+def train_and_evaluate(
+    model, tokenizer, pairs: list[Pair], eval_items: list[Pair], config: ValidationConfig
+) -> dict[str, Any]:
+    """`train`, then the per-item reference losses and the greedy answers on ``eval_items``."""
+    out = train(model, tokenizer, pairs, config)
+    out["eval_losses"] = reference_losses(model, tokenizer, eval_items)
+    out["answers"] = generate(model, tokenizer, [it.prompt for it in eval_items], config)
+    return out
 
 
 def _chat(tokenizer, prompt: str) -> str:
