@@ -87,3 +87,14 @@ def test_curation_snippet_validates() -> None:
     ]
     run_plan = kdata.plan(r)
     assert run_plan[0]["rows"] == 175
+
+
+def test_validate_snippet_validates() -> None:
+    section = next(b for b in blocks("yaml") if b.startswith("validate:"))
+    r = kdata.recipe_from_yaml(
+        "name: t\nsteps:\n  - {type: seeds, path: data/seed_tasks.jsonl}\n" + section,
+        base_dir=ROOT / "recipes",
+    )
+    assert r.validation.student == "local/smollm2-135m-instruct"
+    assert r.validation.response.endswith("{{ response_answer }}")
+    assert r.validation.eval.path == "data/gsm8k_eval_100.jsonl"
