@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from kdata.errors import RecipeError
+from kdata.publish.config import PublishConfig
 from kdata.steps.base import StrictModel
 from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
 from kdata.steps.elicit import LabelStep
@@ -116,13 +117,14 @@ class Output(StrictModel):
 
 
 class Recipe(StrictModel):
-    """A whole recipe: teachers, steps, output and an optional budget."""
+    """A whole recipe: teachers, steps, output, an optional budget and how to publish."""
 
     name: str = Field(min_length=1)
     teachers: dict[str, Teacher] = {}
     steps: list[Step] = Field(min_length=1)
     output: Output | None = None
     budget_usd: float | None = Field(default=None, gt=0)
+    publish: PublishConfig | None = None
 
     # Set by load_recipe; not part of the recipe's own fields.
     _source_path: str | None = None
@@ -201,6 +203,11 @@ class Recipe(StrictModel):
                     "or remove budget_usd",
                     ("teachers", name, "model"),
                 )
+        if self.publish is not None:
+            try:
+                self.publish.template_text(self.base_dir)
+            except KdataError as e:
+                raise self._error(str(e), ("publish", "template")) from None
 
     def _error(self, message: str, loc: tuple) -> RecipeError:
         return RecipeError(
