@@ -9,6 +9,7 @@
 __version__ = "0.1.0"
 
 from kdata.errors import BudgetExceeded, KdataError, RecipeError, TeacherError
+from kdata.publish import push
 from kdata.recipe import GenerationParams, Recipe, Teacher, load_recipe, recipe_from_yaml
 from kdata.runner import Run, build, plan
 from kdata.steps.base import TeacherMix
@@ -30,5 +31,6 @@ __all__ = [
     "build",
     "load_recipe",
     "plan",
+    "push",
     "recipe_from_yaml",
 ]

@@ -1,4 +1,4 @@
-"""The ``kdata`` command: build, validate, inspect, validate-sft."""
+"""The ``kdata`` command: build, validate, inspect, push, validate-sft."""
 
 from __future__ import annotations
 
@@ -193,6 +193,50 @@ def validate_sft(
         )
     out.print(table)
     out.print(f"report: {run_dir / 'validation' / 'report.json'} ({report['device']})")
+
+
+@app.command()
+def push(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.", show_default=False)],
+    repo: Annotated[
+        str | None, typer.Option("--repo", help="USER/NAME (default: publish.repo_id).")
+    ] = None,
+    private: Annotated[
+        bool, typer.Option("--private", help="Create the repository private.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Write RUN_DIR/hub, the folder to push; send nothing.")
+    ] = False,
+) -> None:
+    """Publish a run to the Hugging Face Hub as one commit (none when nothing changed)."""
+    from kdata.publish import push as run_push
+
+    try:
+        res = run_push(run_dir, repo_id=repo, private=private or None, dry_run=dry_run)
+    except KdataError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    if dry_run:
+        out.print(
+            f"would push {len(res.files)} files to {res.repo_id}, written to {res.folder}:",
+            soft_wrap=True,
+            highlight=False,
+        )
+        for f in res.files:
+            size = (res.folder / f).stat().st_size
+            out.print(f"  {f} ({size:,} bytes)", soft_wrap=True, highlight=False)
+    elif res.commit:
+        out.print(
+            f"pushed {res.repo_id}: commit {res.commit[:12]} "
+            f"({len(res.uploaded)} files updated, {len(res.deleted)} removed) {res.url}",
+            soft_wrap=True,
+            highlight=False,
+        )
+    else:
+        out.print(
+            f"{res.repo_id} already holds this run (head {res.head[:12]}): no commit made",
+            soft_wrap=True,
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

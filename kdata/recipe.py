@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdata.errors import RecipeError
+from kdata.publish.config import PublishConfig
 from kdata.steps.base import StrictModel
 from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
 from kdata.steps.elicit import LabelStep
@@ -117,7 +118,7 @@ class Output(StrictModel):
 
 
 class Recipe(StrictModel):
-    """A whole recipe: teachers, steps, output and an optional budget."""
+    """A whole recipe: teachers, steps, output, an optional budget and how to publish."""
 
     name: str = Field(min_length=1)
     teachers: dict[str, Teacher] = {}
@@ -126,6 +127,7 @@ class Recipe(StrictModel):
     budget_usd: float | None = Field(default=None, gt=0)
     # The recipe's `validate:` section (a field may not be called `validate` on a pydantic model).
     validation: ValidationConfig | None = Field(default=None, alias="validate")
+    publish: PublishConfig | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
 
@@ -206,6 +208,11 @@ class Recipe(StrictModel):
                     "or remove budget_usd",
                     ("teachers", name, "model"),
                 )
+        if self.publish is not None:
+            try:
+                self.publish.template_text(self.base_dir)
+            except KdataError as e:
+                raise self._error(str(e), ("publish", "template")) from None
 
     def _error(self, message: str, loc: tuple) -> RecipeError:
         return RecipeError(

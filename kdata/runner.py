@@ -265,6 +265,10 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter) -> Run:
             m["stats"] = done.get(m["name"])
         _write_json(run_dir / "manifest.json", manifest)
         cache.close()
+    if recipe.publish and recipe.publish.dir:  # last: the folder reads everything above
+        from kdata.publish import write_folder
+
+        write_folder(run_dir, recipe.publish.dir, cfg=recipe.publish)
     return run
 
 
@@ -339,6 +343,7 @@ def _manifest(recipe: Recipe, names: list[str], fps: list[str]) -> dict[str, Any
     return {
         "kdata_version": _version(),
         "recipe_path": recipe.source_path,
+        "recipe_dir": str(recipe.base_dir.resolve()),
         "recipe": recipe.model_dump(mode="json", exclude_none=True),
         "status": "running",
         "started_at": time.time(),

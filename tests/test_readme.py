@@ -66,7 +66,7 @@ def test_python_api_snippet_runs(tmp_path: Path) -> None:
     assert res.stdout.startswith("3 runs/py/data/train-00000-of-00001.parquet")
 
 
-@pytest.mark.parametrize("cmd", ["validate", "build", "inspect"])
+@pytest.mark.parametrize("cmd", ["validate", "build", "inspect", "push"])
 def test_cli_help(cmd: str) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "kdata.cli", cmd, "--help"], capture_output=True, text=True
@@ -98,3 +98,11 @@ def test_validate_snippet_validates() -> None:
     assert r.validation.student == "local/smollm2-135m-instruct"
     assert r.validation.response.endswith("{{ response_answer }}")
     assert r.validation.eval.path == "data/gsm8k_eval_100.jsonl"
+
+
+def test_publish_snippet_validates() -> None:
+    snippet = next(b for b in blocks("yaml") if b.startswith("publish:"))
+    text = "name: t\nsteps: [{type: seeds, path: data/seed_tasks.jsonl}]\n" + snippet
+    recipe = kdata.recipe_from_yaml(text, base_dir=ROOT / "recipes")
+    recipe.check_runtime()  # the template it names is a shipped one
+    assert recipe.publish.repo_id == "alice/seed-answers" and recipe.publish.license == "apache-2.0"
