@@ -165,6 +165,9 @@ def inspect(
 @app.command("validate-sft")
 def validate_sft(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+    student: Annotated[
+        str | None, typer.Option("--student", help="Another student than validate.student.")
+    ] = None,
 ) -> None:
     """Train the recipe's student on the curated rows and on an uncurated baseline; compare.
 
@@ -173,7 +176,7 @@ def validate_sft(
     try:
         from kdata.validation import validate_run
 
-        report = validate_run(run_dir)
+        report = validate_run(run_dir, student=student)
     except KdataError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None

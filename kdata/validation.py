@@ -86,12 +86,17 @@ class Pair:
 
 
 def validate_run(
-    run_dir: str | Path, config: ValidationConfig | None = None, base_dir: Path | None = None
+    run_dir: str | Path,
+    config: ValidationConfig | None = None,
+    base_dir: Path | None = None,
+    student: str | None = None,
 ) -> dict[str, Any]:
     """Train the student on both arms, evaluate, and write ``RUN_DIR/validation/``.
 
     ``config`` defaults to the ``validate:`` section of the recipe recorded in the run's
-    manifest; ``base_dir`` (for the eval file) to the recorded recipe's folder.
+    manifest; ``base_dir`` (for the eval file) to the recorded recipe's folder. ``student``
+    replaces the config's student (the same data checked with another model, or on a machine
+    where the model lives elsewhere).
 
     Returns:
         The report (also written as ``validation/report.json``).
@@ -102,6 +107,8 @@ def validate_run(
         recorded, recorded_base = _recorded_config(manifest)
         config = config or recorded
         base_dir = base_dir or recorded_base
+    if student is not None:
+        config = config.model_copy(update={"student": student})
     curated_rows = pq.read_table(run_dir / "data").to_pylist()
     step = config.baseline_step or _baseline_step(manifest)
     pool_rows = _generated_rows(run_dir / "steps" / step)

@@ -36,7 +36,7 @@ steps:
     column: response
     min_words: 5
 validate:
-  student: tiny
+  student: /nowhere/student.gguf   # replaced by --student tiny below
   prompt: "{{ question }}"
   response: "{{ response }}"
   eval: {path: eval.jsonl, reference: "{{ answer }}"}
@@ -68,10 +68,11 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def test_validate_sft_trains_both_arms_and_writes_the_report(run_dir: Path) -> None:
-    res = CliRunner().invoke(app, ["validate-sft", str(run_dir)])
+    res = CliRunner().invoke(app, ["validate-sft", str(run_dir), "--student", "tiny"])
     assert res.exit_code == 0, res.output
     assert "rouge_l" in res.output and "exact_match" in res.output
     report = json.loads((run_dir / "validation" / "report.json").read_text())
+    assert report["student"] == "tiny"
     data = report["data"]
     # 40 distinct curated rows; the baseline draws 40 of the 54 rows the seeds step made.
     assert data["curated_rows"] == data["baseline_rows"] == 40
