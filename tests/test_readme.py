@@ -66,7 +66,7 @@ def test_python_api_snippet_runs(tmp_path: Path) -> None:
     assert res.stdout.startswith("3 runs/py/data/train-00000-of-00001.parquet")
 
 
-@pytest.mark.parametrize("cmd", ["validate", "build", "inspect"])
+@pytest.mark.parametrize("cmd", ["validate", "build", "inspect", "rethreshold"])
 def test_cli_help(cmd: str) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "kdata.cli", cmd, "--help"], capture_output=True, text=True
