@@ -6,6 +6,7 @@ Run directory::
     cache.sqlite             every teacher response, stored as it arrived
     steps/<name>/            rows.parquet, dropped.parquet, failed.parquet, stats.json
     data/train-00000-of-00001.parquet   the final dataset
+    diversity/               report.json and plots of the final rows against the generated ones
 
 A step whose fingerprint (its config, its teachers, its inputs, the step before it) matches the
 one on disk is not run again; a teacher step that is run again is served from the cache.
@@ -203,6 +204,7 @@ def fingerprints(recipe: Recipe) -> list[str]:
 
 
 async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: bool) -> Run:
+    from kdata.steps.diversity import final_report
     from kdata.teachers.pool import TeacherPool
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -251,6 +253,7 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
             run.steps.append(stats)
             reporter.step_finished(stats)
         _write_table(run_dir / DATASET_FILE, rows)
+        final_report(recipe, run_dir, rows)
         run.status = "complete"
     except BudgetExceeded as e:
         run.status = "budget_exceeded"

@@ -84,6 +84,7 @@ def test_curation_snippet_validates() -> None:
         "semantic_dedup",
         "filter",
         "decontaminate",
+        "diversity",
     ]
     run_plan = kdata.plan(r)
     assert run_plan[0]["rows"] == 175

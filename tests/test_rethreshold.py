@@ -121,6 +121,8 @@ def test_minhash_rethreshold_equals_a_fresh_run_and_calls_no_teacher(
     assert sorted(json.loads(d["row"])["n"] for d in dropped) == [35, 36, 37, 38]
     manifest = json.loads((recut.dir / "manifest.json").read_text())
     assert manifest["recipe"]["steps"][1]["threshold"] == 0.5
+    report = json.loads((recut.dir / "diversity/report.json").read_text())
+    assert report["after"]["rows"] == len(final_ids(fresh))  # the report follows the re-cut
 
     # Back up to where it was: the first build's dataset, again from the cache alone.
     assert final_ids(rethreshold(loose.dir, "dedup", 0.95)) == final_ids(loose)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -246,6 +246,7 @@ class ExactDedupStep(StepBase):
     whitespace (punctuation and symbols such as ``$``).
     """
 
+    curates: ClassVar[bool] = True
     type: Literal["exact_dedup"] = "exact_dedup"
     columns: list[str] = Field(min_length=1)
     lowercase: bool = True
@@ -311,6 +312,7 @@ class MinHashDedupStep(StepBase):
     shingles) cannot be compared and are kept; put ``exact_dedup`` first to collapse repeats.
     """
 
+    curates: ClassVar[bool] = True
     type: Literal["minhash_dedup"] = "minhash_dedup"
     columns: list[str] = Field(min_length=1)
     shingle: Literal["word", "char"] = "word"

@@ -13,7 +13,7 @@ import math
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
@@ -107,6 +107,7 @@ class FilterStep(StepBase):
     with ``missing_score`` and one that is not a number with ``bad_score``.
     """
 
+    curates: ClassVar[bool] = True
     type: Literal["filter"] = "filter"
     column: str
     drop_empty: bool = False
@@ -283,6 +284,7 @@ class DecontaminateStep(StepBase):
     typo would check nothing). A value that is not a string fails the row with ``not_text``.
     """
 
+    curates: ClassVar[bool] = True
     type: Literal["decontaminate"] = "decontaminate"
     columns: list[str] = Field(min_length=1)
     benchmarks: list[Benchmark] = Field(min_length=1)

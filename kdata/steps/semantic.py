@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -69,6 +69,7 @@ class SemanticDedupStep(StepBase):
     again (with another ``k``, say); with another ``threshold`` the stored neighbours suffice.
     """
 
+    curates: ClassVar[bool] = True
     type: Literal["semantic_dedup"] = "semantic_dedup"
     columns: list[str] = Field(min_length=1)
     model: str = Field(default=DEFAULT_MODEL, min_length=1)
