@@ -1,4 +1,4 @@
-"""The ``kdata`` command: build, validate, inspect, push, validate-sft."""
+"""The ``kdata`` command: build, validate, inspect, rethreshold, push, validate-sft."""
 
 from __future__ import annotations
 
@@ -116,6 +116,53 @@ def build(
     )
     if r.validation is not None:
         out.print(f"this recipe has a validate: section: kdata validate-sft {run.dir}")
+
+
+@app.command()
+def rethreshold(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+    step: Annotated[
+        str,
+        typer.Option(
+            help="The step to re-cut: minhash_dedup, semantic_dedup, or filter with min_score.",
+            show_default=False,
+        ),
+    ],
+    threshold: Annotated[
+        float,
+        typer.Option(
+            help="The new threshold (for a filter, the min_score value).", show_default=False
+        ),
+    ],
+) -> None:
+    """Re-cut a dedup step or score filter from what the run stored, and rebuild the steps after
+    it; no teacher request, no hashing or embedding."""
+    from kdata.progress import RichReporter, summary_table
+    from kdata.rethreshold import recut_recipe
+    from kdata.runner import build as run_build
+
+    try:
+        recipe = recut_recipe(run_dir, step, threshold)
+    except KdataError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    try:
+        with RichReporter(err) as reporter:
+            run = run_build(recipe, run_dir=run_dir, reporter=reporter, cache_only=True)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]: run the same command to finish the re-cut.")
+        raise typer.Exit(130) from None
+    except KdataError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    out.print(summary_table(run))
+    out.print(f"dataset: {run.dataset_path} ({run.steps[-1].rows_out} rows), {step} at {threshold}")
+    missing = sum(s.failure_classes.get("not_cached", 0) for s in run.steps)
+    if missing:
+        out.print(
+            f"[yellow]{missing} rows failed as not_cached[/yellow]: their teacher responses were "
+            f"never fetched; set this threshold in the recipe and run kdata build to fetch them"
+        )
 
 
 @app.command()

@@ -20,6 +20,7 @@ from kdata.errors import RecipeError
 from kdata.publish.config import PublishConfig
 from kdata.steps.base import StrictModel
 from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
+from kdata.steps.diversity import DiversityStep
 from kdata.steps.elicit import LabelStep
 from kdata.steps.filters import DecontaminateStep, FilterStep
 from kdata.steps.semantic import SemanticDedupStep
@@ -35,6 +36,7 @@ STEP_CLASSES = (
     ExactDedupStep,
     MinHashDedupStep,
     SemanticDedupStep,
+    DiversityStep,
 )
 Step = Annotated[typing.Union[STEP_CLASSES], Field(discriminator="type")]  # noqa: UP007
 STEP_TYPES: dict[str, type[BaseModel]] = {

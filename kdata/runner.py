@@ -6,6 +6,7 @@ Run directory::
     cache.sqlite             every teacher response, stored as it arrived
     steps/<name>/            rows.parquet, dropped.parquet, failed.parquet, stats.json
     data/train-00000-of-00001.parquet   the final dataset
+    diversity/               report.json and plots of the final rows against the generated ones
 
 A step whose fingerprint (its config, its teachers, its inputs, the step before it) matches the
 one on disk is not run again; a teacher step that is run again is served from the cache.
@@ -128,7 +129,11 @@ class _Silent:
 
 
 def build(
-    recipe: Recipe, *, run_dir: str | os.PathLike | None = None, reporter: Reporter | None = None
+    recipe: Recipe,
+    *,
+    run_dir: str | os.PathLike | None = None,
+    reporter: Reporter | None = None,
+    cache_only: bool = False,
 ) -> Run:
     """Run a recipe, resuming whatever an earlier run in the same directory finished.
 
@@ -136,6 +141,9 @@ def build(
         recipe: a loaded or Python-built recipe.
         run_dir: overrides ``output.dir``.
         reporter: progress receiver (the CLI passes a rich one).
+        cache_only: send no teacher request (keys and prices are not checked): a request whose
+            response is not in the run's cache fails its row with error class ``not_cached``,
+            and a step with such failures is run again by the next build.
 
     Returns:
         The finished run.
@@ -145,8 +153,11 @@ def build(
         BudgetExceeded: the run stopped before passing ``budget_usd``; ``.run`` is the stopped
             run, and rerunning with a larger budget resumes it.
     """
-    recipe.check_runtime()
-    coro = _build(recipe, Path(run_dir) if run_dir else recipe.run_dir, reporter or _Silent())
+    if not cache_only:
+        recipe.check_runtime()
+    coro = _build(
+        recipe, Path(run_dir) if run_dir else recipe.run_dir, reporter or _Silent(), cache_only
+    )
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -192,12 +203,13 @@ def fingerprints(recipe: Recipe) -> list[str]:
     return out
 
 
-async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter) -> Run:
+async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: bool) -> Run:
+    from kdata.steps.diversity import final_report
     from kdata.teachers.pool import TeacherPool
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = RequestCache(run_dir / "cache.sqlite")
-    pool = TeacherPool(recipe.teachers, cache, recipe.budget_usd)
+    pool = TeacherPool(recipe.teachers, cache, recipe.budget_usd, cache_only)
     names, fps = recipe.step_names(), fingerprints(recipe)
     manifest = _manifest(recipe, names, fps)
     run = Run(dir=run_dir, status="running", steps=[], ledger={})
@@ -208,8 +220,12 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter) -> Run:
             stats = StepStats(name=name, type=step.type, fingerprint=fp, rows_in=len(rows))
             folder = run_dir / "steps" / name
             reporter.step_started(name, step.type, None)
-            done = _read_stats(folder)
-            if done and done.get("fingerprint") == fp and (folder / "rows.parquet").exists():
+            done = _read_stats(folder) or {}
+            if (
+                done.get("fingerprint") == fp
+                and "not_cached" not in done.get("failure_classes", {})
+                and (folder / "rows.parquet").exists()
+            ):
                 rows = pq.read_table(folder / "rows.parquet").to_pylist()
                 stats = StepStats(**{**done, "reused": True})
             else:
@@ -237,6 +253,7 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter) -> Run:
             run.steps.append(stats)
             reporter.step_finished(stats)
         _write_table(run_dir / DATASET_FILE, rows)
+        final_report(recipe, run_dir, rows)
         run.status = "complete"
     except BudgetExceeded as e:
         run.status = "budget_exceeded"
@@ -343,7 +360,7 @@ def _manifest(recipe: Recipe, names: list[str], fps: list[str]) -> dict[str, Any
     return {
         "kdata_version": _version(),
         "recipe_path": recipe.source_path,
-        "recipe_dir": str(recipe.base_dir.resolve()),
+        "base_dir": str(recipe.base_dir.resolve()),
         "recipe": recipe.model_dump(mode="json", exclude_none=True),
         "status": "running",
         "started_at": time.time(),

@@ -32,9 +32,6 @@ from kdata.errors import KdataError
 from kdata.steps.base import _JINJA, PROVENANCE, StrictModel, Template
 from kdata.steps.filters import ngram_hashes
 
-# Step types that curate (drop rows) rather than make them: the baseline is drawn from the rows
-# that enter the first of these.
-CURATION_TYPES = {"exact_dedup", "minhash_dedup", "semantic_dedup", "filter", "decontaminate"}
 TINY = "tiny"
 # Dense bf16 peak FLOP/s by GPU name, for model FLOPs utilisation (vendor datasheet figures).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -182,15 +179,17 @@ def _recorded_config(manifest: dict) -> tuple[ValidationConfig, Path]:
     section = manifest["recipe"].get("validate")
     if section is None:
         raise KdataError("the run's recipe has no validate: section; add one and rebuild")
-    base = Path(manifest.get("recipe_path") or ".").parent
+    base = Path(manifest.get("base_dir") or Path(manifest.get("recipe_path") or ".").parent)
     return ValidationConfig.model_validate(section, context={"base_dir": base}), base
 
 
 def _baseline_step(manifest: dict) -> str:
-    """The step whose output enters the first curation step."""
+    """The step whose output enters the first step that curates (a filter, dedup...)."""
+    from kdata.recipe import STEP_TYPES
+
     steps = manifest["steps"]
     for i, s in enumerate(steps):
-        if s["type"] in CURATION_TYPES:
+        if STEP_TYPES[s["type"]].curates:
             if i == 0:
                 break
             return steps[i - 1]["name"]

@@ -189,6 +189,7 @@ def test_exact_dedup_keeps_columns_apart_and_fails_missing_ones(tmp_path: Path) 
         ("keep: score", "keep: score needs score_column"),
         ("score_column: q", "score_column needs keep: score"),
         ("shingle: token", "Input should be 'word' or 'char'"),
+        ("threshold: 0.4", "threshold (0.4) is below floor (0.5), the lowest similarity"),
     ],
 )
 def test_bad_config_is_a_clear_recipe_error(step: str, message: str) -> None:
@@ -200,10 +201,11 @@ def test_bad_config_is_a_clear_recipe_error(step: str, message: str) -> None:
     assert info.value.step == "steps[1] (minhash_dedup)"
 
 
-def test_lsh_shape_finds_pairs_at_the_threshold() -> None:
-    assert MinHashDedupStep(columns=["r"]).lsh_shape() == (32, 4)
-    assert MinHashDedupStep(columns=["r"], threshold=0.5).lsh_shape() == (42, 3)
-    assert MinHashDedupStep(columns=["r"], threshold=0.9).lsh_shape() == (12, 10)
+def test_lsh_shape_finds_pairs_at_the_floor_whatever_the_threshold() -> None:
+    assert MinHashDedupStep(columns=["r"]).lsh_shape() == (42, 3)
+    assert MinHashDedupStep(columns=["r"], threshold=0.9).lsh_shape() == (42, 3)
+    assert MinHashDedupStep(columns=["r"], floor=0.7).lsh_shape() == (32, 4)
+    assert MinHashDedupStep(columns=["r"], floor=0.9, threshold=0.9).lsh_shape() == (12, 10)
     assert MinHashDedupStep(columns=["r"], bands=16, rows=8).lsh_shape() == (16, 8)
 
 

@@ -66,7 +66,9 @@ def test_python_api_snippet_runs(tmp_path: Path) -> None:
     assert res.stdout.startswith("3 runs/py/data/train-00000-of-00001.parquet")
 
 
-@pytest.mark.parametrize("cmd", ["validate", "build", "inspect", "push"])
+@pytest.mark.parametrize(
+    "cmd", ["validate", "build", "inspect", "push", "rethreshold", "validate-sft"]
+)
 def test_cli_help(cmd: str) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "kdata.cli", cmd, "--help"], capture_output=True, text=True
@@ -84,6 +86,7 @@ def test_curation_snippet_validates() -> None:
         "semantic_dedup",
         "filter",
         "decontaminate",
+        "diversity",
     ]
     run_plan = kdata.plan(r)
     assert run_plan[0]["rows"] == 175

@@ -155,14 +155,14 @@ def test_a_dropped_row_is_within_threshold_of_its_kept_row_not_of_a_dropped_one(
 def test_approximate_index_finds_the_pairs_of_the_exact_one() -> None:
     outputs = [json.loads(line)["instances"][0]["output"] for line in SEED_TASKS.open()]
     texts = [*INSTRUCTIONS, *(t for ts in PARAPHRASES.values() for t in ts), *outputs[:100]]
-    exact = SemanticDedupStep(columns=["t"], threshold=0.5)
-    approx = SemanticDedupStep(columns=["t"], threshold=0.5, approximate_above=0)
+    exact = SemanticDedupStep(columns=["t"], threshold=0.5, floor=0.5)
+    approx = SemanticDedupStep(columns=["t"], threshold=0.5, floor=0.5, approximate_above=0)
     emb = exact.embed(texts)
     assert type(exact.build_index(emb)).__name__ == "IndexFlatIP"
     assert type(approx.build_index(emb)).__name__ == "IndexHNSWFlat"
 
     def pairs(step: SemanticDedupStep) -> set[tuple[int, int]]:
-        return {(min(i, j), max(i, j)) for i, j in step.neighbours(emb).T.tolist()}
+        return set(map(tuple, step.neighbours(emb).pairs.T.tolist()))
 
     truth, found = pairs(exact), pairs(approx)
     assert len(truth) > 100

@@ -85,7 +85,7 @@ def write_folder(
             f"{dest} exists and is not a folder kdata wrote; choose another publish dir "
             "or remove it"
         )
-    base_dir = Path(manifest.get("recipe_dir") or Path(manifest.get("recipe_path") or ".").parent)
+    base_dir = Path(manifest.get("base_dir") or Path(manifest.get("recipe_path") or ".").parent)
     template = cfg.template_text(base_dir)
     tmp = dest.with_name(dest.name + ".kdata-tmp")
     shutil.rmtree(tmp, ignore_errors=True)

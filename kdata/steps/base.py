@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
@@ -173,8 +173,14 @@ def failure(row: dict | None, error_class: str, error: str, *, attempts: int = 0
 
 
 class StepBase(StrictModel):
-    """Fields and hooks every step has."""
+    """Fields and hooks every step has.
 
+    ``curates`` marks the steps that remove rows without asking a teacher (filters, dedup,
+    decontamination): the rows entering the first of them are the "generated" rows that the
+    diversity report compares the final rows with.
+    """
+
+    curates: ClassVar[bool] = False
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")  # a folder name
 
     def teacher_names(self) -> set[str]:

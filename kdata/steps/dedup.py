@@ -7,6 +7,13 @@ error class ``missing_column``; one whose column holds something other than a st
 Every dropped row is recorded with reason ``duplicate`` and the detail
 ``{"duplicate_of": <id of the kept row>, "similarity": <0..1>}``; ``duplicate_of`` always names a
 row that the step kept.
+
+The near-duplicate steps (``minhash_dedup`` here, ``semantic_dedup``) find every pair of rows at
+least ``floor`` similar, whatever their ``threshold``, and keep them with what clustering needs
+(`Neighbours`). In a run directory these are stored in ``neighbours/<hash>.npz``, keyed by the
+texts and the settings that find pairs (not ``threshold`` or ``keep``); a step that meets its
+stored neighbours again re-cuts them without hashing or embedding anything. That is how
+``kdata rethreshold`` works, and why a threshold below ``floor`` cannot be re-cut.
 """
 
 from __future__ import annotations
@@ -14,10 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from itertools import chain
-from typing import Literal
+from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -32,7 +42,8 @@ _FOLD = np.uint64(0x9E3779B97F4A7C15)
 _MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
 _CHUNK = 1 << 20  # signature values computed per numpy pass: bounds memory, fits in cache
 _WINDOW = 16  # in an LSH bucket, each row is compared with at most this many rows before it
-_LSH_RECALL = 0.99  # chance that a pair exactly at the threshold shares at least one band
+_LSH_RECALL = 0.99  # chance that a pair exactly at the floor shares at least one band
+COSINE_DECIMALS = 6  # cosine similarities are rounded, so identical texts are exactly 1.0
 
 
 def _texts(rows: list[dict], columns: list[str]) -> tuple[list[int], list[list[str]], list[dict]]:
@@ -111,6 +122,120 @@ def outcome(
     return out
 
 
+@dataclass
+class Neighbours:
+    """Every pair of texts found at least ``floor`` similar, and what clustering needs of them.
+
+    ``pairs`` (2, m) holds indices of texts, first < second, each pair once, and ``similarity``
+    (m,) their similarity; ``members`` are the sorted indices of the texts in a pair, ``vectors``
+    their MinHash signatures (``metric`` ``jaccard``) or normalised embeddings (``cosine``). Only
+    texts in a pair can share a cluster, so the clusters at any threshold at or above the floor
+    follow from these alone.
+    """
+
+    n: int
+    metric: Literal["jaccard", "cosine"]
+    pairs: np.ndarray
+    similarity: np.ndarray
+    members: np.ndarray
+    vectors: np.ndarray
+
+    @classmethod
+    def of(
+        cls,
+        n: int,
+        metric: Literal["jaccard", "cosine"],
+        pairs: np.ndarray,
+        similarity: np.ndarray,
+        vectors_of: Callable[[np.ndarray], np.ndarray],
+    ) -> Neighbours:
+        """Neighbours of ``n`` texts; ``vectors_of(indices)`` gives those texts' vectors."""
+        members = np.unique(pairs)
+        return cls(n, metric, pairs, similarity, members, vectors_of(members))
+
+    def similar(self, best: int, rest: np.ndarray) -> np.ndarray:
+        """The similarity of text ``best`` to each of the texts ``rest`` (all members)."""
+        b = self.vectors[np.searchsorted(self.members, best)]
+        v = self.vectors[np.searchsorted(self.members, rest)]
+        if self.metric == "jaccard":
+            return (v == b).mean(axis=1)
+        return np.minimum(np.round(v @ b, COSINE_DECIMALS), 1.0)
+
+    def clusters(self, order: np.ndarray | None, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """Cluster at ``threshold`` (at least the floor the pairs were found at).
+
+        Args:
+            order: indices of texts, most preferred first (None: input order); the first of a
+                cluster in this order is the one kept.
+            threshold: the lowest similarity of a duplicate to its kept text.
+
+        Returns:
+            ``canonical``: for each text, the index of the text it duplicates, or its own index
+            when it is kept; ``similarity``: each text's similarity to its canonical text (1.0
+            for kept texts).
+        """
+        rank = np.empty(self.n, dtype=np.int64)
+        rank[np.arange(self.n) if order is None else np.asarray(order)] = np.arange(self.n)
+        pairs = self.pairs[:, self.similarity >= threshold]
+        return clusters(self.n, pairs, rank, threshold, self.similar)
+
+    def save(self, path: Path) -> None:
+        """Write to ``path`` (.npz), atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            np.savez(
+                f,
+                n=self.n,
+                metric=self.metric,
+                pairs=self.pairs,
+                similarity=self.similarity,
+                members=self.members,
+                vectors=self.vectors,
+            )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, n: int) -> Neighbours | None:
+        """The neighbours stored at ``path`` if they are of ``n`` texts, else None."""
+        try:
+            with np.load(path) as z:
+                found = cls(
+                    int(z["n"]),
+                    str(z["metric"]),
+                    z["pairs"],
+                    z["similarity"],
+                    z["members"],
+                    z["vectors"],
+                )
+        except (OSError, ValueError, KeyError):  # not there, or unreadable: find them again
+            return None
+        return found if found.n == n else None
+
+
+def neighbours_path(run_dir: Path | None, settings: dict, texts: Sequence[str]) -> Path | None:
+    """Where the neighbours of ``texts`` found with ``settings`` are stored (None: no run dir)."""
+    if run_dir is None:
+        return None
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update(json.dumps(list(texts), ensure_ascii=False).encode())
+    return Path(run_dir) / "neighbours" / f"{h.hexdigest()[:32]}.npz"
+
+
+def stored(
+    path: Path | None, n: int, find: Callable[[], Neighbours], advance: Callable[[int], None]
+) -> Neighbours:
+    """The neighbours of ``n`` texts stored at ``path``; else ``find()``, stored there."""
+    graph = Neighbours.load(path, n) if path else None
+    if graph is not None:
+        advance(n)
+        return graph
+    graph = find()
+    if path is not None:
+        graph.save(path)
+    return graph
+
+
 class ExactDedupStep(StepBase):
     """Drop rows whose normalised text repeats an earlier row's; the first of each group is kept.
 
@@ -121,6 +246,7 @@ class ExactDedupStep(StepBase):
     whitespace (punctuation and symbols such as ``$``).
     """
 
+    curates: ClassVar[bool] = True
     type: Literal["exact_dedup"] = "exact_dedup"
     columns: list[str] = Field(min_length=1)
     lowercase: bool = True
@@ -167,16 +293,18 @@ class MinHashDedupStep(StepBase):
 
     Rows whose signatures agree on one of ``bands`` bands of ``rows`` values are candidates;
     a candidate pair is kept when its estimated Jaccard (the fraction of equal signature values)
-    is at least ``threshold``. The connected groups of such pairs are then split into clusters:
+    is at least ``floor`` (these pairs are stored, see the module doc), and linked when it is at
+    least ``threshold``. The connected groups of linked pairs are then split into clusters:
     the best row of a group by ``keep`` is kept, every row of the group at least ``threshold``
     similar to it is dropped as its duplicate, and the rest of the group is treated the same way.
     So each dropped row is within ``threshold`` of the row it names (``duplicate_of``, which is
-    also the cluster's id), and ``similarity`` in its detail lets a higher threshold be re-cut
-    from the dropped table without hashing again.
+    also the cluster's id).
 
     Without ``bands`` and ``rows``, the step uses the most rows per band that still gives a pair
-    exactly at the threshold a 99% chance of becoming a candidate. Within a band's bucket, each
-    row is compared with the 16 rows before it, so that huge buckets cost linear time.
+    exactly at ``floor`` a 99% chance of becoming a candidate, so the candidates do not depend on
+    the threshold and a re-cut threshold gives what a fresh run at it gives. Within a band's
+    bucket, each row is compared with the 16 rows before it, so that huge buckets cost linear
+    time.
 
     ``keep``: ``first`` keeps the earliest row, ``longest`` the longest text, ``score`` the
     highest value of ``score_column`` (a number in every row, or the row fails); ties go to
@@ -184,12 +312,14 @@ class MinHashDedupStep(StepBase):
     shingles) cannot be compared and are kept; put ``exact_dedup`` first to collapse repeats.
     """
 
+    curates: ClassVar[bool] = True
     type: Literal["minhash_dedup"] = "minhash_dedup"
     columns: list[str] = Field(min_length=1)
     shingle: Literal["word", "char"] = "word"
     ngram: int = Field(default=3, ge=1)
     num_perm: int = Field(default=128, ge=1)
     threshold: float = Field(default=0.7, gt=0, le=1)
+    floor: float = Field(default=0.5, gt=0, le=1)
     bands: int | None = Field(default=None, ge=1)
     rows: int | None = Field(default=None, ge=1)
     keep: Literal["first", "longest", "score"] = "first"
@@ -198,6 +328,7 @@ class MinHashDedupStep(StepBase):
 
     @model_validator(mode="after")
     def _check(self) -> MinHashDedupStep:
+        check_floor(self.threshold, self.floor)
         if (self.bands is None) != (self.rows is None):
             raise ValueError("give both bands and rows, or neither (then they are chosen)")
         if self.bands is not None and self.bands * self.rows > self.num_perm:
@@ -215,7 +346,7 @@ class MinHashDedupStep(StepBase):
             return self.bands, self.rows
         for r in range(self.num_perm, 0, -1):
             b = self.num_perm // r
-            if 1 - (1 - self.threshold**r) ** b >= _LSH_RECALL:
+            if 1 - (1 - self.floor**r) ** b >= _LSH_RECALL:
                 return b, r
         return self.num_perm, 1
 
@@ -223,8 +354,23 @@ class MinHashDedupStep(StepBase):
         ctx.set_total(len(rows))
         idx, texts, order, failed = ranked_texts(rows, self.columns, self.keep, self.score_column)
         ctx.advance(len(failed))
-        canonical, similarity = self.find(texts, order, ctx.advance)
+        path = self.store_path(texts, ctx)
+        graph = stored(path, len(texts), lambda: self.neighbours(texts, ctx.advance), ctx.advance)
+        canonical, similarity = graph.clusters(order, self.threshold)
         return outcome(rows, idx, canonical, similarity, failed)
+
+    def store_path(self, texts: Sequence[str], ctx: StepContext) -> Path | None:
+        """Where the neighbours of ``texts`` are stored in the run directory (None: none)."""
+        settings = {
+            "type": self.type,
+            "shingle": self.shingle,
+            "ngram": self.ngram,
+            "num_perm": self.num_perm,
+            "seed": self.seed,
+            "lsh": self.lsh_shape(),
+            "floor": self.floor,
+        }
+        return neighbours_path(ctx.run_dir, settings, texts)
 
     def find(
         self,
@@ -232,7 +378,7 @@ class MinHashDedupStep(StepBase):
         order: np.ndarray | None = None,
         advance: Callable[[int], None] = lambda n: None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Cluster near-duplicate texts.
+        """Cluster near-duplicate texts: `neighbours`, then `Neighbours.clusters` at threshold.
 
         Args:
             texts: the texts to compare.
@@ -245,23 +391,35 @@ class MinHashDedupStep(StepBase):
             when it is kept; ``similarity``: each text's estimated Jaccard to its canonical text
             (1.0 for kept texts).
         """
+        return self.neighbours(texts, advance).clusters(order, self.threshold)
+
+    def neighbours(
+        self, texts: Sequence[str], advance: Callable[[int], None] = lambda n: None
+    ) -> Neighbours:
+        """The pairs of ``texts`` whose estimated Jaccard is at least ``floor``, with signatures.
+
+        Texts without a single shingle are in no pair.
+        """
         n = len(texts)
-        rank = np.empty(n, dtype=np.int64)
-        rank[np.arange(n) if order is None else np.asarray(order)] = np.arange(n)
         hashes, counts = _shingle_hashes(texts, self.shingle, self.ngram)
         advance(n - np.count_nonzero(counts))
         has = np.flatnonzero(counts)  # texts with shingles; the others are kept as they are
         sig = _signatures(hashes, counts[has], self.num_perm, self.seed, advance)
         pairs = _candidates(sig, *self.lsh_shape())
         sim = _similarity(sig, pairs)
-        pairs = pairs[:, sim >= self.threshold]
-        canonical, similarity = clusters(
-            len(sig), pairs, rank[has], self.threshold, lambda b, r: (sig[r] == sig[b]).mean(axis=1)
+        hit = sim >= self.floor
+        return Neighbours.of(
+            n, "jaccard", has[pairs[:, hit]], sim[hit], lambda m: sig[np.searchsorted(has, m)]
         )
-        full_canonical, full_similarity = np.arange(n), np.ones(n)
-        full_canonical[has] = has[canonical]
-        full_similarity[has] = similarity
-        return full_canonical, full_similarity
+
+
+def check_floor(threshold: float, floor: float) -> None:
+    """A near-duplicate step's threshold cannot be below the floor its pairs are found at."""
+    if threshold < floor:
+        raise ValueError(
+            f"threshold ({threshold}) is below floor ({floor}), the lowest similarity whose "
+            f"pairs are found and stored; lower floor to at most {threshold}"
+        )
 
 
 def _shingle_hashes(texts: Sequence[str], kind: str, n: int) -> tuple[np.ndarray, np.ndarray]:

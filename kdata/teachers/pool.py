@@ -147,13 +147,19 @@ class TeacherPool:
         teachers: the recipe's teachers by name.
         cache: where responses are stored as they arrive.
         budget_usd: stop before total spending (earlier runs of this cache included) could pass it.
+        cache_only: send nothing; a request the cache lacks fails with error class ``not_cached``.
     """
 
     def __init__(
-        self, teachers: dict[str, Teacher], cache: RequestCache, budget_usd: float | None = None
+        self,
+        teachers: dict[str, Teacher],
+        cache: RequestCache,
+        budget_usd: float | None = None,
+        cache_only: bool = False,
     ) -> None:
         self.cache = cache
         self.budget_usd = budget_usd
+        self.cache_only = cache_only
         self.spent_before = cache.total_cost()
         self._teachers = {name: _TeacherState(name, cfg) for name, cfg in teachers.items()}
         self._reserved = 0.0  # USD reserved by requests holding a reservation
@@ -233,6 +239,14 @@ class TeacherPool:
         if stored is not None:
             st.ledger.cache_hits += 1
             return self._completion(st, key, stored, cached=True, attempts=0)
+        if self.cache_only:
+            raise TeacherError(
+                "not_cached",
+                "no stored response, and this build sends no request; a kdata build of a recipe "
+                "that reaches this row fetches it",
+                retryable=False,
+                attempts=0,
+            )
         fut = asyncio.get_running_loop().create_future()
         self._pending[key] = fut
         try:

