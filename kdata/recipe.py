@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from kdata.errors import RecipeError
 from kdata.steps.base import StrictModel
 from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
-from kdata.steps.elicit import LabelStep
+from kdata.steps.elicit import ConsensusStep, LabelStep
 from kdata.steps.filters import DecontaminateStep, FilterStep
 from kdata.steps.semantic import SemanticDedupStep
 from kdata.steps.sources import SeedsStep
@@ -28,6 +28,7 @@ from kdata.steps.sources import SeedsStep
 STEP_CLASSES = (
     SeedsStep,
     LabelStep,
+    ConsensusStep,
     FilterStep,
     DecontaminateStep,
     ExactDedupStep,
