@@ -21,6 +21,7 @@ from kdata.steps.base import StrictModel
 from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
 from kdata.steps.elicit import ConsensusStep, LabelStep
 from kdata.steps.filters import DecontaminateStep, FilterStep
+from kdata.steps.self_knowledge import SelfConsistencyStep, SelfRefineStep
 from kdata.steps.semantic import SemanticDedupStep
 from kdata.steps.sources import SeedsStep
 
@@ -29,6 +30,8 @@ STEP_CLASSES = (
     SeedsStep,
     LabelStep,
     ConsensusStep,
+    SelfConsistencyStep,
+    SelfRefineStep,
     FilterStep,
     DecontaminateStep,
     ExactDedupStep,
