@@ -20,6 +20,7 @@ from kdata.errors import RecipeError
 from kdata.steps.base import StrictModel
 from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
 from kdata.steps.elicit import ConsensusStep, LabelStep
+from kdata.steps.features import FeaturesStep
 from kdata.steps.filters import DecontaminateStep, FilterStep
 from kdata.steps.self_knowledge import SelfConsistencyStep, SelfRefineStep
 from kdata.steps.semantic import SemanticDedupStep
@@ -32,6 +33,7 @@ STEP_CLASSES = (
     ConsensusStep,
     SelfConsistencyStep,
     SelfRefineStep,
+    FeaturesStep,
     FilterStep,
     DecontaminateStep,
     ExactDedupStep,
