@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -133,7 +134,7 @@ def test_bad_verify_is_a_recipe_error_naming_the_line(tmp_path, verify, message)
 
 
 def test_cot_labels_gsm8k_with_the_embedded_teacher(tmp_path):
-    seeds = [json.loads(line) for line in GSM8K.read_text().splitlines()[:2]]
+    seeds = [json.loads(line) for line in GSM8K.read_text().splitlines()[:1]]
     text = f"""\
 name: cot
 teachers:
@@ -141,7 +142,7 @@ teachers:
     model: local/smollm2-135m-instruct
     params: {{temperature: 0.7, max_tokens: 96, seed: 1}}
 steps:
-  - {{type: seeds, path: {GSM8K}, limit: 2}}
+  - {{type: seeds, path: {GSM8K}, limit: 1}}
   - name: s
     type: label
     teacher: smol
@@ -154,7 +155,7 @@ steps:
     from scripted import tables
 
     t = tables(run.dir / "steps" / "s")
-    assert t.stats["expected"] == 4 and t.stats["requests"] == 4
+    assert t.stats["expected"] == 2 and t.stats["requests"] == 2
     assert set(t.stats["drop_reasons"]) <= {"wrong_answer"}
     assert set(t.stats["failure_classes"]) <= {"parse"}
     refs = {s["question"]: extract_answer(s["answer"]) for s in seeds}
@@ -232,23 +233,51 @@ teachers:
   cold: {{model: local/smollm2-135m-instruct, params: {{temperature: 0, max_tokens: 48}}}}
   warm: {{model: local/smollm2-135m-instruct, params: {{temperature: 1, max_tokens: 48, seed: 2}}}}
 steps:
-  - {{type: seeds, path: {GSM8K}, limit: 2}}
+  - {{type: seeds, path: {GSM8K}, limit: 1}}
   - {{name: s, type: consensus, teachers: [cold, warm], prompt: "{{{{ question }}}}"}}
 """
     recipe = kdata.recipe_from_yaml(text)
     assert kdata.plan(recipe)[1] == {
         "step": "s",
         "type": "consensus",
-        "rows": 2,
-        "calls": 4,
+        "rows": 1,
+        "calls": 2,
         "teachers": ["cold", "warm"],
     }
     run = kdata.build(recipe, run_dir=tmp_path / "run")
     from scripted import tables
 
     t = tables(run.dir / "steps" / "s")
-    assert t.stats["expected"] == 2 and t.stats["requests"] == 4
+    assert t.stats["expected"] == 1 and t.stats["requests"] == 2
     assert set(t.stats["drop_reasons"]) <= {"no_consensus"}
     assert set(t.stats["failure_classes"]) <= {"no_answer"}
     for r in t.rows:
         assert r["response_agreement"] == 1.0 and r["response_teachers"] == ["cold", "warm"]
+
+
+# ----------------------------------------------------------------------------- gsm8k_cot recipe
+
+
+def test_gsm8k_recipe_plans_its_limit_and_every_problem_has_a_reference(monkeypatch):
+    monkeypatch.delenv("KDATA_GSM8K_LIMIT", raising=False)
+    recipe = kdata.load_recipe(ROOT / "recipes" / "gsm8k_cot.yaml")
+    assert [(p["rows"], p["calls"]) for p in kdata.plan(recipe)] == [(10, 0), (40, 40)]
+    monkeypatch.setenv("KDATA_GSM8K_LIMIT", "100")
+    recipe = kdata.load_recipe(ROOT / "recipes" / "gsm8k_cot.yaml")
+    assert [(p["rows"], p["calls"]) for p in kdata.plan(recipe)] == [(100, 0), (400, 400)]
+    label = recipe.steps[1]
+    problems = [json.loads(line) for line in GSM8K.read_text().splitlines()]
+    assert len(problems) == 200
+    for p in problems:  # the reference is the last number of the worked solution
+        assert label.verify.reference_of(p) == re.findall(r"\$?[\d,.]*\d", p["answer"])[-1]
+
+
+@pytest.mark.slow
+def test_gsm8k_recipe_builds(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDATA_GSM8K_LIMIT", "3")
+    run = kdata.build(kdata.load_recipe(ROOT / "recipes" / "gsm8k_cot.yaml"), run_dir=tmp_path)
+    cot = run.steps[1]
+    assert (cot.rows_in, cot.expected, cot.requests) == (3, 12, 12)
+    assert set(cot.drop_reasons) <= {"wrong_answer"} and set(cot.failure_classes) <= {"parse"}
+    for r in run.rows():
+        assert answers_match(r["response_answer"], r["response_reference"])
