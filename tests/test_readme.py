@@ -87,3 +87,23 @@ def test_curation_snippet_validates() -> None:
     ]
     run_plan = kdata.plan(r)
     assert run_plan[0]["rows"] == 175
+
+
+ELICITATION = ("label", "consensus", "self_consistency", "self_refine", "features")
+
+
+@pytest.mark.parametrize("step_type", ELICITATION)
+def test_elicitation_snippets_validate(tmp_path: Path, step_type: str) -> None:
+    snippet = next(b for b in blocks("yaml") if b.startswith(f"# {step_type}\n"))
+    teachers = "".join(
+        f"  {t}: {{model: local/smollm2-135m-instruct}}\n"
+        for t in ("smol", "gpt", "claude", "qwen")
+    )
+    for name in re.findall(r"path: (\S+\.jinja)", snippet):  # the templates a user would write
+        (tmp_path / name).write_text("{{ question }}")
+    r = kdata.recipe_from_yaml(f"name: t\nteachers:\n{teachers}" + snippet, base_dir=tmp_path)
+    (step,) = r.steps
+    assert step.type == step_type
+    for field in ("cot_prompt", "answer_prompt", "critique_prompt", "refine_prompt"):
+        if f"{field}: {{path:" in snippet:
+            assert getattr(step, field) == "{{ question }}"  # read from the file
