@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from openai_standin import Config, StandIn, last_user_message
 
 import kdata
-
-sys.path.insert(0, str(Path(__file__).parent))
-from openai_standin import Config, StandIn, last_user_message  # noqa: E402
 
 __all__ = ["Config", "StandIn", "Tables", "build", "last_user_message", "qid", "teacher"]
 

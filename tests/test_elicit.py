@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from scripted import Config, StandIn, build, last_user_message, qid, teacher
+from scripted import Config, StandIn, build, last_user_message, qid, tables, teacher
 
 import kdata
 from kdata.answers import answers_match, extract_answer
@@ -152,8 +152,6 @@ steps:
     verify: {{reference: answer, extract_reference: true}}
 """
     run = kdata.build(kdata.recipe_from_yaml(text), run_dir=tmp_path / "run")
-    from scripted import tables
-
     t = tables(run.dir / "steps" / "s")
     assert t.stats["expected"] == 2 and t.stats["requests"] == 2
     assert set(t.stats["drop_reasons"]) <= {"wrong_answer"}
@@ -245,8 +243,6 @@ steps:
         "teachers": ["cold", "warm"],
     }
     run = kdata.build(recipe, run_dir=tmp_path / "run")
-    from scripted import tables
-
     t = tables(run.dir / "steps" / "s")
     assert t.stats["expected"] == 1 and t.stats["requests"] == 2
     assert set(t.stats["drop_reasons"]) <= {"no_consensus"}

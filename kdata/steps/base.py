@@ -121,7 +121,7 @@ def rid(row: dict) -> str:
     return row[PROVENANCE]["id"]
 
 
-class Outcome(Exception):  # noqa: N818 (an outcome, not an error)
+class Outcome(Exception):
     """Ends a unit of work early with its record: a `failure` or a `dropped` record."""
 
     def __init__(self, record: dict) -> None:
