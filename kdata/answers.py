@@ -15,8 +15,8 @@ import string
 _MARKERS = (
     re.compile(r"####\s*(.+)"),  # GSM8K references and answers in that style
     re.compile(r"\\boxed\{([^{}]*)\}"),
-    re.compile(r"final answer\s*(?:is)?\s*[:=]?\s*(.+)", re.IGNORECASE),
-    re.compile(r"the answer is\s*[:=]?\s*(.+)", re.IGNORECASE),
+    re.compile(r"final answer\s*(?:is)?\s*[:=]?\s*([^\s:=].*)", re.IGNORECASE),
+    re.compile(r"the answer is\s*[:=]?\s*([^\s:=].*)", re.IGNORECASE),
 )
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\$?\.\d+")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -33,15 +33,30 @@ def extract_answer(text: str | None) -> str | None:
     """
     if not text:
         return None
-    for marker in _MARKERS:
-        found = marker.findall(text)
-        if found:
-            answer = found[-1].strip().splitlines()[0].strip() if found[-1].strip() else ""
-            answer = answer.rstrip(".").strip()
-            if answer:
-                return answer
+    marked = split_final_answer(text)
+    if marked is not None:
+        return marked[1]
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
+
+
+def split_final_answer(text: str | None) -> tuple[str, str] | None:
+    """``(reasoning, answer)`` at the explicit marker `extract_answer` would take, else ``None``.
+
+    The reasoning is the text before that marker, stripped; the answer is the marker's answer.
+    No fallback to the last number: this is for responses asked to state their final answer.
+    """
+    if not text:
+        return None
+    for marker in _MARKERS:
+        found = list(marker.finditer(text))
+        if found:
+            last = found[-1]
+            answer = last.group(1).strip()
+            answer = answer.splitlines()[0].rstrip(".").strip() if answer else ""
+            if answer:
+                return text[: last.start()].strip(), answer
+    return None
 
 
 def parse_number(text: str | None) -> float | None:
@@ -75,6 +90,25 @@ def answers_match(pred: str | None, ref: str | None, *, tolerance: float = 1e-6)
     if a is not None and b is not None:
         return math.isclose(a, b, rel_tol=tolerance, abs_tol=tolerance)
     return normalize(pred) == normalize(ref)
+
+
+def group_answers(answers: list[str | None], *, tolerance: float = 1e-6) -> list[list[int]]:
+    """The vote of self-consistency and consensus: indices of matching answers, grouped.
+
+    Each answer joins the first group whose first answer it matches (`answers_match`); ``None``
+    answers are left out. Largest group first; groups of equal size in order of first appearance.
+    """
+    groups: list[list[int]] = []
+    for i, answer in enumerate(answers):
+        if answer is None:
+            continue
+        for group in groups:
+            if answers_match(answer, answers[group[0]], tolerance=tolerance):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return sorted(groups, key=len, reverse=True)  # a stable sort, reverse included
 
 
 def rouge_l(pred: str, ref: str) -> float:

@@ -21,8 +21,10 @@ from kdata.publish.config import PublishConfig
 from kdata.steps.base import StrictModel
 from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
 from kdata.steps.diversity import DiversityStep
-from kdata.steps.elicit import LabelStep
+from kdata.steps.elicit import ConsensusStep, LabelStep
+from kdata.steps.features import FeaturesStep
 from kdata.steps.filters import DecontaminateStep, FilterStep
+from kdata.steps.self_knowledge import SelfConsistencyStep, SelfRefineStep
 from kdata.steps.semantic import SemanticDedupStep
 from kdata.steps.sources import SeedsStep
 from kdata.validation import ValidationConfig
@@ -31,6 +33,10 @@ from kdata.validation import ValidationConfig
 STEP_CLASSES = (
     SeedsStep,
     LabelStep,
+    ConsensusStep,
+    SelfConsistencyStep,
+    SelfRefineStep,
+    FeaturesStep,
     FilterStep,
     DecontaminateStep,
     ExactDedupStep,

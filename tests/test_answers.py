@@ -2,7 +2,15 @@
 
 import pytest
 
-from kdata.answers import answers_match, extract_answer, normalize, parse_number, rouge_l
+from kdata.answers import (
+    answers_match,
+    extract_answer,
+    group_answers,
+    normalize,
+    parse_number,
+    rouge_l,
+    split_final_answer,
+)
 
 
 @pytest.mark.parametrize(
@@ -43,3 +51,24 @@ def test_rouge_l_known_values():
     assert rouge_l("Hello, World", "hello world") == 1.0
     assert rouge_l("abc", "xyz") == 0.0
     assert rouge_l("", "xyz") == 0.0
+
+
+def test_split_final_answer_needs_an_explicit_marker():
+    text = "48 / 2 = 24 in May.\n48 + 24 = 72.\nFinal answer: 72 clips."
+    assert split_final_answer(text) == ("48 / 2 = 24 in May.\n48 + 24 = 72.", "72 clips")
+    assert split_final_answer("She pays 5 + 7 = 12 dollars") is None  # no marker, no fallback
+    assert split_final_answer("Final answer:") is None  # a marker with nothing after it
+    # The marker extract_answer takes: #### outranks "final answer", the last one of a kind wins.
+    assert split_final_answer("Final answer: 3\nwork\n#### 4\nmore") == (
+        "Final answer: 3\nwork",
+        "4",
+    )
+    assert extract_answer("Final answer: 3\nwork\n#### 4\nmore") == "4"
+
+
+def test_group_answers_votes_with_matching():
+    answers = ["7", "$1,000", None, "7.0", "1000", "8", "1000.00"]
+    assert group_answers(answers) == [[1, 4, 6], [0, 3], [5]]
+    assert group_answers(["b", "a", "a", "b"]) == [[0, 3], [1, 2]]  # a tie: first seen first
+    assert group_answers([None, None]) == []
+    assert group_answers(["10", "10.4"], tolerance=0.05) == [[0, 1]]

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 import kdata
 from kdata.runner import DATASET_FILE
-from kdata.teachers.local import embedded_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,51 +132,6 @@ def test_dry_run_counts_calls_and_writes_nothing(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "20 teacher calls at most" in res.stdout
     assert not (tmp_path / "out").exists()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def llama_server():
-    """A real OpenAI-compatible server: llama_cpp.server serving the embedded GGUF on loopback."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(embedded_gguf()),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            "2048",
-            "--model_alias",
-            "smollm2",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(base + "/models", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("llama_cpp.server did not start")
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_openai_compatible_server_through_litellm(tmp_path, seeds, llama_server, monkeypatch):

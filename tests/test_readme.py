@@ -109,3 +109,23 @@ def test_publish_snippet_validates() -> None:
     recipe = kdata.recipe_from_yaml(text, base_dir=ROOT / "recipes")
     recipe.check_runtime()  # the template it names is a shipped one
     assert recipe.publish.repo_id == "alice/seed-answers" and recipe.publish.license == "apache-2.0"
+
+
+ELICITATION = ("label", "consensus", "self_consistency", "self_refine", "features")
+
+
+@pytest.mark.parametrize("step_type", ELICITATION)
+def test_elicitation_snippets_validate(tmp_path: Path, step_type: str) -> None:
+    snippet = next(b for b in blocks("yaml") if b.startswith(f"# {step_type}\n"))
+    teachers = "".join(
+        f"  {t}: {{model: local/smollm2-135m-instruct}}\n"
+        for t in ("smol", "gpt", "claude", "qwen")
+    )
+    for name in re.findall(r"path: (\S+\.jinja)", snippet):  # the templates a user would write
+        (tmp_path / name).write_text("{{ question }}")
+    r = kdata.recipe_from_yaml(f"name: t\nteachers:\n{teachers}" + snippet, base_dir=tmp_path)
+    (step,) = r.steps
+    assert step.type == step_type
+    for field in ("cot_prompt", "answer_prompt", "critique_prompt", "refine_prompt"):
+        if f"{field}: {{path:" in snippet:
+            assert getattr(step, field) == "{{ question }}"  # read from the file

@@ -8,9 +8,10 @@ every unit of work it was given ends up kept, dropped (with a reason) or failed 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
@@ -23,7 +24,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationInfo,
     field_validator,
 )
@@ -121,6 +121,40 @@ def rid(row: dict) -> str:
     return row[PROVENANCE]["id"]
 
 
+class Outcome(Exception):
+    """Ends a unit of work early with its record: a `failure` or a `dropped` record."""
+
+    def __init__(self, record: dict) -> None:
+        super().__init__(record.get("error") or record.get("reason"))
+        self.record = record
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(template: str):
+    return _JINJA.from_string(template)
+
+
+def render(template: str, row: dict, **extra: Any) -> str:
+    """Render a Jinja template with the row's columns (provenance excluded) and ``extra``.
+
+    ``extra`` (a method's own variables, such as the answer under critique) wins over a column
+    of the same name. A template that fails on this row fails the row: `Outcome` with error
+    class ``template``.
+    """
+    ctx = {k: v for k, v in row.items() if k != PROVENANCE}
+    try:
+        return _compiled(template).render({**ctx, **extra})
+    except TemplateError as e:
+        raise Outcome(failure(row, "template", f"prompt template: {e}")) from None
+
+
+def chat(system: str | None, prompt: str, row: dict, **extra: Any) -> list[dict[str, str]]:
+    """Chat messages for a row: the rendered system prompt if any, then the rendered prompt."""
+    msgs = [{"role": "system", "content": render(system, row, **extra)}] if system else []
+    msgs.append({"role": "user", "content": render(prompt, row, **extra)})
+    return msgs
+
+
 @dataclass
 class StepContext:
     """What a running step may use: its name, the recipe's folder, the teachers, progress.
@@ -172,6 +206,85 @@ def failure(row: dict | None, error_class: str, error: str, *, attempts: int = 0
     }
 
 
+async def ask(
+    ctx: StepContext,
+    ref: TeacherRef,
+    messages: list[dict[str, str]],
+    row: dict,
+    *,
+    sample: int = 0,
+    params: dict[str, Any] | None = None,
+) -> Completion:
+    """One teacher request made for ``row``; a call that fails raises `Outcome` with its record.
+
+    Requests of one row that differ in nothing but their purpose need distinct ``sample``
+    indices: the cache keys requests by what is sent.
+    """
+    assert ctx.pool is not None
+    try:
+        return await ctx.pool.complete(
+            ref, messages, route_key=rid(row), sample=sample, params=params
+        )
+    except TeacherError as e:
+        raise Outcome(failure(row, e.error_class, str(e), attempts=e.attempts)) from None
+
+
+async def ask_all(
+    ctx: StepContext, row: dict, requests: list[tuple[TeacherRef, list[dict[str, str]], int]]
+) -> list[Completion]:
+    """Several requests for one row, ``(teacher, messages, sample)`` each, sent together.
+
+    Every request is awaited (so each answer is stored) before a failure is raised: a
+    `BudgetExceeded` first, else the first failed call's `Outcome`.
+    """
+    results = await asyncio.gather(
+        *(ask(ctx, ref, msgs, row, sample=s) for ref, msgs, s in requests),
+        return_exceptions=True,
+    )
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, Outcome):
+            raise r
+    for r in results:
+        if isinstance(r, Outcome):
+            raise r
+    return results
+
+
+async def settle(out: StepOutput, units: list[Awaitable[dict]], ctx: StepContext) -> StepOutput:
+    """Run a step's units of work and sort what each ends as: a row, dropped or failed.
+
+    A unit returns a row (it has provenance), a `failure` or a `dropped` record, or raises
+    `Outcome`. Progress advances per unit. Every unit finishes before a `BudgetExceeded` is
+    re-raised, so that no answer in flight is lost.
+    """
+
+    async def one(unit: Awaitable[dict]) -> dict:
+        try:
+            return await unit
+        except Outcome as o:
+            return o.record
+        finally:
+            ctx.advance(1)
+
+    ctx.set_total(len(units))
+    results = await asyncio.gather(*(one(u) for u in units), return_exceptions=True)
+    budget = None
+    for r in results:
+        if isinstance(r, BudgetExceeded):
+            budget = r
+        elif isinstance(r, BaseException):
+            raise r
+        elif PROVENANCE in r:
+            out.rows.append(r)
+        elif "error_class" in r:
+            out.failed.append(r)
+        else:
+            out.dropped.append(r)
+    if budget is not None:
+        raise budget
+    return out
+
+
 class StepBase(StrictModel):
     """Fields and hooks every step has.
 
@@ -206,16 +319,15 @@ class ParseError(ValueError):
 class TeacherStep(StepBase):
     """A step that asks a teacher about each row: ``messages(row)`` then ``parse(row, text)``.
 
-    Each of the ``n`` samples of a row is one unit of work: it becomes a row, or a failure with
-    its error class and the raw text, never a ``None``.
+    Each of the ``n`` samples of a row is one unit of work: it becomes a row, a dropped record
+    (when `reject` gives a reason) or a failure with its error class and the raw text, never a
+    ``None``.
     """
 
     teacher: TeacherRef
     system: Template | None = None
     prompt: Template
     n: int = Field(default=1, ge=1)
-
-    _templates: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     def teacher_names(self) -> set[str]:
         return teacher_names(self.teacher)
@@ -225,63 +337,42 @@ class TeacherStep(StepBase):
 
     def render(self, template: str, row: dict) -> str:
         """Render a Jinja template with the row's columns (provenance excluded)."""
-        if template not in self._templates:
-            self._templates[template] = _JINJA.from_string(template)
-        ctx = {k: v for k, v in row.items() if k != PROVENANCE}
-        return self._templates[template].render(ctx)
+        return render(template, row)
 
     def messages(self, row: dict) -> list[dict[str, str]]:
         """The chat messages for a row: optional system prompt, then the rendered prompt."""
-        msgs = [{"role": "system", "content": self.render(self.system, row)}] if self.system else []
-        msgs.append({"role": "user", "content": self.render(self.prompt, row)})
-        return msgs
+        return chat(self.system, self.prompt, row)
+
+    def request_params(self) -> dict[str, Any] | None:
+        """Generation parameters this step adds to the teacher's own (logprobs, say)."""
+        return None
 
     def parse(self, row: dict, completion: Completion) -> dict[str, Any]:  # pragma: no cover
         """The new columns made from a response; raise `ParseError` when it is unusable."""
         raise NotImplementedError
 
+    def reject(self, row: dict) -> tuple[str, dict[str, Any]] | None:
+        """Why a parsed row is dropped, with the detail behind it; ``None`` keeps it."""
+        return None
+
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
         assert ctx.pool is not None
         out = StepOutput(rows=[], expected=len(rows) * self.n)
-        ctx.set_total(out.expected)
-        results = await asyncio.gather(
-            *(self._one(row, i, ctx) for row in rows for i in range(self.n)),
-            return_exceptions=True,
+        return await settle(
+            out, [self._one(row, i, ctx) for row in rows for i in range(self.n)], ctx
         )
-        budget = None
-        for r in results:
-            if isinstance(r, BudgetExceeded):
-                budget = r
-            elif isinstance(r, BaseException):
-                raise r
-            elif PROVENANCE in r:
-                out.rows.append(r)
-            else:
-                out.failed.append(r)
-        if budget is not None:
-            raise budget
-        return out
 
     async def _one(self, row: dict, sample: int, ctx: StepContext) -> dict:
+        c = await ask(
+            ctx, self.teacher, self.messages(row), row, sample=sample, params=self.request_params()
+        )
         try:
-            try:
-                messages = self.messages(row)
-            except TemplateError as e:
-                return failure(row, "template", f"prompt template: {e}")
-            try:
-                c = await ctx.pool.complete(
-                    self.teacher, messages, route_key=rid(row), sample=sample
-                )
-            except TeacherError as e:
-                return failure(row, e.error_class, str(e), attempts=e.attempts)
-            try:
-                new = self.parse(row, c)
-            except ParseError as e:
-                return failure(row, "parse", str(e), attempts=c.attempts, raw=c.text)
-            child = {**row, **new}
-            child[PROVENANCE] = provenance(
-                row_id(rid(row), ctx.name, str(sample)), [rid(row)], ctx.name, c
-            )
-            return child
-        finally:
-            ctx.advance(1)
+            new = self.parse(row, c)
+        except ParseError as e:
+            return failure(row, "parse", str(e), attempts=c.attempts, raw=c.text)
+        child = {**row, **new}
+        child[PROVENANCE] = provenance(
+            row_id(rid(row), ctx.name, str(sample)), [rid(row)], ctx.name, c
+        )
+        rejected = self.reject(child)
+        return child if rejected is None else dropped(child, rejected[0], **rejected[1])

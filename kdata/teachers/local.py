@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import functools
+import hashlib
 import importlib.util
 import os
+import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,61 @@ def model_path(model: str) -> Path:
     if not p.exists():
         raise KdataError(f"local model file not found: {p}")
     return p
+
+
+@functools.cache  # a GGUF file is hashed and read once per process
+def vocabulary(model: str) -> dict[str, str]:
+    """What tells which vocabulary a local model's tokens belong to.
+
+    ``gguf``: the file name; ``sha256``: the file's hash; ``tokenizer``: the tokenizer the GGUF
+    header names (type, pre-tokenizer, number of tokens), read without loading the model.
+    """
+    path = model_path(model)
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    meta = gguf_metadata(path)
+    tokenizer = (
+        f"{meta.get('tokenizer.ggml.model', '?')} (pre: {meta.get('tokenizer.ggml.pre', '?')}), "
+        f"{meta.get('tokenizer.ggml.tokens', '?')} tokens"
+    )
+    return {"gguf": path.name, "sha256": digest.hexdigest(), "tokenizer": tokenizer}
+
+
+# GGUF value types: struct formats of the scalars, then string and array.
+_GGUF_SCALARS = dict(enumerate("BbHhIif?")) | {10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """The key-value header of a GGUF file (format v2/v3); an array is given as its length."""
+    with path.open("rb") as f:
+
+        def read(fmt: str) -> Any:
+            size = struct.calcsize("<" + fmt)
+            return struct.unpack("<" + fmt, f.read(size))[0]
+
+        def value(kind: int) -> Any:
+            if kind == _GGUF_STRING:
+                return f.read(read("Q")).decode("utf-8", "replace")
+            if kind == _GGUF_ARRAY:
+                item, count = read("I"), read("Q")
+                if item in _GGUF_SCALARS:
+                    f.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
+                else:
+                    for _ in range(count):
+                        value(item)
+                return count
+            return read(_GGUF_SCALARS[kind])
+
+        try:
+            if f.read(4) != b"GGUF" or read("I") < 2:
+                raise KdataError(f"{path} is not a GGUF file of version 2 or later")
+            read("Q")  # tensor count
+            return {value(_GGUF_STRING): value(read("I")) for _ in range(read("Q"))}
+        except (KeyError, struct.error) as e:
+            raise KdataError(f"cannot read the GGUF header of {path}: {e!r}") from None
 
 
 def _llama(path: Path, logits_all: bool):

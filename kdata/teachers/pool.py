@@ -80,6 +80,7 @@ class Completion:
     cached: bool
     attempts: int
     logprobs: Any = None
+    response_model: str | None = None  # the model name the response gave, when it gave one
 
 
 @dataclass
@@ -203,7 +204,13 @@ class TeacherPool:
         return [chosen] + [f for f in ref.fallbacks if f != chosen]
 
     async def complete(
-        self, ref: TeacherRef, messages: list[dict], *, route_key: str, sample: int = 0
+        self,
+        ref: TeacherRef,
+        messages: list[dict],
+        *,
+        route_key: str,
+        sample: int = 0,
+        params: dict[str, Any] | None = None,
     ) -> Completion:
         """Answer one request, from the cache when it holds it.
 
@@ -212,6 +219,8 @@ class TeacherPool:
             messages: chat messages.
             route_key: what routes the request within a mix (the row id), so reruns route alike.
             sample: index of the sample for the same messages (part of the cache key).
+            params: generation parameters of this request over the teacher's own (part of the
+                cache key), for a step that needs them (logprobs, say).
 
         Raises:
             TeacherError: every teacher tried failed; the last failure is raised.
@@ -220,15 +229,17 @@ class TeacherPool:
         last: TeacherError | None = None
         for name in self.route(ref, route_key, sample):
             try:
-                return await self._complete_one(name, messages, sample)
+                return await self._complete_one(name, messages, sample, params)
             except TeacherError as e:
                 last = e
         assert last is not None
         raise last
 
-    async def _complete_one(self, name: str, messages: list[dict], sample: int) -> Completion:
+    async def _complete_one(
+        self, name: str, messages: list[dict], sample: int, extra: dict[str, Any] | None
+    ) -> Completion:
         st = self._teachers[name]
-        params = st.cfg.params.sent()
+        params = {**st.cfg.params.sent(), **(extra or {})}
         if sample and "seed" in params:
             params["seed"] += sample  # distinct samples from a seeded backend
         key = request_key(st.cfg.model, messages, params, sample)
@@ -279,6 +290,7 @@ class TeacherPool:
             cached=cached,
             attempts=attempts,
             logprobs=data.get("logprobs"),
+            response_model=data.get("response_model"),
         )
 
     async def _reserve(self, st: _TeacherState, messages: list[dict], params: dict) -> float | None:
