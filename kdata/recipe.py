@@ -18,8 +18,10 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from kdata.errors import RecipeError
 from kdata.steps.base import StrictModel
+from kdata.steps.curate import CurateStep
 from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
 from kdata.steps.elicit import LabelStep
+from kdata.steps.expand import EvolInstructStep, SelfInstructStep
 from kdata.steps.filters import DecontaminateStep, FilterStep
 from kdata.steps.semantic import SemanticDedupStep
 from kdata.steps.sources import SeedsStep
@@ -33,6 +35,9 @@ STEP_CLASSES = (
     ExactDedupStep,
     MinHashDedupStep,
     SemanticDedupStep,
+    SelfInstructStep,
+    EvolInstructStep,
+    CurateStep,
 )
 Step = Annotated[typing.Union[STEP_CLASSES], Field(discriminator="type")]  # noqa: UP007
 STEP_TYPES: dict[str, type[BaseModel]] = {
