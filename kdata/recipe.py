@@ -22,6 +22,7 @@ from kdata.steps.curate import CurateStep
 from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
 from kdata.steps.elicit import LabelStep
 from kdata.steps.expand import EvolInstructStep, SelfInstructStep
+from kdata.steps.feedback import JudgeStep, PreferencesStep
 from kdata.steps.filters import DecontaminateStep, FilterStep
 from kdata.steps.semantic import SemanticDedupStep
 from kdata.steps.sources import SeedsStep
@@ -38,6 +39,8 @@ STEP_CLASSES = (
     SelfInstructStep,
     EvolInstructStep,
     CurateStep,
+    JudgeStep,
+    PreferencesStep,
 )
 Step = Annotated[typing.Union[STEP_CLASSES], Field(discriminator="type")]  # noqa: UP007
 STEP_TYPES: dict[str, type[BaseModel]] = {
