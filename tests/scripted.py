@@ -25,7 +25,10 @@ __all__ = ["Config", "StandIn", "build", "last_user_message", "step_tables", "te
 
 
 def teachers_yaml(port: int, *models: str) -> str:
-    """A ``teachers:`` block: one teacher per model name, all on the stand-in at ``port``."""
+    """A ``teachers:`` block: one teacher per model name, all on the stand-in at ``port``.
+
+    Each costs $1 per 1,000 tokens either way (the stand-in reports 12 completion tokens).
+    """
     lines = ["teachers:"]
     for m in models:
         lines += [
@@ -34,7 +37,8 @@ def teachers_yaml(port: int, *models: str) -> str:
             f"    api_base: http://127.0.0.1:{port}/v1",
             "    api_key: ${KDATA_TEST_KEY}",
             "    max_retries: 0",
-            "    params: {temperature: 0.0, max_tokens: 256, seed: 0}",
+            "    params: {temperature: 0.0, max_tokens: 64, seed: 0}",
+            "    cost_per_1k_tokens: {input: 1.0, output: 1.0}",
         ]
     return "\n".join(lines) + "\n"
 
@@ -47,6 +51,7 @@ def build(
     seeds: list[dict] | None = None,
     run_dir: Path | None = None,
     latency: float | tuple[float, float] = 0.0,
+    budget_usd: float | None = None,
 ) -> tuple[kdata.Run, StandIn, kdata.Recipe]:
     """Build a recipe whose teachers (``models``, default ``t``) are scripted by ``reply``.
 
@@ -61,6 +66,8 @@ def build(
     standin = StandIn(Config(reply=reply, latency=latency)).start()
     try:
         text = "name: scripted\n" + teachers_yaml(standin.port, *(models or ("t",)))
+        if budget_usd is not None:
+            text += f"budget_usd: {budget_usd}\n"
         recipe = kdata.recipe_from_yaml(text + "steps:\n" + steps, base_dir=folder)
         run = kdata.build(recipe, run_dir=run_dir or folder / "run")
     finally:

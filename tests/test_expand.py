@@ -179,6 +179,25 @@ def test_self_instruct_target_and_rerun_from_cache(tmp_path: Path) -> None:
     assert step_tables(again, "si")[1] == rows
 
 
+def test_self_instruct_resumes_after_the_budget_stops_it(tmp_path: Path) -> None:
+    bodies: list[str] = []
+
+    def reply(body: dict) -> str:
+        bodies.append(json.dumps(body, sort_keys=True))
+        return scripted_self_instruct(body)
+
+    steps = self_instruct_steps(target=5)
+    with pytest.raises(kdata.BudgetExceeded):
+        build(tmp_path, reply, steps, seeds=SEEDS[:8], budget_usd=1.5)
+    stopped = len(bodies)
+    run, _, _ = build(tmp_path, reply, steps, run_dir=tmp_path / "run")
+    assert 0 < stopped < len(bodies)
+    assert len(set(bodies)) == len(bodies)  # nothing asked, so nothing paid, twice
+    (tmp_path / "clean").mkdir()
+    clean, _, _ = build(tmp_path / "clean", scripted_self_instruct, steps, seeds=SEEDS[:8])
+    assert step_tables(run, "si")[1:] == step_tables(clean, "si")[1:]
+
+
 def test_candidate_rules_and_plan() -> None:
     step = SelfInstructStep(teacher="t", target=10, prompts_per_round=3, max_rounds=4)
     assert step.plan(175, Path(".")) == (10, 4 * 3 + 2 * 10)
@@ -286,28 +305,30 @@ name: expand-real
 teachers:
   smol:
     model: local/smollm2-135m-instruct
-    params: {{temperature: 0.7, max_tokens: 96, seed: 0}}
+    params: {{temperature: 0.7, max_tokens: 64, seed: 0}}
 steps:
   - {{type: seeds, path: {SEED_TASKS}, limit: 20}}
   - type: self_instruct
     name: si
     teacher: smol
-    target: 3
+    target: 2
     prompts_per_round: 1
-    new_per_prompt: 4
-    max_rounds: 2
+    new_per_prompt: 3
+    max_rounds: 1
+  - {{type: seeds, path: {SEED_TASKS}, limit: 1}}
   - {{type: evol_instruct, name: evol, teacher: smol, rounds: 1, min_answer_words: 3}}
 """,
         base_dir=tmp_path,
     )
     run = kdata.build(recipe, run_dir=tmp_path / "run")
     si_stats, rows, drops, failed = step_tables(run, "si")
-    assert si_stats["requests"] <= 2 + 2 * 3
+    assert si_stats["requests"] <= 1 + 2 * 2
     for r in rows:
         assert r["instruction"].strip() and r["instances"]
         assert isinstance(r["is_classification"], bool)
         assert r["_kdata"]["model"] == "local/smollm2-135m-instruct"
-    # no two instructions of the pool (seeds and kept) at or above 0.7, by rouge-score's ROUGE-L
+    # no kept instruction at or above 0.7 to any other of the pool, by rouge-score's ROUGE-L;
+    # and each too_similar drop carries the score rouge-score gives
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     seeds = [json.loads(line)["instruction"] for line in SEED_TASKS.read_text().splitlines()[:20]]
     kept = [r["instruction"] for r in rows]
@@ -317,10 +338,20 @@ steps:
     for d in drops:
         if d["reason"] == "too_similar":
             ref, cand = d["detail"]["most_similar"], d["row"]["instruction"]
-            assert scorer.score(ref, cand)["rougeL"].fmeasure == pytest.approx(
-                d["detail"]["rouge_l"], abs=1e-6
-            )
+            score = scorer.score(ref, cand)["rougeL"].fmeasure
+            assert score == pytest.approx(d["detail"]["rouge_l"], abs=1e-6) and score >= 0.7
+    # evolutions of the kept instructions and one seed task (the second seeds step adds it)
     evol_stats, evolved, evol_drops, evol_failed = step_tables(run, "evol")
-    assert evol_stats["expected"] == len(rows)
+    assert evol_stats["expected"] == len(rows) + 1
+    assert evol_stats["requests"] <= 2 * (len(rows) + 1)
     for r in evolved:
-        assert r["evol_round"] == 1 and r["response"].strip()
+        assert r["evol_round"] == 1 and r["response"].strip() and r["evol_operation"]
+
+
+@pytest.mark.slow
+def test_expand_recipe_builds(tmp_path: Path) -> None:
+    run = kdata.build(kdata.load_recipe(SEED_TASKS.parents[1] / "expand.yaml"), run_dir=tmp_path)
+    names = [s.name for s in run.steps]
+    assert names == ["00_seeds", "01_evol_instruct", "02_judge", "03_filter"]
+    evol = step_tables(run, "01_evol_instruct")[0]
+    assert evol["expected"] >= 5
