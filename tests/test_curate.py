@@ -10,6 +10,7 @@ import pytest
 from scripted import build, last_user_message, step_tables
 
 import kdata
+from kdata.errors import KdataError
 from kdata.steps.curate import CurateStep, chunk_spans, locate, parse_pairs
 from kdata.steps.replies import ParseError
 
@@ -166,7 +167,9 @@ def test_locate_and_parse_pairs() -> None:
         parse_pairs("Here is a summary of the text.")
 
 
-def test_one_source_only() -> None:
+def test_one_source_only(tmp_path: Path) -> None:
+    with pytest.raises(KdataError, match="'none/\\*.md' matches no file"):
+        CurateStep(teacher="t", documents=["none/*.md"]).files(tmp_path)
     with pytest.raises(ValueError, match="exactly one source"):
         CurateStep(teacher="t", topics=["a"], documents=["x.md"])
     with pytest.raises(ValueError, match="depth do not apply"):

@@ -119,7 +119,8 @@ class CurateStep(StepBase):
                 matches = sorted(base_dir.glob(pattern))
             matches = [m for m in matches if m.is_file()]
             if not matches:
-                raise KdataError(f"curate: documents '{pattern}' matches no file under {base_dir}")
+                where = base_dir.resolve()
+                raise KdataError(f"curate: documents '{pattern}' matches no file (in {where})")
             found.update(dict.fromkeys(matches))
         return list(found)
 
