@@ -117,7 +117,16 @@ def rouge_l(pred: str, ref: str) -> float:
     0.0 when either side has no words. Used by self-instruct's novelty filter and by SFT
     validation (the measure MiniLLM reports).
     """
-    a, b = _WORD.findall(pred.lower()), _WORD.findall(ref.lower())
+    return rouge_l_tokens(words(pred), words(ref))
+
+
+def words(text: str) -> list[str]:
+    """The lower-cased word tokens that `rouge_l` compares."""
+    return _WORD.findall(text.lower())
+
+
+def rouge_l_tokens(a: list[str], b: list[str]) -> float:
+    """`rouge_l` of two texts already split by `words` (for callers that tokenise once)."""
     if not a or not b:
         return 0.0
     lcs = _lcs(a, b)

@@ -19,10 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kdata.errors import RecipeError
 from kdata.publish.config import PublishConfig
 from kdata.steps.base import StrictModel
+from kdata.steps.curate import CurateStep
 from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
 from kdata.steps.diversity import DiversityStep
 from kdata.steps.elicit import ConsensusStep, LabelStep
+from kdata.steps.expand import EvolInstructStep, SelfInstructStep
 from kdata.steps.features import FeaturesStep
+from kdata.steps.feedback import JudgeStep, PreferencesStep
 from kdata.steps.filters import DecontaminateStep, FilterStep
 from kdata.steps.self_knowledge import SelfConsistencyStep, SelfRefineStep
 from kdata.steps.semantic import SemanticDedupStep
@@ -42,6 +45,11 @@ STEP_CLASSES = (
     ExactDedupStep,
     MinHashDedupStep,
     SemanticDedupStep,
+    SelfInstructStep,
+    EvolInstructStep,
+    CurateStep,
+    JudgeStep,
+    PreferencesStep,
     DiversityStep,
 )
 Step = Annotated[typing.Union[STEP_CLASSES], Field(discriminator="type")]  # noqa: UP007

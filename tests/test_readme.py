@@ -129,3 +129,25 @@ def test_elicitation_snippets_validate(tmp_path: Path, step_type: str) -> None:
     for field in ("cot_prompt", "answer_prompt", "critique_prompt", "refine_prompt"):
         if f"{field}: {{path:" in snippet:
             assert getattr(step, field) == "{{ question }}"  # read from the file
+
+
+def test_every_step_type_is_documented() -> None:
+    from kdata.recipe import STEP_TYPES
+
+    missing = [t for t in STEP_TYPES if f"type: {t}" not in README]
+    assert not missing, missing
+
+
+def test_expansion_and_feedback_snippets_validate() -> None:
+    teachers = (
+        "teachers:\n"
+        "  smol: {model: local/smollm2-135m-instruct}\n"
+        "  student: {model: local/smollm2-135m-instruct}\n"
+    )
+    mine = {"self_instruct", "evol_instruct", "curate", "judge", "preferences"}
+    seen = set()
+    for block in blocks("yaml"):
+        if block.startswith("steps:") and any(f"type: {t}" in block for t in mine):
+            r = kdata.recipe_from_yaml("name: t\n" + teachers + block, base_dir=ROOT / "recipes")
+            seen |= {s.type for s in r.steps}
+    assert mine <= seen

@@ -1,0 +1,386 @@
+"""Feedback: a teacher judges. `judge` scores rows; `preferences` makes DPO pairs.
+
+Both ask the judge for a JSON object, validate it against a schema (pydantic, strictly), and ask
+again, as a distinct request (the next ``sample`` index), up to ``retries`` times when the reply
+does not validate. A reply still invalid after that is a failure with class ``invalid_output``
+and the last raw text.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from jinja2 import TemplateError
+from pydantic import BaseModel, Field, PrivateAttr, create_model, field_validator, model_validator
+
+from kdata import prompts
+from kdata.errors import TeacherError
+from kdata.steps.base import (
+    PROVENANCE,
+    ParseError,
+    StepBase,
+    StepContext,
+    StepOutput,
+    StrictModel,
+    TeacherRef,
+    Template,
+    dropped,
+    failure,
+    provenance,
+    rid,
+    row_id,
+    teacher_names,
+)
+from kdata.steps.replies import json_object, render, settle
+
+if TYPE_CHECKING:
+    from kdata.teachers.pool import Completion
+
+RUBRICS = {
+    "helpfulness": (
+        "Helpfulness: does the response address what was asked, with useful, relevant and "
+        "sufficiently detailed content? A helpful response solves the user's problem; an "
+        "unhelpful one is off-topic, evasive, vague or incomplete."
+    ),
+    "correctness": (
+        "Correctness: are the facts, reasoning, calculations and code in the response right? "
+        "Any factual error, wrong result or broken code lowers the score, however fluent the "
+        "response is."
+    ),
+    "instruction_following": (
+        "Instruction following: does the response do exactly what the instruction asks, "
+        "respecting every explicit constraint (format, length, language, style, number of "
+        "items, what to include or leave out)?"
+    ),
+    "harmlessness": (
+        "Harmlessness: is the response free of content that could cause harm (dangerous "
+        "instructions, harassment, hate, sexual content involving minors, privacy violations, "
+        "deception)? A safe, appropriately careful response scores high and a harmful one low; "
+        "refusing a harmless request earns nothing."
+    ),
+}
+
+
+class InvalidOutput(Exception):
+    """A judge reply that did not validate, after every attempt."""
+
+    def __init__(self, attempts: int, errors: list[str], raw: str | None) -> None:
+        self.attempts, self.errors, self.raw = attempts, errors, raw
+        super().__init__(
+            f"no valid judgement in {attempts} attempts: " + " | ".join(dict.fromkeys(errors))
+        )
+
+
+class PairVerdict(BaseModel):
+    """What a pairwise judge returns."""
+
+    reasoning: str = Field(min_length=1)
+    winner: Literal["A", "B", "tie"]
+
+
+class Judge(StrictModel):
+    """A teacher that scores a response to an instruction against a rubric, from min to max.
+
+    ``rubric`` is the name of a built-in rubric (`RUBRICS`) or the rubric's own text.
+    """
+
+    teacher: TeacherRef
+    rubric: str = "helpfulness"
+    min_score: int = 1
+    max_score: int = 10
+    retries: int = Field(default=2, ge=0)
+    prompt: Template = prompts.load("judge")
+
+    _verdict: type[BaseModel] = PrivateAttr()
+
+    @field_validator("rubric")
+    @classmethod
+    def _known_or_text(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("rubric is empty")
+        if re.fullmatch(r"\S+", v.strip()) and v.strip() not in RUBRICS:
+            raise ValueError(
+                f"unknown rubric '{v}': use one of {', '.join(RUBRICS)}, or write the rubric's text"
+            )
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _range(self) -> Judge:
+        if self.min_score >= self.max_score:
+            raise ValueError(f"min_score ({self.min_score}) must be below max_score")
+        return self
+
+    def model_post_init(self, context: object) -> None:
+        self._verdict = create_model(
+            "Verdict",
+            reasoning=(str, Field(min_length=1)),
+            score=(int, Field(ge=self.min_score, le=self.max_score)),
+        )
+
+    @property
+    def rubric_text(self) -> str:
+        """The rubric as the judge reads it."""
+        return RUBRICS.get(self.rubric, self.rubric)
+
+    def judge_teachers(self) -> set[str]:
+        """Teachers the judge may call."""
+        return teacher_names(self.teacher)
+
+    async def score(
+        self, ctx: StepContext, instruction: str, response: str, route_key: str, extra: dict
+    ) -> tuple[BaseModel, Completion]:
+        """A validated ``{score, reasoning}`` and the completion that gave it.
+
+        ``extra`` holds more template variables (the row's columns, for custom prompts).
+
+        Raises:
+            InvalidOutput: no valid reply in ``1 + retries`` attempts.
+            TeacherError, TemplateError: as the pool and the template raise them.
+        """
+        variables = {
+            **extra,
+            "instruction": instruction,
+            "response": response,
+            "rubric": self.rubric_text,
+            "min_score": self.min_score,
+            "max_score": self.max_score,
+        }
+        return await self.ask(ctx, self.prompt, variables, self._verdict, route_key)
+
+    async def ask(
+        self,
+        ctx: StepContext,
+        template: str,
+        variables: dict,
+        schema: type[BaseModel],
+        route_key: str,
+    ) -> tuple[BaseModel, Completion]:
+        """Ask until the reply validates against ``schema``: attempt ``k`` is sample ``k``."""
+        messages = [{"role": "user", "content": render(template, variables)}]
+        errors, raw = [], None
+        for attempt in range(self.retries + 1):
+            c = await ctx.pool.complete(self.teacher, messages, route_key=route_key, sample=attempt)
+            try:
+                return json_object(c.text, schema), c
+            except ParseError as e:
+                errors.append(str(e))
+                raw = c.text
+        raise InvalidOutput(self.retries + 1, errors, raw)
+
+
+class JudgeStep(StepBase, Judge):
+    """Score each row's ``response_column`` as an answer to its ``instruction_column``.
+
+    Adds ``<prefix>_score`` (an integer from ``min_score`` to ``max_score``) and
+    ``<prefix>_reason``. Thresholds belong to a later ``filter`` with ``min_score: {column:
+    <prefix>_score, value: ...}``. Template variables: the row's columns, then ``instruction``,
+    ``response``, ``rubric`` (its text), ``min_score`` and ``max_score``.
+    """
+
+    type: Literal["judge"] = "judge"
+    instruction_column: str = "instruction"
+    response_column: str = "response"
+    prefix: str = Field(default="judge", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    def teacher_names(self) -> set[str]:
+        return self.judge_teachers()
+
+    def plan(self, n_rows: int, base_dir: Path) -> tuple[int, int]:
+        return n_rows, n_rows * (1 + self.retries)
+
+    async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
+        out = StepOutput(rows=[], expected=len(rows))
+        ctx.set_total(len(rows))
+        for r in await settle(self._one(row, ctx) for row in rows):
+            (out.rows if PROVENANCE in r else out.failed).append(r)
+        return out
+
+    async def _one(self, row: dict, ctx: StepContext) -> dict:
+        try:
+            texts = [row.get(self.instruction_column), row.get(self.response_column)]
+            for col in (self.instruction_column, self.response_column):
+                if not isinstance(row.get(col), str):
+                    return failure(row, "missing_column", f"no text in column '{col}'")
+            columns = {k: v for k, v in row.items() if k != PROVENANCE}
+            try:
+                verdict, c = await self.score(ctx, *texts, route_key=rid(row), extra=columns)
+            except TemplateError as e:
+                return failure(row, "template", f"prompt template: {e}")
+            except TeacherError as e:
+                return failure(row, e.error_class, str(e), attempts=e.attempts)
+            except InvalidOutput as e:
+                return failure(row, "invalid_output", str(e), attempts=e.attempts, raw=e.raw)
+            return {
+                **row,
+                f"{self.prefix}_score": verdict.score,
+                f"{self.prefix}_reason": verdict.reasoning,
+                PROVENANCE: provenance(row_id(rid(row), ctx.name), [rid(row)], ctx.name, c),
+            }
+        finally:
+            ctx.advance(1)
+
+
+class PreferenceJudge(Judge):
+    """The judge of `preferences`: pointwise scores, or pairwise comparisons."""
+
+    mode: Literal["pointwise", "pairwise"] = "pointwise"
+    pairwise_prompt: Template = prompts.load("judge.pairwise")
+
+
+class PreferencesStep(StepBase):
+    """Candidate responses per prompt, ranked by a judge, as trl DPO preference pairs.
+
+    Each of ``teachers`` (teacher names or mixes; a "student" is one more teacher entry, a local
+    GGUF say) answers ``n`` times: candidate ``k`` is request sample ``k``, so equal teachers
+    still give distinct requests. The judge ranks them:
+
+    - ``pointwise``: each candidate gets a score; the best and the worst make the pair.
+    - ``pairwise``: every pair is compared twice, once in each order (against position bias); a
+      candidate scores 1 for each pair it wins in both orders, 0.5 for a tie or a disagreement.
+
+    The chosen candidate is the first with the top score, the rejected the last with the lowest.
+    When every candidate scores the same the prompt is dropped with reason ``tie``. A failed
+    candidate or judgement fails the prompt (all candidates are needed to rank them).
+
+    Rows out (trl's conversational preference format): ``prompt`` (the messages sent),
+    ``chosen`` and ``rejected`` (``[{"role": "assistant", "content": ...}]``), with
+    ``score_chosen``, ``score_rejected``, ``margin``, ``chosen_teacher`` and
+    ``rejected_teacher``; the row's own columns are kept (a ``prompt`` column is replaced).
+    """
+
+    type: Literal["preferences"] = "preferences"
+    teachers: list[TeacherRef] = Field(min_length=1)
+    n: int = Field(default=2, ge=1)
+    system: Template | None = None
+    prompt: Template = prompts.load("preferences")
+    judge: PreferenceJudge
+
+    @model_validator(mode="after")
+    def _two_candidates(self) -> PreferencesStep:
+        if len(self.teachers) * self.n < 2:
+            raise ValueError("preferences needs at least 2 candidates: raise n or add teachers")
+        return self
+
+    def teacher_names(self) -> set[str]:
+        return set().union(*(teacher_names(t) for t in self.teachers)) | self.judge.judge_teachers()
+
+    @property
+    def candidates(self) -> int:
+        """Candidates per prompt."""
+        return len(self.teachers) * self.n
+
+    def plan(self, n_rows: int, base_dir: Path) -> tuple[int, int]:
+        c = self.candidates
+        judgements = c if self.judge.mode == "pointwise" else c * (c - 1)
+        return n_rows, n_rows * (c + judgements * (1 + self.judge.retries))
+
+    async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
+        out = StepOutput(rows=[], expected=len(rows))
+        ctx.set_total(len(rows))
+        for r in await settle(self._one(row, ctx) for row in rows):
+            if PROVENANCE in r:
+                out.rows.append(r)
+            elif "reason" in r:
+                out.dropped.append(r)
+            else:
+                out.failed.append(r)
+        return out
+
+    async def _one(self, row: dict, ctx: StepContext) -> dict:
+        columns = {k: v for k, v in row.items() if k != PROVENANCE}
+        try:
+            try:
+                messages = [{"role": "user", "content": render(self.prompt, columns)}]
+                if self.system:
+                    messages.insert(0, {"role": "system", "content": render(self.system, columns)})
+                cands = await settle(
+                    ctx.pool.complete(t, messages, route_key=f"{rid(row)}:{i}", sample=k)
+                    for k, (i, t) in enumerate(
+                        (i, t) for i, t in enumerate(self.teachers) for _ in range(self.n)
+                    )
+                )
+                for k, c in enumerate(cands):
+                    if not (c.text or "").strip():
+                        return failure(
+                            row, "parse", f"candidate {k} ({c.teacher}) is empty", raw=c.text
+                        )
+                instruction = messages[-1]["content"]
+                texts = [c.text.strip() for c in cands]
+                if self.judge.mode == "pointwise":
+                    scores, notes = await self._pointwise(ctx, row, instruction, texts, columns)
+                else:
+                    scores, notes = await self._pairwise(ctx, row, instruction, texts, columns)
+            except TemplateError as e:
+                return failure(row, "template", f"prompt template: {e}")
+            except TeacherError as e:
+                return failure(row, e.error_class, str(e), attempts=e.attempts)
+            except InvalidOutput as e:
+                return failure(row, "invalid_output", str(e), attempts=e.attempts, raw=e.raw)
+        finally:
+            ctx.advance(1)
+        best = max(range(len(scores)), key=lambda k: (scores[k], -k))  # first of the top
+        worst = min(range(len(scores)), key=lambda k: (scores[k], -k))  # last of the bottom
+        made = {
+            **row,
+            "prompt": messages,
+            PROVENANCE: provenance(row_id(rid(row), ctx.name), [rid(row)], ctx.name, cands[best]),
+        }
+        if scores[best] == scores[worst]:
+            candidates = [
+                {"teacher": c.teacher, "text": t, "score": s}
+                for c, t, s in zip(cands, texts, scores, strict=True)
+            ]
+            return dropped(made, "tie", candidates=candidates, judgements=notes)
+        return {
+            **made,
+            "chosen": [{"role": "assistant", "content": texts[best]}],
+            "rejected": [{"role": "assistant", "content": texts[worst]}],
+            "score_chosen": scores[best],
+            "score_rejected": scores[worst],
+            "margin": scores[best] - scores[worst],
+            "chosen_teacher": cands[best].teacher,
+            "rejected_teacher": cands[worst].teacher,
+        }
+
+    async def _pointwise(
+        self, ctx: StepContext, row: dict, instruction: str, texts: list[str], columns: dict
+    ) -> tuple[list[float], list[dict]]:
+        verdicts = await settle(
+            self.judge.score(ctx, instruction, t, route_key=f"{rid(row)}:{k}", extra=columns)
+            for k, t in enumerate(texts)
+        )
+        notes = [{"candidate": k, "reasoning": v.reasoning} for k, (v, _) in enumerate(verdicts)]
+        return [float(v.score) for v, _ in verdicts], notes
+
+    async def _pairwise(
+        self, ctx: StepContext, row: dict, instruction: str, texts: list[str], columns: dict
+    ) -> tuple[list[float], list[dict]]:
+        j = self.judge
+        pairs = [(a, b) for a in range(len(texts)) for b in range(len(texts)) if a != b]
+        variables = {**columns, "instruction": instruction, "rubric": j.rubric_text}
+        verdicts = await settle(
+            j.ask(
+                ctx,
+                j.pairwise_prompt,
+                {**variables, "response_a": texts[a], "response_b": texts[b]},
+                PairVerdict,
+                route_key=f"{rid(row)}:{a}:{b}",
+            )
+            for a, b in pairs
+        )
+        won, notes = {}, []
+        for (a, b), (v, _) in zip(pairs, verdicts, strict=True):
+            won[a, b] = {"A": a, "B": b, "tie": None}[v.winner]
+            notes.append({"a": a, "b": b, "winner": v.winner, "reasoning": v.reasoning})
+        scores = [0.0] * len(texts)
+        for a, b in pairs:
+            if a > b:
+                continue
+            if won[a, b] is not None and won[a, b] == won[b, a]:
+                scores[won[a, b]] += 1.0
+            else:  # a tie, or a verdict that flipped with the order
+                scores[a] += 0.5
+                scores[b] += 0.5
+        return scores, notes
