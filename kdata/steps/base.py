@@ -11,10 +11,10 @@ import asyncio
 import functools
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
 
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from kdata.teachers.pool import Completion, TeacherPool
 
 PROVENANCE = "_kdata"
+T = TypeVar("T")
 _JINJA = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False)
 
 
@@ -250,6 +251,24 @@ async def ask_all(
     return results
 
 
+async def gather_requests(aws: Iterable[Awaitable[T]]) -> list[T]:
+    """Await every request, in the order given, and return their results.
+
+    When the budget refused a request, the others still finish (what they received is stored)
+    and `BudgetExceeded` is raised after; any other exception is re-raised.
+    """
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    budget = None
+    for r in results:
+        if isinstance(r, BudgetExceeded):
+            budget = r
+        elif isinstance(r, BaseException):
+            raise r
+    if budget is not None:
+        raise budget
+    return results
+
+
 async def settle(out: StepOutput, units: list[Awaitable[dict]], ctx: StepContext) -> StepOutput:
     """Run a step's units of work and sort what each ends as: a row, dropped or failed.
 
@@ -267,21 +286,13 @@ async def settle(out: StepOutput, units: list[Awaitable[dict]], ctx: StepContext
             ctx.advance(1)
 
     ctx.set_total(len(units))
-    results = await asyncio.gather(*(one(u) for u in units), return_exceptions=True)
-    budget = None
-    for r in results:
-        if isinstance(r, BudgetExceeded):
-            budget = r
-        elif isinstance(r, BaseException):
-            raise r
-        elif PROVENANCE in r:
+    for r in await gather_requests(one(u) for u in units):
+        if PROVENANCE in r:
             out.rows.append(r)
         elif "error_class" in r:
             out.failed.append(r)
         else:
             out.dropped.append(r)
-    if budget is not None:
-        raise budget
     return out
 
 

@@ -29,12 +29,13 @@ from kdata.steps.base import (
     Template,
     dropped,
     failure,
+    gather_requests,
     provenance,
     rid,
     row_id,
     teacher_names,
 )
-from kdata.steps.replies import labelled_fields, numbered_list, render, settle
+from kdata.steps.replies import labelled_fields, numbered_list, render
 
 _QUOTE_MARKS = "\"'“”‘’«» \t\n"
 _QA_LABELS = ("Question", "Answer", "Quote")
@@ -171,7 +172,7 @@ class CurateStep(StepBase):
             for span in self._spans(text)
         ]
         ctx.set_total(len(jobs))
-        for result in await settle(self._from_chunk(*job, ctx) for job in jobs):
+        for result in await gather_requests(self._from_chunk(*job, ctx) for job in jobs):
             self._collect(out, result)
         return out
 
@@ -194,7 +195,7 @@ class CurateStep(StepBase):
         level = [[t] for t in self.topics]  # each node is its path from the root
         ctx.set_total(len(self.topics) * self.breadth**self.depth)
         for _ in range(self.depth):
-            replies = await settle(
+            replies = await gather_requests(
                 self._ask_list(self.subtopics_prompt, p, self.breadth, ctx) for p in level
             )
             children = []
@@ -210,7 +211,7 @@ class CurateStep(StepBase):
                         children.append([*path, item])
             level = children
         ctx.set_total(len(level))
-        replies = await settle(
+        replies = await gather_requests(
             self._ask_list(self.topic_prompt, p, self.per_prompt, ctx) for p in level
         )
         for path, reply in zip(level, replies, strict=True):

@@ -28,6 +28,7 @@ from kdata.steps.base import (
     Template,
     dropped,
     failure,
+    gather_requests,
     provenance,
     rid,
     row_id,
@@ -35,7 +36,7 @@ from kdata.steps.base import (
 )
 from kdata.steps.filters import builtin_refusal
 from kdata.steps.novelty import NoveltyIndex
-from kdata.steps.replies import labelled_fields, numbered_list, render, settle
+from kdata.steps.replies import labelled_fields, numbered_list, render
 
 # The Self-Instruct paper's filters of generated instructions: length in words, and words that
 # point at what a text-only model cannot do.
@@ -131,7 +132,7 @@ class SelfInstructStep(StepBase):
             if len(kept) >= self.target or stale >= self.patience:
                 break
             examples = [self._examples(seeds, kept, rnd, k) for k in range(self.prompts_per_round)]
-            replies = await settle(
+            replies = await gather_requests(
                 self._generate(ex, sent + k, ctx) for k, ex in enumerate(examples)
             )
             sent += len(examples)
@@ -148,7 +149,7 @@ class SelfInstructStep(StepBase):
             ctx.advance(len(kept) - n_kept)
             stale = 0 if len(kept) > n_kept else stale + 1
         ctx.set_total(2 * len(kept))
-        for r in await settle(self._instances(c, ctx) for c in kept):
+        for r in await gather_requests(self._instances(c, ctx) for c in kept):
             (out.rows if PROVENANCE in r else out.failed).append(r)
         return out
 
@@ -375,7 +376,7 @@ class EvolInstructStep(StepBase):
         out.expected = len(out.failed)
         ctx.set_total(len(live) * self.rounds)
         for rnd in range(1, self.rounds + 1):
-            results = await settle(self._evolve(row, root, rnd, ctx) for root, row in live)
+            results = await gather_requests(self._evolve(row, root, rnd, ctx) for root, row in live)
             out.expected += len(live)
             survivors = []
             for (root, _), r in zip(live, results, strict=True):

@@ -28,12 +28,13 @@ from kdata.steps.base import (
     Template,
     dropped,
     failure,
+    gather_requests,
     provenance,
     rid,
     row_id,
     teacher_names,
 )
-from kdata.steps.replies import json_object, render, settle
+from kdata.steps.replies import json_object, render
 
 if TYPE_CHECKING:
     from kdata.teachers.pool import Completion
@@ -193,7 +194,7 @@ class JudgeStep(StepBase, Judge):
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
         out = StepOutput(rows=[], expected=len(rows))
         ctx.set_total(len(rows))
-        for r in await settle(self._one(row, ctx) for row in rows):
+        for r in await gather_requests(self._one(row, ctx) for row in rows):
             (out.rows if PROVENANCE in r else out.failed).append(r)
         return out
 
@@ -279,7 +280,7 @@ class PreferencesStep(StepBase):
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
         out = StepOutput(rows=[], expected=len(rows))
         ctx.set_total(len(rows))
-        for r in await settle(self._one(row, ctx) for row in rows):
+        for r in await gather_requests(self._one(row, ctx) for row in rows):
             if PROVENANCE in r:
                 out.rows.append(r)
             elif "reason" in r:
@@ -295,7 +296,7 @@ class PreferencesStep(StepBase):
                 messages = [{"role": "user", "content": render(self.prompt, columns)}]
                 if self.system:
                     messages.insert(0, {"role": "system", "content": render(self.system, columns)})
-                cands = await settle(
+                cands = await gather_requests(
                     ctx.pool.complete(t, messages, route_key=f"{rid(row)}:{i}", sample=k)
                     for k, (i, t) in enumerate(
                         (i, t) for i, t in enumerate(self.teachers) for _ in range(self.n)
@@ -347,7 +348,7 @@ class PreferencesStep(StepBase):
     async def _pointwise(
         self, ctx: StepContext, row: dict, instruction: str, texts: list[str], columns: dict
     ) -> tuple[list[float], list[dict]]:
-        verdicts = await settle(
+        verdicts = await gather_requests(
             self.judge.score(ctx, instruction, t, route_key=f"{rid(row)}:{k}", extra=columns)
             for k, t in enumerate(texts)
         )
@@ -360,7 +361,7 @@ class PreferencesStep(StepBase):
         j = self.judge
         pairs = [(a, b) for a in range(len(texts)) for b in range(len(texts)) if a != b]
         variables = {**columns, "instruction": instruction, "rubric": j.rubric_text}
-        verdicts = await settle(
+        verdicts = await gather_requests(
             j.ask(
                 ctx,
                 j.pairwise_prompt,

@@ -1,4 +1,4 @@
-"""What the multi-call elicitation steps share: rendering, strict reply parsers, `settle`.
+"""What the multi-call elicitation steps share: rendering with plain variables, strict parsers.
 
 The parsers raise `ParseError` when a reply lacks the structure asked for; the step records that
 as a failure with the raw text. They skip chatter around the structure (a preamble such as "Here
@@ -8,18 +8,14 @@ out of order or a JSON object that does not validate is an error.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 import re
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from jinja2 import Template as Jinja
 from pydantic import BaseModel, ValidationError
 
-from kdata.errors import BudgetExceeded
-from kdata.steps.base import _JINJA, ParseError
+from kdata.steps.base import ParseError, _compiled
 
 T = TypeVar("T")
 
@@ -29,32 +25,9 @@ _FENCE = re.compile(r"^```[\w-]*\s*\n(.*?)\n?```$", re.S)
 _HEADER = re.compile(r"^\W*(?:example|pair|item)\s*\d+\W*$", re.IGNORECASE)
 
 
-@functools.lru_cache(maxsize=256)
-def _compiled(template: str) -> Jinja:
-    return _JINJA.from_string(template)
-
-
 def render(template: str, variables: dict[str, Any]) -> str:
     """Render a Jinja template in the steps' sandbox (an undefined variable is an error)."""
     return _compiled(template).render(variables)
-
-
-async def settle(aws: Iterable[Awaitable[T]]) -> list[T]:
-    """Await every request, in order of the iterable, and return their results.
-
-    Like `TeacherStep.run`: when the budget refused a request, the others still finish (what they
-    received is stored) and `BudgetExceeded` is raised after; any other exception is re-raised.
-    """
-    results = await asyncio.gather(*aws, return_exceptions=True)
-    budget = None
-    for r in results:
-        if isinstance(r, BudgetExceeded):
-            budget = r
-        elif isinstance(r, BaseException):
-            raise r
-    if budget is not None:
-        raise budget
-    return results
 
 
 def numbered_list(text: str | None) -> list[str]:
