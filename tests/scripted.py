@@ -28,7 +28,8 @@ def teacher(name: str, port: int, *, model: str | None = None, params: str = "")
     return (
         f"  {name}:\n    model: openai/{model or name}\n"
         f"    api_base: http://127.0.0.1:{port}/v1\n    api_key: ${{{KEY_VAR}}}\n"
-        f"    max_retries: 0\n    params: {{temperature: 0, seed: 0{params}}}\n"
+        f"    max_retries: 0\n    timeout: 10\n"  # a reply hook that raises fails fast
+        f"    params: {{temperature: 0, seed: 0{params}}}\n"
     )
 
 

@@ -229,3 +229,40 @@ steps:
         assert r["response"]
     for f in t.failed:  # a 135M model seldom ends with a verdict line: its critique is kept
         assert f["raw"] and "VERDICT" in f["error"]
+
+
+def test_a_template_error_fails_the_row_and_progress_counts_rows(tmp_path, standin):
+    import asyncio
+
+    from kdata.recipe import Teacher
+    from kdata.steps.base import StepContext, provenance
+    from kdata.steps.self_knowledge import SelfRefineStep
+    from kdata.teachers.cache import RequestCache
+    from kdata.teachers.pool import TeacherPool
+
+    standin.config.reply = refine_reply
+    step = SelfRefineStep(
+        teacher="t",
+        prompt="Q{{ id }}: {{ q }}",
+        critique_prompt="{{ task }} {{ draft }} {{ rubric }} VERDICT: DONE",  # rubric: 1 row only
+    )
+    base = f"http://127.0.0.1:{standin.port}/v1"
+    cfg = Teacher(
+        model="openai/t",
+        api_base=base,
+        api_key="${KDATA_TEST_KEY}",
+        params={"seed": 0},
+        max_retries=0,
+        timeout=10,
+    )
+    pool = TeacherPool({"t": cfg}, RequestCache(tmp_path / "c.sqlite"))
+    rows = [{"id": i, "q": "?", **({"rubric": "be right"} if i == 0 else {})} for i in range(3)]
+    rows = [{**r, "_kdata": provenance(f"r{r['id']}", [], "seeds")} for r in rows]
+    totals, advances = [], []
+    ctx = StepContext("s", tmp_path, pool, set_total=totals.append, advance=advances.append)
+    out = asyncio.run(step.run(rows, ctx))
+    assert totals == [3] and sum(advances) == 3
+    assert [r["id"] for r in out.rows] == [0] and out.expected == 3
+    assert {f["row_id"] for f in out.failed} == {"r1", "r2"}
+    assert {f["error_class"] for f in out.failed} == {"template"}
+    assert all("rubric" in f["error"] for f in out.failed)
