@@ -32,6 +32,7 @@ from kdata.steps.base import (
     provenance,
     rid,
     row_id,
+    settle,
     teacher_names,
 )
 from kdata.steps.replies import json_object, render
@@ -193,34 +194,28 @@ class JudgeStep(StepBase, Judge):
 
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
         out = StepOutput(rows=[], expected=len(rows))
-        ctx.set_total(len(rows))
-        for r in await gather_requests(self._one(row, ctx) for row in rows):
-            (out.rows if PROVENANCE in r else out.failed).append(r)
-        return out
+        return await settle(out, [self._one(row, ctx) for row in rows], ctx)
 
     async def _one(self, row: dict, ctx: StepContext) -> dict:
+        texts = [row.get(self.instruction_column), row.get(self.response_column)]
+        for col in (self.instruction_column, self.response_column):
+            if not isinstance(row.get(col), str):
+                return failure(row, "missing_column", f"no text in column '{col}'")
+        columns = {k: v for k, v in row.items() if k != PROVENANCE}
         try:
-            texts = [row.get(self.instruction_column), row.get(self.response_column)]
-            for col in (self.instruction_column, self.response_column):
-                if not isinstance(row.get(col), str):
-                    return failure(row, "missing_column", f"no text in column '{col}'")
-            columns = {k: v for k, v in row.items() if k != PROVENANCE}
-            try:
-                verdict, c = await self.score(ctx, *texts, route_key=rid(row), extra=columns)
-            except TemplateError as e:
-                return failure(row, "template", f"prompt template: {e}")
-            except TeacherError as e:
-                return failure(row, e.error_class, str(e), attempts=e.attempts)
-            except InvalidOutput as e:
-                return failure(row, "invalid_output", str(e), attempts=e.attempts, raw=e.raw)
-            return {
-                **row,
-                f"{self.prefix}_score": verdict.score,
-                f"{self.prefix}_reason": verdict.reasoning,
-                PROVENANCE: provenance(row_id(rid(row), ctx.name), [rid(row)], ctx.name, c),
-            }
-        finally:
-            ctx.advance(1)
+            verdict, c = await self.score(ctx, *texts, route_key=rid(row), extra=columns)
+        except TemplateError as e:
+            return failure(row, "template", f"prompt template: {e}")
+        except TeacherError as e:
+            return failure(row, e.error_class, str(e), attempts=e.attempts)
+        except InvalidOutput as e:
+            return failure(row, "invalid_output", str(e), attempts=e.attempts, raw=e.raw)
+        return {
+            **row,
+            f"{self.prefix}_score": verdict.score,
+            f"{self.prefix}_reason": verdict.reasoning,
+            PROVENANCE: provenance(row_id(rid(row), ctx.name), [rid(row)], ctx.name, c),
+        }
 
 
 class PreferenceJudge(Judge):
@@ -279,48 +274,37 @@ class PreferencesStep(StepBase):
 
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
         out = StepOutput(rows=[], expected=len(rows))
-        ctx.set_total(len(rows))
-        for r in await gather_requests(self._one(row, ctx) for row in rows):
-            if PROVENANCE in r:
-                out.rows.append(r)
-            elif "reason" in r:
-                out.dropped.append(r)
-            else:
-                out.failed.append(r)
-        return out
+        return await settle(out, [self._one(row, ctx) for row in rows], ctx)
 
     async def _one(self, row: dict, ctx: StepContext) -> dict:
         columns = {k: v for k, v in row.items() if k != PROVENANCE}
         try:
-            try:
-                messages = [{"role": "user", "content": render(self.prompt, columns)}]
-                if self.system:
-                    messages.insert(0, {"role": "system", "content": render(self.system, columns)})
-                cands = await gather_requests(
-                    ctx.pool.complete(t, messages, route_key=f"{rid(row)}:{i}", sample=k)
-                    for k, (i, t) in enumerate(
-                        (i, t) for i, t in enumerate(self.teachers) for _ in range(self.n)
-                    )
+            messages = [{"role": "user", "content": render(self.prompt, columns)}]
+            if self.system:
+                messages.insert(0, {"role": "system", "content": render(self.system, columns)})
+            cands = await gather_requests(
+                ctx.pool.complete(t, messages, route_key=f"{rid(row)}:{i}", sample=k)
+                for k, (i, t) in enumerate(
+                    (i, t) for i, t in enumerate(self.teachers) for _ in range(self.n)
                 )
-                for k, c in enumerate(cands):
-                    if not (c.text or "").strip():
-                        return failure(
-                            row, "parse", f"candidate {k} ({c.teacher}) is empty", raw=c.text
-                        )
-                instruction = messages[-1]["content"]
-                texts = [c.text.strip() for c in cands]
-                if self.judge.mode == "pointwise":
-                    scores, notes = await self._pointwise(ctx, row, instruction, texts, columns)
-                else:
-                    scores, notes = await self._pairwise(ctx, row, instruction, texts, columns)
-            except TemplateError as e:
-                return failure(row, "template", f"prompt template: {e}")
-            except TeacherError as e:
-                return failure(row, e.error_class, str(e), attempts=e.attempts)
-            except InvalidOutput as e:
-                return failure(row, "invalid_output", str(e), attempts=e.attempts, raw=e.raw)
-        finally:
-            ctx.advance(1)
+            )
+            for k, c in enumerate(cands):
+                if not (c.text or "").strip():
+                    return failure(
+                        row, "parse", f"candidate {k} ({c.teacher}) is empty", raw=c.text
+                    )
+            instruction = messages[-1]["content"]
+            texts = [c.text.strip() for c in cands]
+            if self.judge.mode == "pointwise":
+                scores, notes = await self._pointwise(ctx, row, instruction, texts, columns)
+            else:
+                scores, notes = await self._pairwise(ctx, row, instruction, texts, columns)
+        except TemplateError as e:
+            return failure(row, "template", f"prompt template: {e}")
+        except TeacherError as e:
+            return failure(row, e.error_class, str(e), attempts=e.attempts)
+        except InvalidOutput as e:
+            return failure(row, "invalid_output", str(e), attempts=e.attempts, raw=e.raw)
         best = max(range(len(scores)), key=lambda k: (scores[k], -k))  # first of the top
         worst = min(range(len(scores)), key=lambda k: (scores[k], -k))  # last of the bottom
         made = {
