@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow.parquet as pq
+from jinja2 import TemplateError
 from pydantic import Field, model_validator
 
 from kdata.answers import answers_match, extract_answer, rouge_l
@@ -221,7 +222,7 @@ def _pairs(rows: list[dict], prompt: str, response: str) -> tuple[list[Pair], in
         ctx = {k: v for k, v in row.items() if k != PROVENANCE}
         try:
             pair = Pair(p_t.render(ctx).strip(), r_t.render(ctx).strip())
-        except Exception:  # StrictUndefined: a missing column
+        except TemplateError:  # StrictUndefined: a missing column
             skipped += 1
             continue
         if pair.prompt and pair.response:
