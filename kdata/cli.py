@@ -230,18 +230,32 @@ def validate_sft(
     except ImportError as e:
         err.print(f"[red]error:[/red] {e}; SFT validation needs: pip install 'kdata[sft]'")
         raise typer.Exit(1) from None
-    table = Table("metric", "curated", "baseline", "curated - baseline (95% CI)", "better")
+    tables = [("curated", "baseline", "difference", "curated_minus_baseline")]
+    if "dpo_difference" in report:
+        tables.append(("dpo", "curated", "dpo_difference", "dpo_minus_sft"))
     arms = report["arms"]
-    for metric, d in report["difference"].items():
-        lo, hi = d["ci95"]
-        table.add_row(
-            metric,
-            f"{arms['curated']['metrics'][metric]:.4f}",
-            f"{arms['baseline']['metrics'][metric]:.4f}",
-            f"{d['curated_minus_baseline']:+.4f} ({lo:+.4f}, {hi:+.4f})",
-            d["better"],
+    for a, b, section, key in tables:
+        table = Table("metric", a, b, f"{a} - {b} (95% CI)", "better")
+        for metric, d in report[section].items():
+            lo, hi = d["ci95"]
+            table.add_row(
+                metric,
+                f"{arms[a]['metrics'][metric]:.4f}",
+                f"{arms[b]['metrics'][metric]:.4f}",
+                f"{d[key]:+.4f} ({lo:+.4f}, {hi:+.4f})",
+                d["better"],
+            )
+        out.print(table)
+    for name, c in report.get("judge", {}).get("comparisons", {}).items():
+        rate = (
+            f"{c['win_rate']:.3f} ({c['ci95'][0]:.3f}, {c['ci95'][1]:.3f})"
+            if c["judged"]
+            else "n/a"
         )
-    out.print(table)
+        out.print(
+            f"judge win rate, {name.replace('_vs_', ' vs ')}: {rate} over {c['judged']} items"
+            + (f"; not judged: {c['failed']}" if c["failed"] else "")
+        )
     out.print(f"report: {run_dir / 'validation' / 'report.json'} ({report['device']})")
 
 

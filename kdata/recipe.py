@@ -160,14 +160,19 @@ class Recipe(StrictModel):
             if step.name in names:
                 raise ValueError(f"{where}: step name '{step.name}' is used twice")
             names.add(step.name or "")
-            for t in step.teacher_names():
-                if t not in self.teachers:
-                    raise ValueError(
-                        f"{where}: unknown teacher '{t}'"
-                        + _did_you_mean(t, self.teachers)
-                        + (f"; the recipe defines {sorted(self.teachers)}" if self.teachers else "")
-                    )
+            self._check_teachers(where, step.teacher_names())
+        if self.validation and self.validation.judge:
+            self._check_teachers("validate.judge", self.validation.judge.judge_teachers())
         return self
+
+    def _check_teachers(self, where: str, names: set[str]) -> None:
+        for t in sorted(names):
+            if t not in self.teachers:
+                raise ValueError(
+                    f"{where}: unknown teacher '{t}'"
+                    + _did_you_mean(t, self.teachers)
+                    + (f"; the recipe defines {sorted(self.teachers)}" if self.teachers else "")
+                )
 
     @property
     def source_path(self) -> str | None:

@@ -6,6 +6,7 @@ Kept apart from `kdata.validation` so that only this module imports torch, trans
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -99,6 +100,41 @@ def _peak_flops() -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
+def _trainer_args(config: ValidationConfig, output_dir: str, max_steps: int, lr: float) -> dict:
+    """The arguments SFT and DPO share: seed, batch, schedule, precision, logging."""
+    cuda = torch.cuda.is_available()
+    return {
+        "output_dir": output_dir,
+        "max_steps": max_steps,
+        "per_device_train_batch_size": config.batch_size,
+        "learning_rate": lr,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": max(1, max_steps // 20),
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": config.seed,
+        "data_seed": config.seed,
+        "max_length": config.max_length,
+        "bf16": cuda,
+        "use_cpu": not cuda,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": not os.isatty(2),
+    }
+
+
+def _timed_train(trainer) -> tuple[Any, float]:
+    """Run ``trainer.train()``; its result and the wall seconds it took."""
+    t0 = time.perf_counter()
+    # cuDNN's attention rebuilds its execution plan for every new shape, costing ~9 ms of CPU
+    # per call when batch shapes vary (profiled on an H100); the other kernels do not.
+    with sdpa_kernel(_SDPA_BACKENDS):
+        result = trainer.train()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - t0
+
+
 def train(model, tokenizer, pairs: list[Pair], config: ValidationConfig) -> dict[str, Any]:
     """Fine-tune ``model`` in place on ``pairs`` with trl's SFTTrainer (bf16 on a GPU).
 
@@ -108,7 +144,6 @@ def train(model, tokenizer, pairs: list[Pair], config: ValidationConfig) -> dict
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    cuda = torch.cuda.is_available()
     data = Dataset.from_list(
         [
             {
@@ -120,33 +155,11 @@ def train(model, tokenizer, pairs: list[Pair], config: ValidationConfig) -> dict
     )
     with tempfile.TemporaryDirectory(prefix="kdata-sft-") as tmp:
         args = SFTConfig(
-            output_dir=tmp,
-            max_steps=config.max_steps,
-            per_device_train_batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=max(1, config.max_steps // 20),
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            seed=config.seed,
-            data_seed=config.seed,
-            max_length=config.max_length,
+            **_trainer_args(config, tmp, config.max_steps, config.learning_rate),
             packing=config.packing,
-            bf16=cuda,
-            use_cpu=not cuda,
-            dataloader_num_workers=0,
-            disable_tqdm=not os.isatty(2),
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-        t0 = time.perf_counter()
-        # cuDNN's attention rebuilds its execution plan for every new shape, costing ~9 ms of CPU
-        # per call when batch shapes vary (profiled on an H100); the other kernels do not.
-        with sdpa_kernel(_SDPA_BACKENDS):
-            result = trainer.train()
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        result, seconds = _timed_train(trainer)
     logs = trainer.state.log_history
     tokens = int(next((e["num_tokens"] for e in reversed(logs) if "num_tokens" in e), 0))
     tps = tokens / seconds if seconds else math.nan
@@ -167,6 +180,44 @@ def train(model, tokenizer, pairs: list[Pair], config: ValidationConfig) -> dict
     }
 
 
+def train_dpo(model, tokenizer, pairs: list[dict], config: ValidationConfig) -> dict[str, Any]:
+    """Train ``model`` in place with trl's DPOTrainer on preference ``pairs`` (``prompt``,
+    ``chosen``, ``rejected`` as messages), against a frozen copy of itself as the reference.
+
+    Returns the training log (step, loss, reward accuracy and margin) and the wall seconds.
+    """
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    dpo = config.dpo
+    data = Dataset.from_list(pairs)
+    reference = copy.deepcopy(model).eval()
+    with tempfile.TemporaryDirectory(prefix="kdata-dpo-") as tmp:
+        args = DPOConfig(
+            **_trainer_args(config, tmp, dpo.max_steps, dpo.learning_rate), beta=dpo.beta
+        )
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=reference,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
+        result, seconds = _timed_train(trainer)
+    model.eval()
+    log = [
+        {
+            "step": e["step"],
+            "loss": e["loss"],
+            "reward_accuracy": e.get("rewards/accuracies"),
+            "reward_margin": e.get("rewards/margins"),
+        }
+        for e in trainer.state.log_history
+        if "loss" in e
+    ]
+    return {"log": log, "train_loss": result.training_loss, "train_seconds": round(seconds, 3)}
+
+
 def _mean_sequence_length(dataset) -> float:
     if "seq_lengths" in dataset.column_names:  # packed: the examples each packed row holds
         lengths = [n for row in dataset["seq_lengths"] for n in row]
@@ -178,11 +229,25 @@ def _mean_sequence_length(dataset) -> float:
 def train_and_evaluate(
     model, tokenizer, pairs: list[Pair], eval_items: list[Pair], config: ValidationConfig
 ) -> dict[str, Any]:
-    """`train`, then the per-item reference losses and the greedy answers on ``eval_items``."""
-    out = train(model, tokenizer, pairs, config)
-    out["eval_losses"] = reference_losses(model, tokenizer, eval_items)
-    out["answers"] = generate(model, tokenizer, [it.prompt for it in eval_items], config)
-    return out
+    """`train`, then `evaluate`."""
+    return train(model, tokenizer, pairs, config) | evaluate(model, tokenizer, eval_items, config)
+
+
+def dpo_and_evaluate(
+    model, tokenizer, pairs: list[dict], eval_items: list[Pair], config: ValidationConfig
+) -> dict[str, Any]:
+    """`train_dpo`, then `evaluate`."""
+    return train_dpo(model, tokenizer, pairs, config) | evaluate(
+        model, tokenizer, eval_items, config
+    )
+
+
+def evaluate(model, tokenizer, eval_items: list[Pair], config: ValidationConfig) -> dict:
+    """The per-item reference losses and the greedy answers on ``eval_items``."""
+    return {
+        "eval_losses": reference_losses(model, tokenizer, eval_items),
+        "answers": generate(model, tokenizer, [it.prompt for it in eval_items], config),
+    }
 
 
 def _chat(tokenizer, prompt: str) -> str:

@@ -15,11 +15,13 @@ Needs the ``sft`` extra (trl, torch, transformers, gguf).
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import json
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,14 +31,17 @@ from jinja2 import TemplateError
 from pydantic import Field, model_validator
 
 from kdata.answers import answers_match, extract_answer, rouge_l
-from kdata.errors import KdataError
-from kdata.steps.base import _JINJA, PROVENANCE, StrictModel, Template
+from kdata.errors import KdataError, TeacherError
+from kdata.steps.base import _JINJA, PROVENANCE, StepContext, StrictModel, Template, gather_requests
+from kdata.steps.feedback import InvalidOutput, PairJudge
 from kdata.steps.filters import ngram_hashes
 
 TINY = "tiny"
 # Dense bf16 peak FLOP/s by GPU name, for model FLOPs utilisation (vendor datasheet figures).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 BOOTSTRAP_SAMPLES = 2000
+# What the report leaves out of the config: templates (the recipe records them).
+_TEMPLATES = {"prompt": True, "response": True, "eval": True, "judge": {"pairwise_prompt"}}
 
 
 class EvalSet(StrictModel):
@@ -56,6 +61,16 @@ class EvalSet(StrictModel):
         return self
 
 
+class DpoConfig(StrictModel):
+    """``validate.dpo``: train the curated arm's student further with trl's DPOTrainer on the
+    preference pairs of a ``preferences`` step (default: the recipe's last one)."""
+
+    step: str | None = None
+    max_steps: int = Field(default=50, ge=1)
+    beta: float = Field(default=0.1, gt=0)
+    learning_rate: float = Field(default=1e-6, gt=0)
+
+
 class ValidationConfig(StrictModel):
     """The recipe's ``validate:`` section."""
 
@@ -73,6 +88,8 @@ class ValidationConfig(StrictModel):
     packing: bool = False
     max_new_tokens: int = Field(default=256, ge=1)
     seed: int = 0
+    dpo: DpoConfig | None = None
+    judge: PairJudge | None = None
 
 
 @dataclass
@@ -124,7 +141,11 @@ def validate_run(
     if not curated:
         raise KdataError(f"{run_dir}: the curated dataset has no usable rows to train on")
     baseline = _baseline(pool, len(curated), config.baseline, config.seed)
-    eval_items, contaminated = _decontaminate(eval_items, curated + baseline)
+    prefs, pref_step = [], None
+    if config.dpo:
+        prefs, pref_step = _preference_pairs(run_dir, manifest, config.dpo)
+    pref_prompts = [Pair(_last_user(p["prompt"]), "") for p in prefs]
+    eval_items, contaminated = _decontaminate(eval_items, curated + baseline + pref_prompts)
     if not eval_items:
         raise KdataError("no eval items left after decontamination against the training rows")
 
@@ -133,18 +154,21 @@ def validate_run(
     base_model, tokenizer = sft.load_student(config.student, config.seed)
     arms = {}
     for arm, pairs in (("curated", curated), ("baseline", baseline)):
-        arms[arm] = sft.train_and_evaluate(
-            copy.deepcopy(base_model), tokenizer, pairs, eval_items, config
-        )
-    for name, arm in arms.items():
-        arm["rows"] = len(curated if name == "curated" else baseline)
-        arm["scores"] = _score(arm.pop("answers"), eval_items, config.exact_match)
+        model = copy.deepcopy(base_model)
+        arms[arm] = sft.train_and_evaluate(model, tokenizer, pairs, eval_items, config)
+        arms[arm]["rows"] = len(pairs)
+        if arm == "curated" and config.dpo:
+            arms["dpo"] = sft.dpo_and_evaluate(model, tokenizer, prefs, eval_items, config)
+            arms["dpo"]["rows"] = len(prefs)
+        del model
+    for arm in arms.values():
+        arm["scores"] = _score(arm["answers"], eval_items, config.exact_match)
         arm["scores"]["loss"] = arm.pop("eval_losses")
     report = {
         "student": config.student,
         "student_parameters": sft.parameter_count(base_model),
         "device": sft.device_name(),
-        "config": config.model_dump(mode="json", exclude={"prompt", "response", "eval"}),
+        "config": config.model_dump(mode="json", exclude=_TEMPLATES),
         "data": {
             "curated_rows": len(curated),
             "baseline_rows": len(baseline),
@@ -157,11 +181,24 @@ def validate_run(
         "arms": {name: _summary(arm) for name, arm in arms.items()},
         "difference": _differences(arms["curated"]["scores"], arms["baseline"]["scores"]),
     }
+    comparisons = [("curated", "baseline")]
+    if config.dpo:
+        report["data"]["preference_pairs"] = f"{len(prefs)} pairs from step {pref_step}"
+        report["dpo_difference"] = _differences(
+            arms["dpo"]["scores"], arms["curated"]["scores"], "dpo_minus_sft"
+        )
+        comparisons.append(("dpo", "curated"))
+    if config.judge:
+        answers = {name: arm["answers"] for name, arm in arms.items()}
+        report["judge"] = judge_win_rates(
+            run_dir, manifest, config.judge, eval_items, answers, comparisons
+        )
     out = run_dir / "validation"
     out.mkdir(exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    keep = ("log", "scores", "answers")
     (out / "arms.json").write_text(
-        json.dumps({n: {"log": a["log"], "scores": a["scores"]} for n, a in arms.items()}) + "\n",
+        json.dumps({n: {k: a[k] for k in keep} for n, a in arms.items()}) + "\n",
         encoding="utf-8",
     )
     _plot_losses(arms, out / "loss.png")
@@ -212,6 +249,33 @@ def _generated_rows(folder: Path) -> list[dict]:
             if row.get(PROVENANCE, {}).get("step") == folder.name:
                 rows.append(row)
     return rows
+
+
+def _preference_pairs(run_dir: Path, manifest: dict, dpo: DpoConfig) -> tuple[list[dict], str]:
+    """The kept rows of the ``preferences`` step (``prompt``, ``chosen``, ``rejected`` as
+    messages) and the step's name."""
+    prefs = [s["name"] for s in manifest["steps"] if s["type"] == "preferences"]
+    step = dpo.step or (prefs[-1] if prefs else None)
+    if step is None:
+        raise KdataError(
+            "validate.dpo needs preference pairs, but the recipe has no preferences step"
+        )
+    if step not in prefs:
+        raise KdataError(
+            f"validate.dpo.step '{step}' is not a preferences step of the recipe "
+            f"(its preferences steps: {prefs or 'none'})"
+        )
+    path = run_dir / "steps" / step / "rows.parquet"
+    if not path.exists():
+        raise KdataError(f"step {step} has no rows in {run_dir}; did the build finish?")
+    rows = pq.read_table(path, columns=["prompt", "chosen", "rejected"]).to_pylist()
+    if not rows:
+        raise KdataError(f"step {step} made no preference pairs to train DPO on")
+    return rows, step
+
+
+def _last_user(messages: list[dict]) -> str:
+    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 
 def _pairs(rows: list[dict], prompt: str, response: str) -> tuple[list[Pair], int]:
@@ -290,7 +354,7 @@ def _score(answers: list[str], items: list[Pair], exact: bool) -> dict[str, list
 
 
 def _summary(arm: dict) -> dict:
-    out = {k: v for k, v in arm.items() if k not in ("log", "scores")}
+    out = {k: v for k, v in arm.items() if k not in ("log", "scores", "answers")}
     out["metrics"] = {k: _mean(v) for k, v in arm["scores"].items()}
     return out
 
@@ -310,28 +374,103 @@ def bootstrap_ci(
     return _mean(diffs), means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
 
 
-def _differences(curated: dict, baseline: dict) -> dict:
+def _differences(a: dict, b: dict, key: str = "curated_minus_baseline") -> dict:
     out = {}
-    for metric in curated:
-        mean, lo, hi = bootstrap_ci(curated[metric], baseline[metric])
+    for metric in a:
+        mean, lo, hi = bootstrap_ci(a[metric], b[metric])
         better = "lower" if metric == "loss" else "higher"
-        out[metric] = {"curated_minus_baseline": mean, "ci95": [lo, hi], "better": better}
+        out[metric] = {key: mean, "ci95": [lo, hi], "better": better}
+    return out
+
+
+def judge_win_rates(
+    run_dir: Path,
+    manifest: dict,
+    judge: PairJudge,
+    items: list[Pair],
+    answers: dict[str, list[str]],
+    comparisons: list[tuple[str, str]],
+) -> dict:
+    """For each comparison ``(a, b)``, how often the judge prefers arm ``a``'s answer.
+
+    Every eval item is judged in both orders (`PairJudge.compare`): a win counts 1, a loss 0, a
+    tie or a verdict that flips with the order 0.5. Identical answers are a tie without asking.
+    A judgement that fails (the teacher, or no valid JSON after the retries) is left out and
+    counted by its error class. Requests go through the run's cache, so a rerun costs nothing.
+    """
+    from tqdm.auto import tqdm
+
+    from kdata.recipe import Recipe
+    from kdata.teachers.cache import RequestCache
+    from kdata.teachers.pool import TeacherPool
+
+    recipe = Recipe.model_validate(manifest["recipe"])
+    cache = RequestCache(run_dir / "cache.sqlite")
+    pool = TeacherPool(recipe.teachers, cache, recipe.budget_usd)
+    ctx = StepContext(name="validate", base_dir=run_dir, pool=pool)
+    bar = tqdm(total=len(items) * len(comparisons), desc="judge", disable=None)
+
+    async def one(a: str, b: str, i: int) -> float | str:
+        x, y = answers[a][i], answers[b][i]
+        try:
+            if x.strip() == y.strip():
+                return "identical"
+            key = f"validate:{a}:{b}:{i}"
+            variables = {"instruction": items[i].prompt, "reference": items[i].response}
+            score, _ = await judge.compare(ctx, variables, x, y, (f"{key}:ab", f"{key}:ba"))
+            return score
+        except TeacherError as e:
+            return e.error_class
+        except (InvalidOutput, TemplateError) as e:
+            return "invalid_output" if isinstance(e, InvalidOutput) else "template"
+        finally:
+            bar.update()
+
+    async def run_all() -> list[list[float | str]]:
+        units = [[one(a, b, i) for i in range(len(items))] for a, b in comparisons]
+        return await gather_requests(gather_requests(u) for u in units)
+
+    try:
+        results = asyncio.run(run_all())
+    finally:
+        bar.close()
+        cache.close()
+    out = {**judge.model_dump(mode="json", include={"teacher", "rubric"}), "comparisons": {}}
+    for (a, b), outcomes in zip(comparisons, results, strict=True):
+        scores = [o for o in outcomes if not isinstance(o, str)]
+        scores += [0.5] * outcomes.count("identical")
+        failed = Counter(o for o in outcomes if isinstance(o, str) and o != "identical")
+        summary = {
+            "judged": len(scores),
+            "wins": scores.count(1.0),
+            "ties": scores.count(0.5),
+            "losses": scores.count(0.0),
+            "identical_answers": outcomes.count("identical"),
+            "failed": dict(failed),
+        }
+        if scores:
+            rate, lo, hi = bootstrap_ci(scores, [0.0] * len(scores))
+            summary |= {"win_rate": rate, "ci95": [lo, hi]}
+        out["comparisons"][f"{a}_vs_{b}"] = summary
     return out
 
 
 def _plot_losses(arms: dict, path: Path) -> None:
+    """The SFT arms' training losses; the DPO loss (another scale) in a panel of its own."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for name, arm in arms.items():
-        steps = [e["step"] for e in arm["log"]]
-        ax.plot(steps, [e["loss"] for e in arm["log"]], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.legend()
+    panels = [["curated", "baseline"]] + ([["dpo"]] if "dpo" in arms else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.5), dpi=100, squeeze=False)
+    for ax, names in zip(axes[0], panels, strict=True):
+        for name in names:
+            log = arms[name]["log"]
+            ax.plot([e["step"] for e in log], [e["loss"] for e in log], label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("DPO loss" if names == ["dpo"] else "SFT training loss")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -351,16 +490,19 @@ def section_markdown(report: dict) -> str:
         "removed for overlapping the training rows). Intervals are 95% paired-bootstrap "
         "intervals over eval items.",
         "",
-        "| metric | curated | baseline | curated − baseline (95% CI) | better |",
-        "| --- | --- | --- | --- | --- |",
+        *_metric_table(report["difference"], arms, "curated", "baseline", "curated_minus_baseline"),
     ]
-    for metric, diff in report["difference"].items():
-        lo, hi = diff["ci95"]
-        lines.append(
-            f"| {metric} | {arms['curated']['metrics'][metric]:.4f} "
-            f"| {arms['baseline']['metrics'][metric]:.4f} "
-            f"| {diff['curated_minus_baseline']:+.4f} ({lo:+.4f}, {hi:+.4f}) | {diff['better']} |"
-        )
+    if "dpo_difference" in report:
+        dpo = report["config"]["dpo"]
+        lines += [
+            "",
+            f"The curated student was then trained with trl's DPOTrainer for {dpo['max_steps']} "
+            f"steps (beta {dpo['beta']}) on {d['preference_pairs']}:",
+            "",
+            *_metric_table(report["dpo_difference"], arms, "dpo", "curated", "dpo_minus_sft"),
+        ]
+    if "judge" in report:
+        lines += ["", *_judge_lines(report["judge"])]
     c = arms["curated"]
     lines += [
         "",
@@ -373,3 +515,40 @@ def section_markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _metric_table(diffs: dict, arms: dict, a: str, b: str, key: str) -> list[str]:
+    lines = [
+        f"| metric | {a} | {b} | {a} − {b} (95% CI) | better |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for metric, diff in diffs.items():
+        lo, hi = diff["ci95"]
+        lines.append(
+            f"| {metric} | {arms[a]['metrics'][metric]:.4f} | {arms[b]['metrics'][metric]:.4f} "
+            f"| {diff[key]:+.4f} ({lo:+.4f}, {hi:+.4f}) | {diff['better']} |"
+        )
+    return lines
+
+
+def _judge_lines(judge: dict) -> list[str]:
+    teacher = judge["teacher"] if isinstance(judge["teacher"], str) else "a teacher mix"
+    lines = [
+        f"A judge (`{teacher}`, rubric {judge['rubric']}) compared the answers pairwise, each "
+        "pair in both orders; a verdict that flips with the order counts as a tie.",
+        "",
+        "| comparison | win rate (95% CI) | wins / ties / losses | not judged |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, c in judge["comparisons"].items():
+        rate = (
+            f"{c['win_rate']:.3f} ({c['ci95'][0]:.3f}, {c['ci95'][1]:.3f})"
+            if "win_rate" in c
+            else "n/a"
+        )
+        failed = ", ".join(f"{k} {v}" for k, v in c["failed"].items()) or "0"
+        lines.append(
+            f"| {name.replace('_vs_', ' vs ')} | {rate} "
+            f"| {c['wins']} / {c['ties']} / {c['losses']} | {failed} |"
+        )
+    return lines

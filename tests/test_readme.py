@@ -103,6 +103,18 @@ def test_validate_snippet_validates() -> None:
     assert r.validation.eval.path == "data/gsm8k_eval_100.jsonl"
 
 
+def test_dpo_and_judge_snippet_validates() -> None:
+    section = next(b for b in blocks("yaml") if b.startswith("validate:") and "dpo:" in b)
+    teachers = "teachers:\n  gpt:\n    model: openai/gpt-4o-mini\n    api_key: ${OPENAI_API_KEY}\n"
+    steps = (
+        "steps:\n  - {type: seeds, path: data/seed_tasks.jsonl}\n"
+        "  - {type: preferences, name: prefs, teachers: [gpt], n: 2, judge: {teacher: gpt}}\n"
+    )
+    r = kdata.recipe_from_yaml("name: t\n" + teachers + steps + section, base_dir=ROOT / "recipes")
+    assert r.validation.dpo.step == "prefs" and r.validation.dpo.max_steps == 50
+    assert r.validation.judge.teacher == "gpt" and r.validation.eval.holdout == 50
+
+
 def test_publish_snippet_validates() -> None:
     snippet = next(b for b in blocks("yaml") if b.startswith("publish:"))
     text = "name: t\nsteps: [{type: seeds, path: data/seed_tasks.jsonl}]\n" + snippet

@@ -13,13 +13,22 @@ import math
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 import kdata
 from kdata.cli import app
-from kdata.errors import KdataError
-from kdata.validation import Pair, _baseline, _decontaminate, _holdout, bootstrap_ci
+from kdata.errors import KdataError, RecipeError
+from kdata.validation import (
+    Pair,
+    ValidationConfig,
+    _baseline,
+    _decontaminate,
+    _holdout,
+    bootstrap_ci,
+    validate_run,
+)
 
 pytest.importorskip("trl")
 
@@ -141,3 +150,177 @@ def test_holdout_takes_whole_prompts() -> None:
     assert _holdout(pool, 2, seed=0) == (items, held)  # seeded: the same split every time
     with pytest.raises(KdataError, match="nothing to train on"):
         _holdout(pool, 5, seed=0)
+
+
+# DPO and the judge: the same kind of run, with a preferences step whose candidates and judges are
+# scripted on the loopback OpenAI stand-in (a fake of the chat-completions protocol).
+DPO_RECIPE = """\
+name: dpo-check
+teachers:
+{teachers}
+steps:
+  - type: seeds
+    path: seeds.jsonl
+  - type: exact_dedup
+    columns: [question]
+  - type: filter
+    column: response
+    min_words: 5
+  - type: preferences
+    name: prefs
+    teachers: [cand]
+    n: 2
+    prompt: "{{{{ question }}}}"
+    judge: {{teacher: j, retries: 0}}
+validate:
+  student: tiny
+  prompt: "{{{{ question }}}}"
+  response: "{{{{ response }}}}"
+  eval: {{path: eval.jsonl, reference: "{{{{ answer }}}}"}}
+  max_steps: 2
+  batch_size: 4
+  max_length: 192
+  max_new_tokens: 12
+  learning_rate: 0.01   # large: two steps must move a random student's greedy answers
+  dpo: {{max_steps: 2, learning_rate: 0.01}}
+  judge: {{teacher: j, retries: 0}}
+"""
+SHRUG = "I am not sure."
+UNJUDGEABLE = 2  # the eval item whose comparisons the judge answers with prose
+
+
+def _between(text: str, start: str, end: str) -> str:
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+    """(run dir, stand-in, eval rows): the stand-in stays up for the validation's judge."""
+    from openai_standin import Config, StandIn, last_user_message
+
+    tmp = tmp_path_factory.mktemp("dpo")
+    rows = [json.loads(line) for line in (FIXTURES / "gsm8k_60.jsonl").open()]
+    seeds = [{"question": r["question"], "response": r["answer"]} for r in rows[:12]]
+    answers = {r["question"]: r["answer"] for r in rows}
+    evals = rows[40:46]
+
+    def reply(body: dict) -> str:
+        text = last_user_message(body)
+        if "[Response A]" in text:  # validation's judge: the longer answer wins, in any order
+            if evals[UNJUDGEABLE]["question"] in text:
+                return "Both answers are fine."
+            a = _between(text, "[Response A]\n", "\n\n[Response B]")
+            b = _between(text, "[Response B]\n", "\n\nDo not let")
+            winner = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
+            return json.dumps({"reasoning": "longer", "winner": winner})
+        if "[Response]" in text:  # the preferences judge: a worked answer beats a shrug
+            score = 2 if SHRUG in text else 9
+            return json.dumps({"reasoning": "worked or not", "score": score})
+        # a candidate: sample 0 (seed 0) answers, sample 1 shrugs
+        return answers[text] if body["seed"] == 0 else SHRUG
+
+    standin = StandIn(Config(reply=reply)).start()
+    teachers = "".join(
+        f"  {n}:\n    model: openai/{n}\n    api_base: {standin.base_url}\n"
+        "    api_key: ${KDATA_TEST_KEY}\n    max_retries: 0\n"
+        "    params: {temperature: 0, seed: 0}\n"
+        for n in ("cand", "j")
+    )
+    (tmp / "seeds.jsonl").write_text("".join(json.dumps(s) + "\n" for s in seeds))
+    (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    (tmp / "recipe.yaml").write_text(DPO_RECIPE.format(teachers=teachers.rstrip("\n")))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KDATA_TEST_KEY", "sk-validation-test")
+    try:
+        run = kdata.build(kdata.load_recipe(tmp / "recipe.yaml"), run_dir=tmp / "run")
+        yield run.dir, standin, evals
+    finally:
+        standin.stop()
+        mp.undo()
+
+
+def test_dpo_arm_and_judge_win_rates(dpo_run) -> None:
+    run_dir, standin, evals = dpo_run
+    prefs = pq.read_table(run_dir / "steps" / "prefs" / "rows.parquet").to_pylist()
+    assert len(prefs) == 12 and all(p["rejected"][0]["content"] == SHRUG for p in prefs)
+    standin.clear()
+    res = CliRunner().invoke(app, ["validate-sft", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert "dpo - curated" in res.output and "judge win rate, dpo vs curated" in res.output
+    report = json.loads((run_dir / "validation" / "report.json").read_text())
+
+    assert set(report["arms"]) == {"curated", "baseline", "dpo"}
+    assert report["arms"]["dpo"]["rows"] == 12
+    assert report["data"]["preference_pairs"] == "12 pairs from step prefs"
+    arms = json.loads((run_dir / "validation" / "arms.json").read_text())
+    assert [e["step"] for e in arms["dpo"]["log"]] == [1, 2]
+    assert all(e["reward_accuracy"] is not None for e in arms["dpo"]["log"])
+    # DPO moved the SFT student: its reference losses are not the curated arm's
+    assert arms["dpo"]["scores"]["loss"] != arms["curated"]["scores"]["loss"]
+    assert set(report["dpo_difference"]) == set(report["difference"]) == {"rouge_l", "loss"}
+    d = report["dpo_difference"]["loss"]
+    dpo_loss, sft_loss = arms["dpo"]["scores"]["loss"], arms["curated"]["scores"]["loss"]
+    mean = sum(x - y for x, y in zip(dpo_loss, sft_loss, strict=True)) / len(dpo_loss)
+    assert d["dpo_minus_sft"] == pytest.approx(mean) and d["ci95"][0] <= mean <= d["ci95"][1]
+
+    # The judge's verdicts, recomputed from the answers: the longer answer wins in both orders;
+    # identical answers are a tie without asking; the unjudgeable item fails as invalid_output.
+    judge = report["judge"]
+    assert judge["teacher"] == "j" and judge["rubric"] == "helpfulness"
+    asked = 0
+    for (a, b), name in (
+        (("curated", "baseline"), "curated_vs_baseline"),
+        (("dpo", "curated"), "dpo_vs_curated"),
+    ):
+        scores, identical = [], 0
+        for i, (x, y) in enumerate(zip(arms[a]["answers"], arms[b]["answers"], strict=True)):
+            if x.strip() == y.strip():
+                identical += 1
+                scores.append(0.5)
+                continue
+            asked += 2
+            if i != UNJUDGEABLE:
+                scores.append(1.0 if len(x) > len(y) else 0.0 if len(x) < len(y) else 0.5)
+        c = judge["comparisons"][name]
+        assert c["judged"] == len(scores) and c["identical_answers"] == identical
+        assert (c["wins"], c["ties"], c["losses"]) == (
+            scores.count(1.0),
+            scores.count(0.5),
+            scores.count(0.0),
+        )
+        assert c["win_rate"] == pytest.approx(sum(scores) / len(scores))
+        assert c["ci95"][0] <= c["win_rate"] <= c["ci95"][1]
+        unjudged = (
+            arms[a]["answers"][UNJUDGEABLE].strip() != arms[b]["answers"][UNJUDGEABLE].strip()
+        )
+        assert c["failed"] == ({"invalid_output": 1} if unjudged else {})
+    assert (
+        asked > 0 and standin.count() == asked
+    )  # only the judge was asked: no build request was repeated
+
+    section = (run_dir / "validation" / "section.md").read_text()
+    assert "DPOTrainer for 2 steps" in section and "| dpo vs curated |" in section
+    assert "| curated vs baseline |" in section
+
+    # A rerun judges from the run's cache: the stand-in is not asked again
+    standin.clear()
+    again = validate_run(run_dir)
+    assert standin.count() == 0 and again["judge"] == judge
+
+
+def test_dpo_without_preference_pairs_is_a_clear_error(run_dir: Path) -> None:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    config = ValidationConfig.model_validate(
+        {**manifest["recipe"]["validate"], "dpo": {"max_steps": 1}},
+        context={"base_dir": Path(manifest["base_dir"])},
+    )
+    with pytest.raises(KdataError, match="no preferences step"):
+        validate_run(run_dir, config, Path(manifest["base_dir"]), student="tiny")
+
+
+def test_validate_judge_must_name_a_teacher() -> None:
+    text = RECIPE.replace(
+        "  max_new_tokens: 12\n", "  max_new_tokens: 12\n  judge: {teacher: gpt}\n"
+    )
+    with pytest.raises(RecipeError, match="validate.judge: unknown teacher 'gpt'"):
+        kdata.recipe_from_yaml(text)

@@ -82,20 +82,15 @@ class PairVerdict(BaseModel):
     winner: Literal["A", "B", "tie"]
 
 
-class Judge(StrictModel):
-    """A teacher that scores a response to an instruction against a rubric, from min to max.
+class JudgeBase(StrictModel):
+    """A teacher that judges against a rubric, asked until its JSON reply validates.
 
     ``rubric`` is the name of a built-in rubric (`RUBRICS`) or the rubric's own text.
     """
 
     teacher: TeacherRef
     rubric: str = "helpfulness"
-    min_score: int = 1
-    max_score: int = 10
     retries: int = Field(default=2, ge=0)
-    prompt: Template = prompts.load("judge")
-
-    _verdict: type[BaseModel] = PrivateAttr()
 
     @field_validator("rubric")
     @classmethod
@@ -107,6 +102,45 @@ class Judge(StrictModel):
                 f"unknown rubric '{v}': use one of {', '.join(RUBRICS)}, or write the rubric's text"
             )
         return v.strip()
+
+    @property
+    def rubric_text(self) -> str:
+        """The rubric as the judge reads it."""
+        return RUBRICS.get(self.rubric, self.rubric)
+
+    def judge_teachers(self) -> set[str]:
+        """Teachers the judge may call."""
+        return teacher_names(self.teacher)
+
+    async def ask(
+        self,
+        ctx: StepContext,
+        template: str,
+        variables: dict,
+        schema: type[BaseModel],
+        route_key: str,
+    ) -> tuple[BaseModel, Completion]:
+        """Ask until the reply validates against ``schema``: attempt ``k`` is sample ``k``."""
+        messages = [{"role": "user", "content": render(template, variables)}]
+        errors, raw = [], None
+        for attempt in range(self.retries + 1):
+            c = await ctx.pool.complete(self.teacher, messages, route_key=route_key, sample=attempt)
+            try:
+                return json_object(c.text, schema), c
+            except ParseError as e:
+                errors.append(str(e))
+                raw = c.text
+        raise InvalidOutput(self.retries + 1, errors, raw)
+
+
+class Judge(JudgeBase):
+    """A judge that scores one response to an instruction, from ``min_score`` to ``max_score``."""
+
+    min_score: int = 1
+    max_score: int = 10
+    prompt: Template = prompts.load("judge")
+
+    _verdict: type[BaseModel] = PrivateAttr()
 
     @model_validator(mode="after")
     def _range(self) -> Judge:
@@ -120,15 +154,6 @@ class Judge(StrictModel):
             reasoning=(str, Field(min_length=1)),
             score=(int, Field(ge=self.min_score, le=self.max_score)),
         )
-
-    @property
-    def rubric_text(self) -> str:
-        """The rubric as the judge reads it."""
-        return RUBRICS.get(self.rubric, self.rubric)
-
-    def judge_teachers(self) -> set[str]:
-        """Teachers the judge may call."""
-        return teacher_names(self.teacher)
 
     async def score(
         self, ctx: StepContext, instruction: str, response: str, route_key: str, extra: dict
@@ -151,25 +176,48 @@ class Judge(StrictModel):
         }
         return await self.ask(ctx, self.prompt, variables, self._verdict, route_key)
 
-    async def ask(
-        self,
-        ctx: StepContext,
-        template: str,
-        variables: dict,
-        schema: type[BaseModel],
-        route_key: str,
-    ) -> tuple[BaseModel, Completion]:
-        """Ask until the reply validates against ``schema``: attempt ``k`` is sample ``k``."""
-        messages = [{"role": "user", "content": render(template, variables)}]
-        errors, raw = [], None
-        for attempt in range(self.retries + 1):
-            c = await ctx.pool.complete(self.teacher, messages, route_key=route_key, sample=attempt)
-            try:
-                return json_object(c.text, schema), c
-            except ParseError as e:
-                errors.append(str(e))
-                raw = c.text
-        raise InvalidOutput(self.retries + 1, errors, raw)
+
+class PairJudge(JudgeBase):
+    """A judge that compares two responses to one instruction, once in each order."""
+
+    pairwise_prompt: Template = prompts.load("judge.pairwise")
+
+    async def compare(
+        self, ctx: StepContext, variables: dict, a: str, b: str, route_keys: tuple[str, str]
+    ) -> tuple[float, list[dict]]:
+        """How ``a`` fares against ``b``: 1 when it wins in both orders, 0 when it loses in both,
+        0.5 for a tie or a verdict that flips with the order (position bias). Also the two
+        verdicts, as notes.
+
+        ``variables`` fill the template besides ``rubric``, ``response_a`` and ``response_b``
+        (``instruction`` at least). ``route_keys`` are the requests' keys, ``a`` first then
+        ``b`` first.
+
+        Raises:
+            InvalidOutput, TeacherError, TemplateError: as `ask` raises them.
+        """
+        variables = {**variables, "rubric": self.rubric_text}
+        orders = ((a, b), (b, a))
+        verdicts = await gather_requests(
+            self.ask(
+                ctx,
+                self.pairwise_prompt,
+                {**variables, "response_a": first, "response_b": second},
+                PairVerdict,
+                route_key=key,
+            )
+            for (first, second), key in zip(orders, route_keys, strict=True)
+        )
+        (ab, _), (ba, _) = verdicts
+        notes = [
+            {"order": order, "winner": v.winner, "reasoning": v.reasoning}
+            for order, (v, _) in zip(("ab", "ba"), verdicts, strict=True)
+        ]
+        if ab.winner == "A" and ba.winner == "B":
+            return 1.0, notes
+        if ab.winner == "B" and ba.winner == "A":
+            return 0.0, notes
+        return 0.5, notes
 
 
 class JudgeStep(StepBase, Judge):
@@ -218,11 +266,10 @@ class JudgeStep(StepBase, Judge):
         }
 
 
-class PreferenceJudge(Judge):
+class PreferenceJudge(Judge, PairJudge):
     """The judge of `preferences`: pointwise scores, or pairwise comparisons."""
 
     mode: Literal["pointwise", "pairwise"] = "pointwise"
-    pairwise_prompt: Template = prompts.load("judge.pairwise")
 
 
 class PreferencesStep(StepBase):
@@ -342,30 +389,21 @@ class PreferencesStep(StepBase):
     async def _pairwise(
         self, ctx: StepContext, row: dict, instruction: str, texts: list[str], columns: dict
     ) -> tuple[list[float], list[dict]]:
-        j = self.judge
-        pairs = [(a, b) for a in range(len(texts)) for b in range(len(texts)) if a != b]
-        variables = {**columns, "instruction": instruction, "rubric": j.rubric_text}
-        verdicts = await gather_requests(
-            j.ask(
+        pairs = [(a, b) for a in range(len(texts)) for b in range(a + 1, len(texts))]
+        variables = {**columns, "instruction": instruction}
+        results = await gather_requests(
+            self.judge.compare(
                 ctx,
-                j.pairwise_prompt,
-                {**variables, "response_a": texts[a], "response_b": texts[b]},
-                PairVerdict,
-                route_key=f"{rid(row)}:{a}:{b}",
+                variables,
+                texts[a],
+                texts[b],
+                route_keys=(f"{rid(row)}:{a}:{b}", f"{rid(row)}:{b}:{a}"),
             )
             for a, b in pairs
         )
-        won, notes = {}, []
-        for (a, b), (v, _) in zip(pairs, verdicts, strict=True):
-            won[a, b] = {"A": a, "B": b, "tie": None}[v.winner]
-            notes.append({"a": a, "b": b, "winner": v.winner, "reasoning": v.reasoning})
-        scores = [0.0] * len(texts)
-        for a, b in pairs:
-            if a > b:
-                continue
-            if won[a, b] is not None and won[a, b] == won[b, a]:
-                scores[won[a, b]] += 1.0
-            else:  # a tie, or a verdict that flipped with the order
-                scores[a] += 0.5
-                scores[b] += 0.5
+        scores, notes = [0.0] * len(texts), []
+        for (a, b), (score, verdicts) in zip(pairs, results, strict=True):
+            scores[a] += score
+            scores[b] += 1.0 - score
+            notes += [{"a": a, "b": b, **v} for v in verdicts]
         return scores, notes
