@@ -130,20 +130,23 @@ def validate_run(
 
     curated, skipped_c = _pairs(curated_rows, config.prompt, config.response)
     pool, skipped_p = _pairs(pool_rows, config.prompt, config.response)
+    prefs, pref_step = [], None
+    if config.dpo:
+        prefs, pref_step = _preference_pairs(run_dir, manifest, config.dpo)
     if config.eval.holdout is not None:
         eval_items, held = _holdout(pool, config.eval.holdout, config.seed)
         curated = [p for p in curated if p.prompt not in held]
         pool = [p for p in pool if p.prompt not in held]
+        prefs = [p for p in prefs if _last_user(p["prompt"]) not in held]
         eval_source = f"{config.eval.holdout} prompts held out of step {step}"
     else:
         eval_items = _eval_file(config, base_dir)
         eval_source = config.eval.path
     if not curated:
         raise KdataError(f"{run_dir}: the curated dataset has no usable rows to train on")
+    if config.dpo and not prefs:
+        raise KdataError(f"step {pref_step}: no preference pairs left once the eval items are out")
     baseline = _baseline(pool, len(curated), config.baseline, config.seed)
-    prefs, pref_step = [], None
-    if config.dpo:
-        prefs, pref_step = _preference_pairs(run_dir, manifest, config.dpo)
     pref_prompts = [Pair(_last_user(p["prompt"]), "") for p in prefs]
     eval_items, contaminated = _decontaminate(eval_items, curated + baseline + pref_prompts)
     if not eval_items:
@@ -275,7 +278,7 @@ def _preference_pairs(run_dir: Path, manifest: dict, dpo: DpoConfig) -> tuple[li
 
 
 def _last_user(messages: list[dict]) -> str:
-    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
+    return next(m["content"] for m in reversed(messages) if m["role"] == "user").strip()
 
 
 def _pairs(rows: list[dict], prompt: str, response: str) -> tuple[list[Pair], int]:

@@ -324,3 +324,17 @@ def test_validate_judge_must_name_a_teacher() -> None:
     )
     with pytest.raises(RecipeError, match="validate.judge: unknown teacher 'gpt'"):
         kdata.recipe_from_yaml(text)
+
+
+def test_holdout_prompts_leave_the_preference_pairs_too(dpo_run) -> None:
+    run_dir, _, _ = dpo_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    config = ValidationConfig.model_validate(
+        {**manifest["recipe"]["validate"], "eval": {"holdout": 2}, "judge": None},
+        context={"base_dir": Path(manifest["base_dir"])},
+    )
+    report = validate_run(run_dir, config, Path(manifest["base_dir"]))
+    # 12 questions: 2 held out for eval, so 10 SFT rows per arm and 10 preference pairs
+    assert report["data"]["eval_items"] == 2
+    assert report["data"]["curated_rows"] == report["data"]["baseline_rows"] == 10
+    assert report["arms"]["dpo"]["rows"] == 10 and "judge" not in report
