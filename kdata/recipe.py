@@ -92,6 +92,12 @@ class Teacher(StrictModel):
 
     ``api_key`` is never a literal: it must be a reference such as ``${OPENAI_API_KEY}``, read from
     the environment when the teacher is called, so a key never lives in a recipe, cache or log.
+
+    ``structured_output``: whether requests that expect JSON (judges) carry their JSON schema as
+    ``response_format``, for the backend to constrain decoding to it. Unset: yes for local GGUF
+    teachers and for models litellm knows to support response schemas; set it true for an
+    OpenAI-compatible server with guided decoding (vLLM, SGLang, llama.cpp's server), false to
+    never send it. kdata validates every reply against the schema either way.
     """
 
     model: str = Field(min_length=1)
@@ -104,6 +110,7 @@ class Teacher(StrictModel):
     cost_per_1k_tokens: Price | None = None
     max_retries: int = Field(default=5, ge=0)
     timeout: float = Field(default=120.0, gt=0)
+    structured_output: bool | None = None
 
     @field_validator("api_base")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,37 @@ def test_judge_and_preferences_on_the_embedded_teacher(tmp_path: Path) -> None:
         assert r["margin"] > 0
     assert {d["reason"] for d in drops} <= {"tie"}
     assert {f["error_class"] for f in failed} <= {"parse", "invalid_output"}
+
+
+def test_judges_send_their_schema_to_teachers_that_take_one(tmp_path: Path) -> None:
+    """On the loopback stand-in: a teacher marked ``structured_output: true`` (a vLLM server, say)
+    receives the verdict's JSON schema as OpenAI's ``response_format``; a model litellm does not
+    know to take schemas receives none."""
+    from openai_standin import Config, StandIn
+
+    (tmp_path / "seeds.jsonl").write_text(json.dumps({"instruction": "q", "response": "r"}) + "\n")
+    standin = StandIn(Config(reply=lambda body: '{"reasoning": "ok", "score": 4}')).start()
+    try:
+        teachers = "".join(
+            f"  {name}:\n    model: openai/{name}\n    api_base: {standin.base_url}\n"
+            f"    api_key: ${{KDATA_TEST_KEY}}\n{extra}"
+            for name, extra in (("plain", ""), ("guided", "    structured_output: true\n"))
+        )
+        recipe = kdata.recipe_from_yaml(
+            f"name: schema\nteachers:\n{teachers}steps:\n"
+            "  - {type: seeds, path: seeds.jsonl}\n"
+            "  - {type: judge, teacher: plain}\n"
+            "  - {type: judge, teacher: guided, prefix: guided, min_score: 0, max_score: 5}\n",
+            base_dir=tmp_path,
+        )
+        os.environ.setdefault("KDATA_TEST_KEY", "sk-scripted-test")
+        run = kdata.build(recipe, run_dir=tmp_path / "run")
+    finally:
+        standin.stop()
+    assert [(r["judge_score"], r["guided_score"]) for r in run.rows()] == [(4, 4)]
+    bodies = {r.body["model"]: r.body for r in standin.records}
+    assert "response_format" not in bodies["plain"]
+    fmt = bodies["guided"]["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["name"] == "Verdict"
+    score = fmt["json_schema"]["schema"]["properties"]["score"]
+    assert (score["type"], score["minimum"], score["maximum"]) == ("integer", 0, 5)

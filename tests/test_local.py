@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from kdata import RecipeError, recipe_from_yaml
 from kdata.recipe import Teacher
@@ -16,12 +17,18 @@ from kdata.teachers.pool import TeacherPool
 MSG = [{"role": "user", "content": "Name a colour."}]
 
 
-def ask(tmp_path: Path, model: str = "local/smollm2-135m-instruct", **params):
+def ask(
+    tmp_path: Path,
+    model: str = "local/smollm2-135m-instruct",
+    request: dict | None = None,
+    structured_output: bool | None = None,
+    **params,
+):
     pool = TeacherPool(
-        {"t": Teacher(model=model, params=params)},
+        {"t": Teacher(model=model, params=params, structured_output=structured_output)},
         RequestCache(tmp_path / f"{len(list(tmp_path.iterdir()))}.sqlite"),
     )
-    return asyncio.run(pool.complete("t", MSG, route_key="r"))
+    return asyncio.run(pool.complete("t", MSG, route_key="r", params=request))
 
 
 def test_logprobs_are_captured_per_token(tmp_path: Path) -> None:
@@ -56,3 +63,30 @@ def test_unknown_local_model_is_a_recipe_error(model: str) -> None:
     with pytest.raises(RecipeError) as info:
         r.check_runtime()
     assert info.value.field == "teachers.x.model" and "local" in str(info.value)
+
+
+def test_a_json_schema_constrains_the_reply(tmp_path: Path) -> None:
+    """llama.cpp turns the schema into a grammar: the 135M model, which answers in prose when
+    free, writes JSON of the schema's shape; a teacher set not to take schemas never sees it."""
+
+    class Colour(BaseModel):
+        name: str
+        warm: bool
+
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {"name": "Colour", "schema": Colour.model_json_schema()},
+    }
+    free = ask(tmp_path, max_tokens=48, temperature=0)
+    with pytest.raises(ValidationError):
+        Colour.model_validate_json(free.text)
+    guided = ask(tmp_path, request={"response_format": fmt}, max_tokens=48, temperature=0)
+    assert Colour.model_validate_json(guided.text).name
+    off = ask(
+        tmp_path,
+        request={"response_format": fmt},
+        structured_output=False,
+        max_tokens=48,
+        temperature=0,
+    )
+    assert off.text == free.text and off.request_hash == free.request_hash

