@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kdata.errors import KdataError
 
@@ -23,6 +25,52 @@ if TYPE_CHECKING:
 
 EVAL_BATCH = 16
 _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# The attention a student trains with under packing (`packed_attention`); "sdpa" is transformers'
+# own, which attends through a mask over the whole flattened batch.
+PACKED_ATTENTION = "kdata_packed_sdpa"
+
+
+def packed_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+) -> tuple[torch.Tensor, None]:
+    """Causal attention within each sequence of a padding-free packed batch, with no mask.
+
+    trl's padding-free packing flattens the whole batch into one row, ``(1, heads, total, dim)``,
+    and marks where each example starts (``cu_seq_lens_q``). Without flash-attention's
+    variable-length kernels, transformers' SDPA path then attends through a ``total × total``
+    block-diagonal mask: nearly all of that work is masked out (16 rows of 2,048 tokens make a
+    32,768² mask), and a mask keeps SDPA off its flash kernel. Here the row is cut into a
+    right-padded batch ``(examples, heads, longest, dim)``, attended with ``is_causal`` (flash
+    kernels on a GPU; each real token sees only real tokens before it, so the padding after it
+    is never seen), and the outputs are put back in place.
+    """
+    starts = kwargs["cu_seq_lens_q"]
+    total, longest = query.shape[2], int(kwargs["max_length_q"])
+    lengths = starts.diff()
+    seq = torch.repeat_interleave(
+        torch.arange(len(lengths), device=query.device), lengths, output_size=total
+    )
+    slot = seq * longest + torch.arange(total, device=query.device) - starts[seq]
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # (1, h, total, d) -> (examples, h, longest, d)
+        out = x.new_zeros(len(lengths) * longest, x.shape[1], x.shape[3])
+        out[slot] = x[0].transpose(0, 1)
+        return out.view(len(lengths), longest, x.shape[1], x.shape[3]).transpose(1, 2)
+
+    out, _ = sdpa_attention_forward(
+        module,
+        padded(query),
+        padded(key),
+        padded(value),
+        None,
+        dropout=dropout,
+        scaling=scaling,
+        is_causal=True,
+    )  # (examples, longest, h, d)
+    return out.reshape(-1, out.shape[2], out.shape[3])[slot].unsqueeze(0), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 
 
 def load_student(spec: str, seed: int) -> tuple[Any, Any]:
@@ -159,7 +207,13 @@ def train(model, tokenizer, pairs: list[Pair], config: ValidationConfig) -> dict
             packing=config.packing,
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-        result, seconds = _timed_train(trainer)
+        attention = model.config._attn_implementation
+        if config.packing:
+            model.set_attn_implementation(PACKED_ATTENTION)
+        try:
+            result, seconds = _timed_train(trainer)
+        finally:
+            model.set_attn_implementation(attention)
     logs = trainer.state.log_history
     tokens = int(next((e["num_tokens"] for e in reversed(logs) if "num_tokens" in e), 0))
     tps = tokens / seconds if seconds else math.nan
