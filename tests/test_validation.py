@@ -34,9 +34,7 @@ pytest.importorskip("trl")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-RECIPE = """\
-name: sft-check
-steps:
+CURATION = """\
   - type: seeds
     path: seeds.jsonl
   - type: exact_dedup
@@ -44,6 +42,11 @@ steps:
   - type: filter
     column: response
     min_words: 5
+"""
+RECIPE = (
+    "name: sft-check\nsteps:\n"
+    + CURATION
+    + """\
 validate:
   student: /nowhere/student.gguf   # replaced by --student tiny below
   prompt: "{{ question }}"
@@ -57,6 +60,7 @@ validate:
 output:
   dir: run
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -154,18 +158,10 @@ def test_holdout_takes_whole_prompts() -> None:
 
 # DPO and the judge: the same kind of run, with a preferences step whose candidates and judges are
 # scripted on the loopback OpenAI stand-in (a fake of the chat-completions protocol).
-DPO_RECIPE = """\
-name: dpo-check
-teachers:
-{teachers}
-steps:
-  - type: seeds
-    path: seeds.jsonl
-  - type: exact_dedup
-    columns: [question]
-  - type: filter
-    column: response
-    min_words: 5
+DPO_RECIPE = (
+    "name: dpo-check\nteachers:\n{teachers}\nsteps:\n"
+    + CURATION
+    + """\
   - type: preferences
     name: prefs
     teachers: [cand]
@@ -185,6 +181,7 @@ validate:
   dpo: {{max_steps: 2, learning_rate: 0.01}}
   judge: {{teacher: j, retries: 0}}
 """
+)
 SHRUG = "I am not sure."
 UNJUDGEABLE = 2  # the eval item whose comparisons the judge answers with prose
 
