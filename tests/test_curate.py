@@ -187,7 +187,6 @@ teachers:
   smol:
     model: local/smollm2-135m-instruct
     params: {temperature: 0.7, max_tokens: 64, seed: 0}
-    max_concurrency: 1
 steps:
   - {type: curate, name: topics, teacher: smol, topics: [volcanoes], depth: 1, breadth: 2,
      per_prompt: 2}

@@ -236,7 +236,6 @@ teachers:
   smol:
     model: local/smollm2-135m-instruct
     params: {{temperature: 0.7, max_tokens: 48, seed: 0}}
-    max_concurrency: 1
 steps:
   - {{type: seeds, path: {SEED_TASKS}, limit: 1}}
 {steps}""",
