@@ -2,14 +2,24 @@
 
 The stand-in (tests/openai_standin.py) is a fake of the chat-completions protocol, real HTTP on
 127.0.0.1; the hook decides each answer from the request body, so a test knows which answers
-are right, wrong, tied or malformed. A request's ``seed`` is the teacher's seed plus the sample
-index, which lets a hook answer each sample of a row differently.
+are right, wrong, tied, malformed or refused, and checks what a step does with them. Teachers
+here send ``seed: 0``, so a request's ``seed`` is its sample index, which lets a hook answer
+each sample of a row differently (and makes retries visible).
+
+Two ways to build:
+
+- a test that starts its own ``StandIn`` writes teachers with ``teacher`` and builds seeds plus
+  one step with ``build``, read as ``Tables``;
+- ``build_scripted`` starts a stand-in for one build from a reply hook, its teachers written by
+  ``teachers_yaml``; ``step_tables`` reads a step of the run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +28,19 @@ from openai_standin import Config, StandIn, last_user_message
 
 import kdata
 
-__all__ = ["Config", "StandIn", "Tables", "build", "last_user_message", "qid", "teacher"]
+__all__ = [
+    "Config",
+    "StandIn",
+    "Tables",
+    "build",
+    "build_scripted",
+    "last_user_message",
+    "qid",
+    "step_tables",
+    "tables",
+    "teacher",
+    "teachers_yaml",
+]
 
 KEY_VAR = "KDATA_TEST_KEY"  # the tests set it; the stand-in ignores it
 
@@ -71,3 +93,68 @@ def tables(folder: Path) -> Tables:
     )
     assert t.stats["expected"] == len(t.rows) + len(t.dropped) + len(t.failed)
     return t
+
+
+def teachers_yaml(port: int, *models: str) -> str:
+    """A ``teachers:`` block: one teacher per model name, all on the stand-in at ``port``.
+
+    Each costs $1 per 1,000 tokens either way (the stand-in reports 12 completion tokens).
+    """
+    lines = ["teachers:"]
+    for m in models:
+        lines += [
+            f"  {m}:",
+            f"    model: openai/{m}",
+            f"    api_base: http://127.0.0.1:{port}/v1",
+            f"    api_key: ${{{KEY_VAR}}}",
+            "    max_retries: 0",
+            "    params: {temperature: 0.0, max_tokens: 64, seed: 0}",
+            "    cost_per_1k_tokens: {input: 1.0, output: 1.0}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def build_scripted(
+    folder: Path,
+    reply: Callable[[dict], str],
+    steps: str,
+    *models: str,
+    seeds: list[dict] | None = None,
+    run_dir: Path | None = None,
+    latency: float | tuple[float, float] = 0.0,
+    budget_usd: float | None = None,
+) -> tuple[kdata.Run, StandIn, kdata.Recipe]:
+    """Build a recipe whose teachers (``models``, default ``t``) are scripted by ``reply``.
+
+    ``steps`` is the YAML of the steps list (without the ``steps:`` line); ``seeds``, when given,
+    are written to ``seeds.jsonl`` in ``folder`` for a ``seeds`` step to read.
+    """
+    if seeds is not None:
+        (folder / "seeds.jsonl").write_text(
+            "".join(json.dumps(s) + "\n" for s in seeds), encoding="utf-8"
+        )
+    os.environ.setdefault(KEY_VAR, "sk-scripted-test")
+    standin = StandIn(Config(reply=reply, latency=latency)).start()
+    try:
+        text = "name: scripted\n" + teachers_yaml(standin.port, *(models or ("t",)))
+        if budget_usd is not None:
+            text += f"budget_usd: {budget_usd}\n"
+        recipe = kdata.recipe_from_yaml(text + "steps:\n" + steps, base_dir=folder)
+        run = kdata.build(recipe, run_dir=run_dir or folder / "run")
+    finally:
+        standin.stop()
+    return run, standin, recipe
+
+
+def step_tables(run: kdata.Run, name: str) -> tuple[dict, list[dict], list[dict], list[dict]]:
+    """(stats, rows, dropped, failed) of one step of a run; drop details are parsed."""
+    folder = run.dir / "steps" / name
+    stats = json.loads((folder / "stats.json").read_text())
+    rows = pq.read_table(folder / "rows.parquet").to_pylist()
+    drops = pq.read_table(folder / "dropped.parquet").to_pylist()
+    for d in drops:
+        d["detail"] = json.loads(d["detail"])
+        d["row"] = json.loads(d["row"])
+    failed = pq.read_table(folder / "failed.parquet").to_pylist()
+    assert stats["expected"] == len(rows) + len(drops) + len(failed)
+    return stats, rows, drops, failed

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from scripted_runs import build, last_user_message, step_tables
+from scripted import build_scripted, last_user_message, step_tables
 
 import kdata
 from kdata.errors import KdataError
@@ -47,7 +47,7 @@ def test_topic_tree_breadth_depth_and_counts(tmp_path: Path) -> None:
         "    breadth: 2\n"
         "    per_prompt: 2\n"
     )
-    run, standin, recipe = build(tmp_path, topic_reply, steps)
+    run, standin, recipe = build_scripted(tmp_path, topic_reply, steps)
     stats, rows, drops, failed = step_tables(run, "cur")
     # astronomy: 1 + 2 subtopic requests, 4 leaves; "broken" fails at its first expansion
     assert len(standin.records) == 1 + 1 + 2 + 4
@@ -101,7 +101,9 @@ def test_documents_are_chunked_and_quotes_verified(tmp_path: Path) -> None:
         "    overlap_chars: 40\n"
         "    per_prompt: 2\n"
     )
-    run, standin, recipe = build(tmp_path, grounded_reply, steps, seeds=[{"instruction": "hi"}])
+    run, standin, recipe = build_scripted(
+        tmp_path, grounded_reply, steps, seeds=[{"instruction": "hi"}]
+    )
     stats, rows, drops, failed = step_tables(run, "cur")
     spans = chunk_spans(DOC, 180, 40)
     assert len(spans) > 2 and len(standin.records) == len(spans)
@@ -127,7 +129,7 @@ def test_document_column_keeps_columns_and_parents(tmp_path: Path) -> None:
         "  - {type: seeds, path: seeds.jsonl}\n"
         "  - {type: curate, name: cur, teacher: t, document_column: text, chunk_chars: 4000}\n"
     )
-    run, _, _ = build(tmp_path, grounded_reply, steps, seeds=seeds)
+    run, _, _ = build_scripted(tmp_path, grounded_reply, steps, seeds=seeds)
     stats, rows, drops, failed = step_tables(run, "cur")
     parent = step_tables(run, "00_seeds")[1][0]
     assert len(rows) == 1 and rows[0]["title"] == "water" and "text" not in rows[0]
@@ -187,7 +189,6 @@ teachers:
   smol:
     model: local/smollm2-135m-instruct
     params: {temperature: 0.7, max_tokens: 64, seed: 0}
-    max_concurrency: 1
 steps:
   - {type: curate, name: topics, teacher: smol, topics: [volcanoes], depth: 1, breadth: 2,
      per_prompt: 2}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SEED_TASKS
-from scripted_runs import build, last_user_message, step_tables
+from scripted import build_scripted, last_user_message, step_tables
 
 import kdata
 from kdata.answers import rouge_l
@@ -77,7 +77,7 @@ def examples_shown(prompt: str) -> list[str]:
 
 def test_self_instruct_novelty_filter_mixing_and_instances(tmp_path: Path) -> None:
     seeds = SEEDS[:8]
-    run, standin, _ = build(
+    run, standin, _ = build_scripted(
         tmp_path, scripted_self_instruct, self_instruct_steps(target=5), seeds=seeds
     )
     stats, rows, drops, failed = step_tables(run, "si")
@@ -141,7 +141,7 @@ def test_self_instruct_stops_after_patience_rounds_of_nothing_new(tmp_path: Path
             return f"9. {GEARS}\n10. {RECIPE}"
         return "No" if text.startswith("Can the") else "Output: fine"
 
-    run, standin, _ = build(
+    run, standin, _ = build_scripted(
         tmp_path, reply, self_instruct_steps(target=50, patience=2), seeds=SEEDS[:8]
     )
     stats, rows, drops, failed = step_tables(run, "si")
@@ -160,7 +160,7 @@ def test_self_instruct_stops_after_patience_rounds_of_nothing_new(tmp_path: Path
 
 def test_self_instruct_target_and_rerun_from_cache(tmp_path: Path) -> None:
     steps = self_instruct_steps(target=2)
-    run, standin, _ = build(
+    run, standin, _ = build_scripted(
         tmp_path, scripted_self_instruct, steps, seeds=SEEDS[:8], latency=(0.0, 0.05)
     )
     _, rows, drops, _ = step_tables(run, "si")
@@ -174,7 +174,7 @@ def test_self_instruct_target_and_rerun_from_cache(tmp_path: Path) -> None:
     def refuse(body: dict) -> str:
         raise AssertionError("a rerun must not call the teacher")
 
-    again, standin2, _ = build(tmp_path, refuse, steps, run_dir=run.dir)
+    again, standin2, _ = build_scripted(tmp_path, refuse, steps, run_dir=run.dir)
     assert standin2.count() == 0
     assert step_tables(again, "si")[1] == rows
 
@@ -188,13 +188,13 @@ def test_self_instruct_resumes_after_the_budget_stops_it(tmp_path: Path) -> None
 
     steps = self_instruct_steps(target=5)
     with pytest.raises(kdata.BudgetExceeded):
-        build(tmp_path, reply, steps, seeds=SEEDS[:8], budget_usd=1.5)
+        build_scripted(tmp_path, reply, steps, seeds=SEEDS[:8], budget_usd=1.5)
     stopped = len(bodies)
-    run, _, _ = build(tmp_path, reply, steps, run_dir=tmp_path / "run")
+    run, _, _ = build_scripted(tmp_path, reply, steps, run_dir=tmp_path / "run")
     assert 0 < stopped < len(bodies)
     assert len(set(bodies)) == len(bodies)  # nothing asked, so nothing paid, twice
     (tmp_path / "clean").mkdir()
-    clean, _, _ = build(tmp_path / "clean", scripted_self_instruct, steps, seeds=SEEDS[:8])
+    clean, _, _ = build_scripted(tmp_path / "clean", scripted_self_instruct, steps, seeds=SEEDS[:8])
     assert step_tables(run, "si")[1:] == step_tables(clean, "si")[1:]
 
 
@@ -247,7 +247,7 @@ def test_evol_instruct_elimination_and_rounds(tmp_path: Path) -> None:
         "  - {type: seeds, path: seeds.jsonl}\n"
         "  - {type: evol_instruct, name: evol, teacher: t, rounds: 2, seed: 3}\n"
     )
-    run, standin, recipe = build(tmp_path, scripted_evol, steps, seeds=EVOL_SEEDS)
+    run, standin, recipe = build_scripted(tmp_path, scripted_evol, steps, seeds=EVOL_SEEDS)
     stats, rows, drops, failed = step_tables(run, "evol")
     assert failed == []
     by_seed = {d["row"]["id"]: d for d in drops}
@@ -306,7 +306,6 @@ teachers:
   smol:
     model: local/smollm2-135m-instruct
     params: {{temperature: 0.7, max_tokens: 64, seed: 0}}
-    max_concurrency: 1
 steps:
   - {{type: seeds, path: {SEED_TASKS}, limit: 20}}
   - type: self_instruct

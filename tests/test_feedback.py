@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SEED_TASKS
-from scripted_runs import build, last_user_message, step_tables
+from scripted import build_scripted, last_user_message, step_tables
 
 import kdata
 from kdata import RecipeError
@@ -52,7 +52,7 @@ def test_judge_validates_retries_and_feeds_filter(tmp_path: Path) -> None:
         "  - {type: filter, name: keep, column: response, "
         "min_score: {column: judge_score, value: 5}}\n"
     )
-    run, standin, recipe = build(tmp_path, judge_reply, steps, seeds=JUDGE_SEEDS)
+    run, standin, recipe = build_scripted(tmp_path, judge_reply, steps, seeds=JUDGE_SEEDS)
     stats, rows, drops, failed = step_tables(run, "judge")
     scores = {r["response"]: (r["judge_score"], r["judge_reason"]) for r in rows}
     assert scores == {"valid": (8, "clear and right"), "fenced": (3, "thin"), "retry": (6, "ok")}
@@ -117,7 +117,9 @@ def test_preferences_pointwise_pairs_and_ties(tmp_path: Path) -> None:
         "    judge: {teacher: j, rubric: helpfulness}\n"
     )
     seeds = [{"instruction": "What is 2+2?"}, {"instruction": "tie: say anything"}]
-    run, standin, _ = build(tmp_path, candidate_reply, steps, "cand_a", "cand_b", "j", seeds=seeds)
+    run, standin, _ = build_scripted(
+        tmp_path, candidate_reply, steps, "cand_a", "cand_b", "j", seeds=seeds
+    )
     stats, rows, drops, failed = step_tables(run, "prefs")
     assert failed == [] and len(rows) == 1
     r = rows[0]
@@ -168,7 +170,7 @@ def test_preferences_pairwise_in_both_orders(tmp_path: Path) -> None:
         "judge: {teacher: j, mode: pairwise}}\n"
     )
     seeds = [{"instruction": "Explain tides."}, {"instruction": "biased: explain tides."}]
-    run, standin, recipe = build(tmp_path, pairwise_reply, steps, "c", "j", seeds=seeds)
+    run, standin, recipe = build_scripted(tmp_path, pairwise_reply, steps, "c", "j", seeds=seeds)
     stats, rows, drops, failed = step_tables(run, "prefs")
     [r] = rows
     assert r["chosen"][0]["content"] == "best answer"
@@ -197,7 +199,9 @@ def test_preference_pairs_train_two_dpo_steps(tmp_path: Path) -> None:
         "  - {type: preferences, name: prefs, teachers: [cand_a, cand_b], n: 1, "
         "judge: {teacher: j}}\n"
     )
-    run, _, _ = build(tmp_path, candidate_reply, steps, "cand_a", "cand_b", "j", seeds=seeds)
+    run, _, _ = build_scripted(
+        tmp_path, candidate_reply, steps, "cand_a", "cand_b", "j", seeds=seeds
+    )
     ds = datasets.Dataset.from_parquet(str(run.dir / "steps" / "prefs" / "rows.parquet"))
     tok = AutoTokenizer.from_pretrained(Path(minilm).parent / "model")
     tok.chat_template = (
@@ -237,7 +241,6 @@ teachers:
   smol:
     model: local/smollm2-135m-instruct
     params: {{temperature: 0.7, max_tokens: 48, seed: 0}}
-    max_concurrency: 1
 steps:
   - {{type: seeds, path: {SEED_TASKS}, limit: 1}}
 {steps}""",

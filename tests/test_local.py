@@ -49,6 +49,41 @@ def test_seed_and_temperature_reach_llama_cpp(tmp_path: Path) -> None:
     assert short.completion_tokens == 2 and short.finish_reason == "length"
 
 
+def test_time_in_line_for_the_model_is_not_timed(tmp_path: Path) -> None:
+    # 100 requests in flight for a model that answers one at a time: the last waits for 99
+    # generations, past the timeout, though each (one token) takes a small part of it.
+    smol = "local/smollm2-135m-instruct"
+    teachers = {
+        "warm": Teacher(model=smol, params={"max_tokens": 1}),
+        "t": Teacher(
+            model=smol,
+            params={"max_tokens": 1, "temperature": 0.7, "seed": 0},
+            timeout=3,
+            max_retries=0,
+            max_concurrency=100,  # a recipe may allow this; the model still takes one at a time
+        ),
+    }
+    pool = TeacherPool(teachers, RequestCache(tmp_path / "cache.sqlite"))
+
+    async def ask_all():
+        # The first call (model load, first decode) can take seconds on a busy machine: it goes
+        # to a teacher with the default timeout.
+        await pool.complete("warm", MSG, route_key="w")
+        return await asyncio.gather(
+            *(
+                pool.complete("t", [{"role": "user", "content": f"Say {i}."}], route_key=str(i))
+                for i in range(100)
+            ),
+            return_exceptions=True,
+        )
+
+    answers = asyncio.run(ask_all())
+    assert [a for a in answers if isinstance(a, Exception)] == []
+    assert all(a.completion_tokens == 1 and not a.cached for a in answers)
+    ledger = pool.ledgers["t"]
+    assert ledger.requests == ledger.responses == 100 and not ledger.failures
+
+
 def test_any_gguf_path_runs(tmp_path: Path) -> None:
     c = ask(tmp_path, model=f"local/{embedded_gguf()}", max_tokens=4, temperature=0)
     assert c.text and c.model == f"local/{embedded_gguf()}"

@@ -124,9 +124,9 @@ class _Bucket:
 
 
 class _TeacherState:
-    def __init__(self, name: str, cfg: Teacher) -> None:
+    def __init__(self, name: str, cfg: Teacher, sem: asyncio.Semaphore) -> None:
         self.name, self.cfg = name, cfg
-        self.sem = asyncio.Semaphore(cfg.max_concurrency)
+        self.sem = sem  # a slot in it is held from before a request is timed until it settles
         self.rpm = _Bucket(cfg.rpm) if cfg.rpm else None
         self.tpm = _Bucket(cfg.tpm) if cfg.tpm else None
         self.ledger = Ledger()
@@ -172,7 +172,17 @@ class TeacherPool:
         self.budget_usd = budget_usd
         self.cache_only = cache_only
         self.spent_before = cache.total_cost()
-        self._teachers = {name: _TeacherState(name, cfg) for name, cfg in teachers.items()}
+        # Local GGUF teachers share one slot: the process runs one local model, one request at a
+        # time, so a request waits for the model here, before its timeout starts.
+        local = asyncio.Semaphore(1)
+        self._teachers = {
+            name: _TeacherState(
+                name,
+                cfg,
+                local if cfg.model.startswith("local/") else asyncio.Semaphore(cfg.max_concurrency),
+            )
+            for name, cfg in teachers.items()
+        }
         self._reserved = 0.0  # USD reserved by requests holding a reservation
         self._holders = 0  # how many requests hold one (floats never sum back to exactly 0)
         self._budget = asyncio.Condition()
