@@ -413,19 +413,25 @@ def judge_win_rates(
     ctx = StepContext(name="validate", base_dir=run_dir, pool=pool)
     bar = tqdm(total=len(items) * len(comparisons), desc="judge", disable=None)
 
+    def same(a: str, b: str, i: int) -> bool:
+        return answers[a][i].strip() == answers[b][i].strip()
+
     async def one(a: str, b: str, i: int) -> float | str:
-        x, y = answers[a][i], answers[b][i]
+        """The score of ``a``'s answer to item ``i``, or the error class of a failed judgement."""
+        key = f"validate:{a}:{b}:{i}"
+        variables = {"instruction": items[i].prompt, "reference": items[i].response}
         try:
-            if x.strip() == y.strip():
-                return "identical"
-            key = f"validate:{a}:{b}:{i}"
-            variables = {"instruction": items[i].prompt, "reference": items[i].response}
-            score, _ = await judge.compare(ctx, variables, x, y, (f"{key}:ab", f"{key}:ba"))
+            if same(a, b, i):
+                return 0.5
+            pair = (answers[a][i], answers[b][i])
+            score, _ = await judge.compare(ctx, variables, *pair, (f"{key}:ab", f"{key}:ba"))
             return score
         except TeacherError as e:
             return e.error_class
-        except (InvalidOutput, TemplateError) as e:
-            return "invalid_output" if isinstance(e, InvalidOutput) else "template"
+        except InvalidOutput:
+            return "invalid_output"
+        except TemplateError:
+            return "template"
         finally:
             bar.update()
 
@@ -441,15 +447,13 @@ def judge_win_rates(
     out = {**judge.model_dump(mode="json", include={"teacher", "rubric"}), "comparisons": {}}
     for (a, b), outcomes in zip(comparisons, results, strict=True):
         scores = [o for o in outcomes if not isinstance(o, str)]
-        scores += [0.5] * outcomes.count("identical")
-        failed = Counter(o for o in outcomes if isinstance(o, str) and o != "identical")
         summary = {
             "judged": len(scores),
             "wins": scores.count(1.0),
             "ties": scores.count(0.5),
             "losses": scores.count(0.0),
-            "identical_answers": outcomes.count("identical"),
-            "failed": dict(failed),
+            "identical_answers": sum(same(a, b, i) for i in range(len(items))),
+            "failed": dict(Counter(o for o in outcomes if isinstance(o, str))),
         }
         if scores:
             rate, lo, hi = bootstrap_ci(scores, [0.0] * len(scores))
