@@ -12,12 +12,26 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from openai_standin import Config, StandIn
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_TASKS = ROOT / "recipes" / "data" / "seed_tasks.jsonl"
+
+
+@pytest.fixture(autouse=True)
+def _key(monkeypatch):
+    """The key stand-in teachers name (``${KDATA_TEST_KEY}``); the stand-in ignores it."""
+    monkeypatch.setenv("KDATA_TEST_KEY", "sk-test")
+
+
+@pytest.fixture
+def standin():
+    """A loopback OpenAI stand-in answering every request normally, stopped after the test."""
+    with StandIn(Config()) as s:
+        yield s
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

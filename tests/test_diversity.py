@@ -18,7 +18,7 @@ from kdata.steps.diversity import _survivors
 from kdata.steps.semantic import SemanticDedupStep
 
 sys.path.insert(0, str(Path(__file__).parent))
-from openai_standin import Config, StandIn  # noqa: E402
+from openai_standin import StandIn  # noqa: E402
 
 # 35 distinct texts, 10 near copies of the first (two words swapped), an empty and a short text.
 ROWS = [
@@ -179,12 +179,6 @@ def test_a_build_that_drops_every_row_still_reports(tmp_path: Path) -> None:
     }
     assert r["waterfall"][0]["dropped"] == {"too_short": len(ROWS)}
     assert all((run.dir / p).exists() for p in r["plots"].values())
-
-
-@pytest.fixture
-def standin():
-    with StandIn(Config()) as s:
-        yield s
 
 
 def test_default_column_and_survivors_with_a_teacher_step(

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from scripted import Config, StandIn, build, last_user_message, qid, tables, teacher
+from scripted import build, last_user_message, qid, tables, teacher
 
 import kdata
 from kdata.answers import answers_match, extract_answer
@@ -15,17 +15,6 @@ from kdata.steps.base import row_id
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT / "recipes" / "data" / "gsm8k_200.jsonl"
-
-
-@pytest.fixture(autouse=True)
-def _key(monkeypatch):
-    monkeypatch.setenv("KDATA_TEST_KEY", "sk-test")
-
-
-@pytest.fixture
-def standin():
-    with StandIn(Config()) as s:
-        yield s
 
 
 # Six problems with GSM8K-style solutions (the reference is the last number) and one without.

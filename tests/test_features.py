@@ -17,11 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT / "recipes" / "data" / "seed_tasks.jsonl"
 
 
-@pytest.fixture(autouse=True)
-def _key(monkeypatch):
-    monkeypatch.setenv("KDATA_TEST_KEY", "sk-test")
-
-
 def features_recipe(teacher_yaml: str, k: int = 3) -> kdata.Recipe:
     return kdata.recipe_from_yaml(f"""\
 name: f

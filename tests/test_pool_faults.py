@@ -37,7 +37,6 @@ from openai_standin import (  # noqa: E402
     SERVER_ERROR,
     UNAUTHORIZED,
     Config,
-    StandIn,
     body_hash,
     count_prompt_tokens,
     expected_answer,
@@ -49,12 +48,6 @@ MODEL = "standin-model"
 STEP = "answer"
 PROMPT = "Question {{ id }}: {{ question }}"
 CLOCK_SLACK_S = 0.005
-
-
-@pytest.fixture
-def standin():
-    with StandIn(Config()) as s:
-        yield s
 
 
 @pytest.fixture(autouse=True)

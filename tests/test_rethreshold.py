@@ -26,7 +26,7 @@ from kdata.steps.dedup import MinHashDedupStep
 from kdata.steps.semantic import SemanticDedupStep
 
 sys.path.insert(0, str(Path(__file__).parent))
-from openai_standin import Config, StandIn  # noqa: E402
+from openai_standin import StandIn  # noqa: E402
 
 # BASE with 1, 3 and 5 of its 59 words swapped (true word-3-gram Jaccard 0.9, 0.74, 0.6); the
 # rows are the distinct seed texts, these three, and BASE again.
@@ -36,12 +36,6 @@ SEMANTIC_ROWS = [
     {"prompt": t, "n": i}
     for i, t in enumerate([*INSTRUCTIONS[:30], *PARAPHRASES[6], *PARAPHRASES[34], *BOYFRIEND])
 ]
-
-
-@pytest.fixture
-def standin():
-    with StandIn(Config()) as s:
-        yield s
 
 
 @pytest.fixture(autouse=True)

@@ -6,24 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from scripted import Config, StandIn, build, last_user_message, qid, tables, teacher
+from scripted import build, last_user_message, qid, tables, teacher
 
 import kdata
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT / "recipes" / "data" / "gsm8k_200.jsonl"
 PROMPT = "'Q{{ id }}: {{ q }}'"
-
-
-@pytest.fixture(autouse=True)
-def _key(monkeypatch):
-    monkeypatch.setenv("KDATA_TEST_KEY", "sk-test")
-
-
-@pytest.fixture
-def standin():
-    with StandIn(Config()) as s:
-        yield s
 
 
 # ------------------------------------------------------------------------- self_consistency
