@@ -119,13 +119,15 @@ def loopback_only(request) -> None:
 def hub(monkeypatch: pytest.MonkeyPatch):
     """The Hub stand-in on 127.0.0.1, with offline mode and Xet off for the client, whose HTTP
     session refuses any other host."""
-    import httpx
     import huggingface_hub.constants as constants
     from huggingface_hub.utils import _http
 
-    def client() -> httpx.Client:
-        hooks = {"request": [loopback_only, _http.hf_request_event_hook]}
-        return httpx.Client(event_hooks=hooks, follow_redirects=True, timeout=None)
+    def client():
+        # huggingface_hub's own client (httpx in 1.x, httpx2 in 2.x), so that its error
+        # handling sees the HTTP library it expects; only the loopback guard is added.
+        c = _http.default_client_factory()
+        c.event_hooks = {**c.event_hooks, "request": [loopback_only, *c.event_hooks["request"]]}
+        return c
 
     with HubStandIn(token=SENTINEL) as h:
         assert urlsplit(h.url).hostname == "127.0.0.1"
@@ -429,7 +431,7 @@ def test_push_round_trip_and_no_commit_when_nothing_changed(hub, curated, tmp_pa
     again = push(curated.dir, repo_id="alice/curated", endpoint=hub.url)
     assert again.commit is None and again.uploaded == [] and again.deleted == []
     assert again.head == res.commit and len(hub.commits("alice/curated")) == 2
-    assert {s for s, *_ in hub.log[n_requests:]} == {"whoami", "create_repo", "info", "tree"}
+    assert {s for s, *_ in hub.log[n_requests:]} == {"whoami", "info", "tree"}
     assert_no_token(curated.dir, curated.dir.parent / "published", dl, hub.files("alice/curated"))
 
 
@@ -566,3 +568,20 @@ def test_cli_push_dry_run_then_push(hub, curated) -> None:
     assert bad.returncode == 1 and "is not of the form USER/NAME" in bad.stderr
     assert_no_token(curated.dir, files)
     assert SENTINEL not in done.stdout + done.stderr + dry.stdout + dry.stderr
+
+
+def test_a_refused_create_repo_is_a_clear_error_not_a_raw_hub_exception(
+    hub, curated, curated_b
+) -> None:
+    # No rights on the namespace: the Hub answers 403 and the repository does not exist.
+    with pytest.raises(KdataError, match="cannot push to bob/ds: .*nothing was committed"):
+        push(curated.dir, repo_id="bob/ds", endpoint=hub.url)
+    assert "bob/ds" not in hub.repos
+    # A token that may write to an existing repository but not create one (the Hub answers
+    # create_repo with 403): the push to the existing repository goes through.
+    push(curated.dir, repo_id="alice/ds", endpoint=hub.url)
+    hub.fail("create_repo", 403)
+    n_requests = len(hub.log)
+    res = push(curated_b.dir, repo_id="alice/ds", endpoint=hub.url)
+    assert res.commit == hub.commits("alice/ds")[-1].oid
+    assert "create_repo" not in {s for s, *_ in hub.log[n_requests:]}

@@ -89,7 +89,6 @@ def push(
     if dry_run:
         return result
 
-    import httpx
     from huggingface_hub import (
         CommitOperationAdd,
         CommitOperationDelete,
@@ -98,8 +97,8 @@ def push(
         get_token,
         is_offline_mode,
     )
-    from huggingface_hub.errors import HfHubHTTPError
 
+    hub_errors = _hub_errors()
     if is_offline_mode():
         raise KdataError("HF_HUB_OFFLINE is set: unset it to push (or use --dry-run)")
     token = get_token()
@@ -112,19 +111,22 @@ def push(
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.whoami()
-        api.create_repo(
-            repo_id,
-            repo_type="dataset",
-            private=cfg.private if private is None else private,
-            exist_ok=True,
-        )
+        # An existing repository is not created again: a token may write to it without the
+        # right to create repositories (the Hub answers 403 to create_repo then).
+        if not api.repo_exists(repo_id, repo_type="dataset"):
+            api.create_repo(
+                repo_id,
+                repo_type="dataset",
+                private=cfg.private if private is None else private,
+                exist_ok=True,
+            )
         head = api.dataset_info(repo_id).sha
         remote = {
             f.path: f
             for f in api.list_repo_tree(repo_id, repo_type="dataset", revision=head, recursive=True)
             if isinstance(f, RepoFile)
         }
-    except (HfHubHTTPError, httpx.HTTPError) as e:
+    except hub_errors as e:
         if getattr(getattr(e, "response", None), "status_code", None) == 401:
             raise KdataError(
                 "the Hub refused the token (HTTP 401): set HF_TOKEN to a valid token with write "
@@ -146,7 +148,7 @@ def push(
         info = api.create_commit(
             repo_id, ops, repo_type="dataset", commit_message=message, parent_commit=head
         )
-    except (HfHubHTTPError, httpx.HTTPError, RuntimeError, ValueError, OSError) as e:
+    except (*hub_errors, RuntimeError) as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status == 412:
             raise KdataError(
@@ -159,6 +161,26 @@ def push(
     result.commit = result.head = info.oid
     result.url = info.commit_url
     return result
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What a Hub call can raise for a refused or failed request.
+
+    huggingface_hub's own errors, the transport errors of its HTTP library (httpx in 1.x,
+    httpx2 in 2.x: whichever is installed), and the ``ValueError``s and ``OSError``s it raises
+    for answers it cannot use (``HfUriError`` from an unexpected repository URL, for one).
+    """
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: list[type[BaseException]] = [HfHubHTTPError, ValueError, OSError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).HTTPError)
+        except ImportError:
+            pass
+    return tuple(errors)
 
 
 def _same(local: Path, remote) -> bool:
