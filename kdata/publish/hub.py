@@ -170,16 +170,15 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     httpx2 in 2.x: whichever is installed), and the ``ValueError``s and ``OSError``s it raises
     for answers it cannot use (``HfUriError`` from an unexpected repository URL, for one).
     """
+    import contextlib
     import importlib
 
     from huggingface_hub.errors import HfHubHTTPError
 
     errors: list[type[BaseException]] = [HfHubHTTPError, ValueError, OSError]
     for name in ("httpx2", "httpx"):
-        try:
+        with contextlib.suppress(ImportError):
             errors.append(importlib.import_module(name).HTTPError)
-        except ImportError:
-            pass
     return tuple(errors)
 
 
