@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -102,11 +103,51 @@ def test_verify_with_a_pattern_and_no_cot(tmp_path, standin):
     assert [(f["error_class"], f["raw"]) for f in t.failed] == [("parse", "None")]
 
 
+# HumanEval's shape: a prompt, tests that define check(candidate), and the entry point.
+CODE_SEEDS = [
+    {
+        "id": i,
+        "prompt": f"Q{i}: write add{i}(a, b) returning a + b",
+        "test": (
+            "def check(candidate):\n    assert candidate(2, 3) == 5\n"
+            "    assert candidate(-1, 1) == 0\n"
+        ),
+        "entry_point": f"add{i}",
+    }
+    for i in range(4)
+]
+CODE_REPLIES = {
+    0: "Here it is:\n```python\ndef add0(a, b):\n    return a + b\n```\nIt adds.",
+    1: "```python\ndef add1(a, b):\n    return a - b\n```",  # wrong
+    2: "def add2(a, b):\n    return b + a",  # right, not fenced
+    3: "```py\ndef add3(a, b):\n    while True:\n        pass\n```",  # never returns
+}
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (CI installs it)")
+def test_verify_with_tests_runs_the_code_in_the_sandbox(tmp_path, standin):
+    standin.config.reply = lambda body: CODE_REPLIES[qid(body)]
+    step = (
+        "  - {name: s, type: label, teacher: t, prompt: '{{ prompt }}',"
+        " verify: {tests: test, entry_point: entry_point, timeout_s: 3}}\n"
+    )
+    t = build(tmp_path, CODE_SEEDS, teacher("t", standin.port), step)
+    assert [(r["id"], r["response_code"]) for r in t.rows] == [
+        (0, "def add0(a, b):\n    return a + b"),
+        (2, "def add2(a, b):\n    return b + a"),
+    ]
+    assert t.stats["drop_reasons"] == {"tests_failed": 2} and t.failed == []
+    ended = {json.loads(d["row"])["id"]: json.loads(d["detail"]) for d in t.dropped}
+    assert ended[1]["ended"] == "failed" and "AssertionError" in ended[1]["output"]
+    assert ended[3]["ended"] in {"timeout", "cpu_limit"}
+
+
 @pytest.mark.parametrize(
     ("verify", "message"),
     [
-        ("{}", "either reference (a column) or pattern"),
-        ("{reference: a, pattern: x}", "either reference (a column) or pattern"),
+        ("{}", "either reference (a column), pattern (a regex) or tests"),
+        ("{reference: a, pattern: x}", "either reference (a column), pattern"),
+        ("{entry_point: e, pattern: x}", "entry_point needs tests"),
         ("{pattern: '[a-'}", "not a valid regular expression"),
         ("{extract_reference: true, pattern: x}", "extract_reference needs reference"),
     ],

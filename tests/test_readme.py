@@ -143,6 +143,13 @@ def test_elicitation_snippets_validate(tmp_path: Path, step_type: str) -> None:
             assert getattr(step, field) == "{{ question }}"  # read from the file
 
 
+def test_code_verification_snippet_validates() -> None:
+    snippet = next(b for b in blocks("yaml") if b.startswith("# label (code)\n"))
+    teachers = "  smol: {model: local/smollm2-135m-instruct}\n"
+    (step,) = kdata.recipe_from_yaml(f"name: t\nteachers:\n{teachers}" + snippet).steps
+    assert (step.verify.tests, step.verify.entry_point) == ("test", "entry_point")
+
+
 def test_every_step_type_is_documented() -> None:
     from kdata.recipe import STEP_TYPES
 

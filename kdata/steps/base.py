@@ -385,5 +385,6 @@ class TeacherStep(StepBase):
         child[PROVENANCE] = provenance(
             row_id(rid(row), ctx.name, str(sample)), [rid(row)], ctx.name, c
         )
-        rejected = self.reject(child)
+        # Off the event loop: a check may take seconds (code verification runs tests).
+        rejected = await asyncio.to_thread(self.reject, child)
         return child if rejected is None else dropped(child, rejected[0], **rejected[1])

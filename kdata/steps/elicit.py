@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kdata import prompts
+from kdata import prompts, sandbox
 from kdata.answers import answers_match, extract_answer, group_answers, split_final_answer
 from kdata.steps.base import (
     PROVENANCE,
@@ -53,6 +53,15 @@ def reasoned(output: str, text: str | None) -> dict[str, str] | None:
     return {output: text, f"{output}_rationale": split[0], f"{output}_answer": split[1]}
 
 
+_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def extract_code(text: str) -> str:
+    """The code of a response: its first fenced block, else the whole response."""
+    m = _FENCE.search(text)
+    return (m.group(1) if m else text).strip()
+
+
 def with_instruction(messages: list[dict[str, str]], instruction: str) -> list[dict[str, str]]:
     """``messages`` with ``instruction`` appended to the last user message."""
     last = messages[-1]
@@ -60,12 +69,16 @@ def with_instruction(messages: list[dict[str, str]], instruction: str) -> list[d
 
 
 class Verify(StrictModel):
-    """A check of each response's final answer: against a reference column, or a regex."""
+    """A check of each response: its final answer against a reference column or a regex, or
+    its code against the row's tests, run in `kdata.sandbox`."""
 
     reference: str | None = None  # the column holding the reference answer
     extract_reference: bool = False  # the reference is that column's final answer (last number)
     tolerance: float = Field(default=1e-6, ge=0)  # numeric answers: absolute or relative
     pattern: str | None = None  # a regex the whole final answer must match
+    tests: str | None = None  # a column of Python tests that the response's code must pass
+    entry_point: str | None = None  # a column naming the function the tests' check() takes
+    timeout_s: float = Field(default=10.0, gt=0)  # tests: wall clock and CPU seconds per run
 
     @field_validator("pattern")
     @classmethod
@@ -79,27 +92,42 @@ class Verify(StrictModel):
 
     @model_validator(mode="after")
     def _one_check(self) -> Verify:
-        if (self.reference is None) == (self.pattern is None):
-            raise ValueError("verify takes either reference (a column) or pattern (a regex)")
+        if [self.reference, self.pattern, self.tests].count(None) != 2:
+            raise ValueError(
+                "verify takes either reference (a column), pattern (a regex) or tests (a column)"
+            )
         if self.extract_reference and self.reference is None:
             raise ValueError("extract_reference needs reference: the column to extract from")
+        if self.entry_point is not None and self.tests is None:
+            raise ValueError("entry_point needs tests: the column of tests that call check()")
         return self
 
     def reference_of(self, row: dict) -> str:
-        """The reference answer of a row.
+        """The reference answer of a row (with ``tests``: its tests).
 
         Raises:
             ValueError: the row has no usable reference.
         """
-        value = row.get(self.reference)
+        column = self.reference or self.tests
+        value = row.get(column)
         if value is None or not str(value).strip():
-            raise ValueError(f"the row has no reference in column '{self.reference}'")
+            raise ValueError(f"the row has no reference in column '{column}'")
+        if self.tests is not None:
+            return str(value)
         ref = str(value).strip()
         if self.extract_reference:
             ref = extract_answer(ref)
             if ref is None:
                 raise ValueError(f"no final answer found in column '{self.reference}': {value!r}")
         return ref
+
+    def program(self, row: dict, code: str) -> str:
+        """The program that runs ``code`` against the row's tests (HumanEval's shape: the
+        solution, the tests, then ``check(<entry point>)`` when ``entry_point`` is set)."""
+        program = f"{code}\n\n{self.reference_of(row)}\n"
+        if self.entry_point is not None:
+            program += f"\ncheck({row[self.entry_point]})\n"
+        return program
 
     def passes(self, answer: str, reference: str | None) -> bool:
         """Whether an extracted answer passes the check (``reference``: from `reference_of`)."""
@@ -114,7 +142,10 @@ class LabelStep(TeacherStep):
     With ``n`` > 1 each row gives ``n`` rows, one per sample. ``cot`` appends ``cot_prompt``
     (reason step by step, then ``Final answer: ...``) and splits the response into rationale
     and answer columns; a response without a final-answer marker is a ``parse`` failure.
-    ``verify`` checks each sample's final answer and drops a wrong one as ``wrong_answer``.
+    ``verify`` checks each sample's final answer and drops a wrong one as ``wrong_answer``;
+    with ``verify.tests`` the response's code (its first fenced block, else all of it) goes to
+    ``<output>_code`` and runs against the row's tests in `kdata.sandbox`, and a sample that
+    fails them is dropped as ``tests_failed`` with how it ended and its output.
     """
 
     type: Literal["label"] = "label"
@@ -128,8 +159,11 @@ class LabelStep(TeacherStep):
         return with_instruction(msgs, render(self.cot_prompt, row)) if self.cot else msgs
 
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
-        """Rows without a usable reference fail before any call is paid for."""
-        if self.verify is None or self.verify.reference is None:
+        """Rows without a usable reference fail before any call is paid for, and so does a
+        step whose tests this machine cannot sandbox."""
+        if self.verify is not None and self.verify.tests is not None:
+            sandbox.require()
+        if self.verify is None or self.verify.pattern is not None:
             return await super().run(rows, ctx)
         good, bad = [], []
         for row in rows:
@@ -155,7 +189,9 @@ class LabelStep(TeacherStep):
                 )
         else:
             new = {self.output: text}
-        if self.verify is not None:
+        if self.verify is not None and self.verify.tests is not None:
+            new[f"{self.output}_code"] = extract_code(text)
+        elif self.verify is not None:
             answer = new.get(f"{self.output}_answer") or extract_answer(text)
             if answer is None:
                 raise ParseError("no final answer in the response to verify")
@@ -167,6 +203,13 @@ class LabelStep(TeacherStep):
     def reject(self, row: dict) -> tuple[str, dict[str, Any]] | None:
         if self.verify is None:
             return None
+        if self.verify.tests is not None:
+            code = row[f"{self.output}_code"]
+            limits = sandbox.Limits(timeout_s=self.verify.timeout_s)
+            outcome = sandbox.run_python(self.verify.program(row, code), limits)
+            if outcome.passed:
+                return None
+            return "tests_failed", {"ended": outcome.reason, "output": outcome.output[-4000:]}
         answer, reference = row[f"{self.output}_answer"], row.get(f"{self.output}_reference")
         if self.verify.passes(answer, reference):
             return None
