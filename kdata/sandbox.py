@@ -3,22 +3,23 @@
 Each run gets a fresh temporary folder, the only place it can write. Everything else is
 read-only; ``/tmp`` is a private tmpfs that vanishes with the run; there is no network (a new,
 empty network namespace), no view of other processes, and an empty environment, so no API key
-reaches the code. CPU time, address space, file size (output included), open files and processes
-are capped with rlimits, and a wall-clock timeout kills the whole process group; every process
-the code started lives in the run's own PID namespace and dies with it. (The kernel does not
-enforce the process cap for namespaces root creates, so under root a fork bomb is stopped by the
-timeout, not by the cap.) The home folder
-is hidden behind an empty tmpfs (only the Python installation is mounted back), so tokens and
-configuration stored there cannot be read and printed into a row.
+reaches the code. The home folder is hidden behind an empty tmpfs (only the Python installation
+is mounted back), so tokens and configuration stored there cannot be read and printed into a row.
+CPU time, address space, file size (output included) and open files are capped with rlimits, and
+a wall-clock timeout kills what is left. The number of processes is capped too, so a fork bomb
+cannot empty the machine's process table: by ``RLIMIT_NPROC`` for a normal user, and, under
+root (whom the kernel exempts from that limit), by a ``pids`` cgroup of the run's own.
 
-Isolation comes from bubblewrap (``bwrap``). Where it is missing or cannot create namespaces,
-`run_python` refuses with `SandboxUnavailable` instead of running the code unconfined.
+Isolation comes from bubblewrap (``bwrap``). Where it is missing or cannot create namespaces, or
+kdata runs as root without a ``pids`` cgroup it can create, `run_python` refuses with
+`SandboxUnavailable` instead of running the code unconfined.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import resource
 import shutil
@@ -26,10 +27,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from kdata.errors import KdataError
+
+_runs = itertools.count()
 
 
 class SandboxUnavailable(KdataError):
@@ -43,7 +47,7 @@ class Limits:
     timeout_s: float = 10.0  # wall clock; CPU time is capped at the same number of seconds
     memory_mb: int = 1024  # address space
     output_bytes: int = 1 << 20  # stdout + stderr, and any one file it writes
-    processes: int = 32  # the run's own processes, beyond what its user already runs
+    processes: int = 32  # the run's own processes (for a normal user: beyond those it runs)
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,54 @@ def _bwrap() -> str:
             "a container --security-opt seccomp=unconfined); kdata does not run a teacher's "
             "code without isolation"
         )
+    if os.getuid() == 0 and _pids_cgroups() is None:
+        raise SandboxUnavailable(
+            "kdata runs as root, and root is exempt from the process limit, but no pids cgroup "
+            "can be created here (/sys/fs/cgroup/pids or a cgroup v2 root with the pids "
+            "controller): run kdata as a normal user, so that a fork bomb in a teacher's code "
+            "cannot exhaust the machine's processes"
+        )
     return path
+
+
+@functools.cache
+def _pids_cgroups() -> Path | None:
+    """Where root can make a pids cgroup per run: cgroup v1's pids hierarchy, or v2's root."""
+    for base in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
+        probe = base / f"kdata-probe-{os.getpid()}"
+        try:
+            probe.mkdir()
+        except OSError:
+            continue
+        usable = (probe / "pids.max").exists()
+        probe.rmdir()
+        if usable:
+            return base
+    return None
+
+
+@contextlib.contextmanager
+def _process_cap(processes: int):
+    """Under root, a pids cgroup for one run (yields its ``cgroup.procs``), emptied of whatever
+    is left in it and removed after; for a normal user, nothing (``RLIMIT_NPROC`` caps it)."""
+    if os.getuid() != 0:
+        yield None
+        return
+    group = _pids_cgroups() / f"kdata-sandbox-{os.getpid()}-{next(_runs)}"
+    group.mkdir()
+    try:
+        (group / "pids.max").write_text(str(processes))
+        yield group / "cgroup.procs"
+    finally:
+        for _ in range(500):
+            left = (group / "cgroup.procs").read_text().split()
+            if not left:
+                break
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            time.sleep(0.02)
+        group.rmdir()
 
 
 def _isolation(workdir: Path) -> list[str]:
@@ -123,17 +174,21 @@ def _isolation(workdir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _confine(limits: Limits, processes: int) -> None:
-    """In the child, before bwrap: its own process group and the rlimits."""
+def _confine(limits: Limits, procs: Path | None) -> None:
+    """In the child, before bwrap: its own process group, the rlimits and the process cap."""
     os.setsid()
-    for which, value in [
+    caps = [
         (resource.RLIMIT_CPU, int(limits.timeout_s) + 1),
         (resource.RLIMIT_AS, limits.memory_mb << 20),
         (resource.RLIMIT_FSIZE, limits.output_bytes),
         (resource.RLIMIT_NOFILE, 64),
         (resource.RLIMIT_CORE, 0),
-        (resource.RLIMIT_NPROC, processes),
-    ]:
+    ]
+    if procs is not None:
+        procs.write_text(str(os.getpid()))
+    else:
+        caps.append((resource.RLIMIT_NPROC, _user_processes() + limits.processes))
+    for which, value in caps:
         resource.setrlimit(which, (value, value))
 
 
@@ -166,14 +221,13 @@ def run_python(code: str, limits: Limits = Limits()) -> Outcome:
         workdir.mkdir()
         (workdir / "main.py").write_text(code, encoding="utf-8")
         out_path = Path(tmp) / "output"
-        processes = _user_processes() + limits.processes
-        with out_path.open("wb") as out:
+        with _process_cap(limits.processes) as procs, out_path.open("wb") as out:
             proc = subprocess.Popen(
                 [bwrap, *_isolation(workdir), sys.executable, "-I", "main.py"],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=functools.partial(_confine, limits, processes),
+                preexec_fn=functools.partial(_confine, limits, procs),
             )
             try:
                 rc = proc.wait(timeout=limits.timeout_s)
