@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kdata.errors import RecipeError
 from kdata.publish.config import PublishConfig
 from kdata.steps.base import StrictModel
+from kdata.steps.conversation import ConversationStep
 from kdata.steps.curate import CurateStep
 from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
 from kdata.steps.diversity import DiversityStep
@@ -39,6 +40,7 @@ STEP_CLASSES = (
     ConsensusStep,
     SelfConsistencyStep,
     SelfRefineStep,
+    ConversationStep,
     FeaturesStep,
     FilterStep,
     DecontaminateStep,

@@ -123,7 +123,7 @@ def test_publish_snippet_validates() -> None:
     assert recipe.publish.repo_id == "alice/seed-answers" and recipe.publish.license == "apache-2.0"
 
 
-ELICITATION = ("label", "consensus", "self_consistency", "self_refine", "features")
+ELICITATION = ("label", "consensus", "self_consistency", "self_refine", "conversation", "features")
 
 
 @pytest.mark.parametrize("step_type", ELICITATION)
@@ -138,7 +138,7 @@ def test_elicitation_snippets_validate(tmp_path: Path, step_type: str) -> None:
     r = kdata.recipe_from_yaml(f"name: t\nteachers:\n{teachers}" + snippet, base_dir=tmp_path)
     (step,) = r.steps
     assert step.type == step_type
-    for field in ("cot_prompt", "answer_prompt", "critique_prompt", "refine_prompt"):
+    for field in ("cot_prompt", "answer_prompt", "critique_prompt", "refine_prompt", "user_prompt"):
         if f"{field}: {{path:" in snippet:
             assert getattr(step, field) == "{{ question }}"  # read from the file
 
