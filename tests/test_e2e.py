@@ -110,7 +110,7 @@ def test_bad_seed_lines_are_failed_rows_not_lost(tmp_path: Path, seeds: Path) ->
     assert (s.expected, s.rows_out, s.failed) == (7, 5, 2)
     failed = pq.read_table(tmp_path / "run/steps/00_seeds/failed.parquet").to_pylist()
     assert {f["error_class"] for f in failed} == {"bad_seed"}
-    assert any("record 6" in f["error"] for f in failed)
+    assert any("bad.jsonl line 6" in f["error"] for f in failed)
 
 
 def test_bad_recipe_fails_cleanly_and_writes_nothing(tmp_path: Path) -> None:

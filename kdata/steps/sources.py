@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Literal
@@ -32,8 +33,10 @@ _FORMATS = {
 class SeedsStep(StepBase):
     """Read seed rows from a file (jsonl, json, csv, parquet), a `datasets` folder, or a Hub id.
 
-    Relative paths resolve against the recipe's folder. A line of a JSONL file that is not a JSON
-    object is a failed row with its line number, not a silent skip.
+    Relative paths resolve against the recipe's folder. A bad record fails as ``bad_seed`` with
+    its place (JSONL line, JSON record number) and the other records are read on: a JSONL line
+    that is not UTF-8 or not a JSON object, a record holding a lone surrogate (``"\\ud800"``). A
+    JSON or CSV file that is not UTF-8 is refused with the line of its first bad byte.
     """
 
     type: Literal["seeds"] = "seeds"
@@ -100,13 +103,10 @@ class SeedsStep(StepBase):
         if fmt == "jsonl":
             return _read_jsonl(p)
         if fmt == "json":
-            data = json.loads(p.read_text(encoding="utf-8"))
-            if isinstance(data, dict):
-                data = next((v for v in data.values() if isinstance(v, list)), [data])
-            return list(enumerate(data)), []
+            return _read_json(p)
         import pandas as pd
 
-        df = pd.read_csv(p) if fmt == "csv" else pd.read_parquet(p)
+        df = pd.read_csv(io.StringIO(_text(p))) if fmt == "csv" else pd.read_parquet(p)
         return list(enumerate(df.to_dict(orient="records"))), []
 
     def _hub(self) -> list[tuple[int, dict]]:
@@ -117,16 +117,80 @@ class SeedsStep(StepBase):
 
 
 def _read_jsonl(p: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
+    """Each non-blank line is a record; a line that is not UTF-8 or not a usable JSON object
+    fails as ``bad_seed`` with its line number, and the other lines are read on."""
     good, bad = [], []
-    with p.open(encoding="utf-8") as fh:
-        for i, line in enumerate(text for text in fh if text.strip()):
+    with p.open("rb") as fh:
+        lines = ((n, raw) for n, raw in enumerate(fh, 1) if raw.strip())
+        for i, (n, raw) in enumerate(lines):
             try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise ValueError("not a JSON object")
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                text = raw.decode("utf-8", "backslashreplace")
+                problem = f"not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8"
+            else:
+                try:
+                    rec = json.loads(text)
+                except ValueError as e:
+                    problem = str(e)
+                else:
+                    problem = _problem(rec)
+            if problem is None:
                 good.append((i, rec))
-            except ValueError as e:
-                f = failure(None, "bad_seed", f"{p.name}: record {i + 1}: {e}", raw=line[:2000])
+            else:
+                f = failure(
+                    None,
+                    "bad_seed",
+                    f"{p.name} line {n}: {problem}",
+                    raw=text.rstrip("\r\n")[:2000],
+                )
                 f["_index"] = i
                 bad.append(f)
     return good, bad
+
+
+def _read_json(p: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
+    """A JSON list of records (or an object holding one); a bad record fails as ``bad_seed``."""
+    try:
+        data = json.loads(_text(p))
+    except json.JSONDecodeError as e:
+        raise KdataError(f"seeds: {p}:{e.lineno}: not valid JSON: {e.msg}") from None
+    if isinstance(data, dict):
+        data = next((v for v in data.values() if isinstance(v, list)), [data])
+    good, bad = [], []
+    for i, rec in enumerate(data):
+        problem = _problem(rec)
+        if problem is None:
+            good.append((i, rec))
+        else:
+            f = failure(
+                None, "bad_seed", f"{p.name} record {i + 1}: {problem}", raw=json.dumps(rec)[:2000]
+            )
+            f["_index"] = i
+            bad.append(f)
+    return good, bad
+
+
+def _problem(rec: object) -> str | None:
+    """Why a parsed JSON value cannot be a seed row, or None when it can."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    try:  # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 file can store
+        json.dumps(rec, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ascii(e.object[e.start : e.end])
+        return f"{bad} is not valid Unicode (a lone surrogate); remove it or give its pair"
+    return None
+
+
+def _text(p: Path) -> str:
+    """The file's text; a file that is not UTF-8 is refused with the line of its first bad byte."""
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise KdataError(
+            f"seeds: {p}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8, "
+            "e.g. iconv -f latin1 -t utf-8"
+        ) from None
