@@ -210,10 +210,11 @@ class Recipe(StrictModel):
         return [t for t in self.teachers if t in used]
 
     def check_runtime(self) -> None:
-        """Check what only the environment can tell: keys present, prices known under a budget.
+        """Check what only the environment can tell: keys present, prices known under a budget,
+        each step's input files readable (see `StepBase.check_inputs`).
 
         Raises:
-            RecipeError: naming the teacher, its line and the fix.
+            RecipeError: naming the teacher or step, its line and the fix.
         """
         from kdata.errors import KdataError
         from kdata.teachers.local import model_path
@@ -245,6 +246,18 @@ class Recipe(StrictModel):
                 self.publish.template_text(self.base_dir)
             except KdataError as e:
                 raise self._error(str(e), ("publish", "template")) from None
+        for i, step in enumerate(self.steps):
+            try:
+                step.check_inputs(self.base_dir)
+            except KdataError as e:
+                field = "path" if "path" in type(step).model_fields else None
+                raise RecipeError(
+                    str(e),
+                    path=self._source_path,
+                    line=_line_for(self._lines, ("steps", i, field)),
+                    step=f"steps[{i}] ({step.type})",
+                    field=field,
+                ) from None
 
     def _error(self, message: str, loc: tuple) -> RecipeError:
         return RecipeError(

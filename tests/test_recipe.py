@@ -97,6 +97,7 @@ def test_missing_env_var_is_named(tmp_path: Path) -> None:
 
 
 def test_missing_api_key_only_matters_when_the_teacher_is_used(tmp_path, monkeypatch) -> None:
+    (tmp_path / "seeds.jsonl").write_text('{"instruction": "hi"}\n', encoding="utf-8")
     r = load_text(tmp_path, GOOD)
     with pytest.raises(RecipeError, match="KDATA_T_KEY is not set") as info:
         r.check_runtime()
@@ -115,6 +116,7 @@ def test_literal_api_key_is_refused(tmp_path: Path) -> None:
 
 def test_unpriced_model_is_refused_under_a_budget(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("KDATA_T_KEY", "x")
+    (tmp_path / "seeds.jsonl").write_text('{"instruction": "hi"}\n', encoding="utf-8")
     load_text(tmp_path, GOOD).check_runtime()  # gpt-4o-mini is in litellm's price table
     odd = load_text(tmp_path, GOOD.replace("openai/gpt-4o-mini", "openai/my-own-model"))
     with pytest.raises(RecipeError, match="no price for model 'openai/my-own-model'"):

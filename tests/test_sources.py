@@ -55,13 +55,39 @@ def test_editing_the_seed_file_reruns_the_step(tmp_path: Path) -> None:
     assert not again.steps[0].reused and again.steps[0].rows_out == 5
 
 
-def test_missing_seed_file_is_a_clear_error(tmp_path: Path) -> None:
+def test_missing_seed_file_is_refused_before_the_run_directory_exists(tmp_path: Path) -> None:
     recipe = kdata.recipe_from_yaml(
         "name: s\nsteps:\n  - {type: seeds, path: nope.jsonl}\n", base_dir=tmp_path
     )
-    with pytest.raises(kdata.KdataError, match="no such file"):
+    with pytest.raises(kdata.RecipeError, match="no such file") as info:
         kdata.build(recipe, run_dir=tmp_path / "run")
-    assert json.loads((tmp_path / "run/manifest.json").read_text())["status"] == "failed"
+    assert (info.value.line, info.value.step, info.value.field) == (3, "steps[0] (seeds)", "path")
+    assert not (tmp_path / "run").exists()
+
+
+def test_mixed_column_types_name_the_column_and_record(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"k": 1}\n{"k": 2.5}\n{"k": null}\n{"k": [3]}\n{"k": "x"}\n')
+    recipe = kdata.recipe_from_yaml(f"name: s\nsteps:\n  - {{type: seeds, path: {path}}}\n")
+    with pytest.raises(kdata.RecipeError) as info:
+        kdata.build(recipe, run_dir=tmp_path / "run")
+    assert (
+        "s.jsonl: column 'k' holds list<item: int64> in record 4 but double in the records"
+        in str(info.value)
+    )
+    assert not (tmp_path / "run").exists()
+    # Only the records the step uses count: the first three agree.
+    limited = kdata.recipe_from_yaml(
+        f"name: s\nsteps:\n  - {{type: seeds, path: {path}, limit: 3}}\n"
+    )
+    assert [r["k"] for r in kdata.build(limited, run_dir=tmp_path / "run").rows()] == [1, 2.5, None]
+
+
+def test_empty_csv_cells_are_nulls(tmp_path: Path) -> None:
+    path = tmp_path / "s.csv"
+    path.write_text("q,k\na,1\n,2\nc,\n", encoding="utf-8")
+    rows = build_seeds(tmp_path, path).rows()
+    assert [(r["q"], r["k"]) for r in rows] == [("a", 1), (None, 2), ("c", None)]
 
 
 def test_a_column_only_later_rows_have_is_kept(tmp_path: Path) -> None:

@@ -61,59 +61,128 @@ class SeedsStep(StepBase):
 
     def plan(self, n_rows: int, base_dir: Path) -> tuple[int, int]:
         records, failed = self.read(base_dir)
-        n = len(records) + len(failed)
-        return n_rows + (min(n, self.limit) if self.limit else n), 0
+        return n_rows + len(records) + len(failed), 0
+
+    def check_inputs(self, base_dir: Path) -> None:
+        """Read a seed file through, so that a missing path, an unknown format, a JSON or CSV file
+        that is not UTF-8, or a column of mixed types stops a build before it writes anything.
+
+        `datasets` folders and Hub datasets are typed by Arrow; the build reads them.
+        """
+        p = self.resolve(base_dir)
+        if not (p.is_dir() or self._on_hub(p)):
+            self.read(base_dir)
 
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
         records, failed = self.read(ctx.base_dir)
-        if self.limit is not None:  # the first `limit` records of the file, good or bad
-            records = [(i, r) for i, r in records if i < self.limit]
-            failed = [f for f in failed if f["_index"] < self.limit]
         made = []
         for i, rec in records:
             rec = {k: v for k, v in rec.items() if k != PROVENANCE}
             key = row_id("seeds", self.path, str(i), json.dumps(rec, sort_keys=True, default=str))
             made.append({**rec, PROVENANCE: provenance(key, [], ctx.name)})
-        for f in failed:
-            f.pop("_index", None)
         ctx.advance(len(made) + len(failed))
         return StepOutput(
             rows=rows + made, expected=len(rows) + len(made) + len(failed), failed=failed
         )
 
     def read(self, base_dir: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
-        """(index, record) pairs of the good records, and failed-table entries for bad ones."""
+        """Of the first ``limit`` records (all without a limit), good or bad: (index, record)
+        pairs of the good ones and failed-table entries for the bad ones.
+
+        Raises:
+            KdataError: no such path, an unknown format, a file that cannot be read, or a column
+                whose values Arrow cannot store together (the first such record is named).
+        """
         p = self.resolve(base_dir)
-        if not p.exists():
-            if "/" in self.path and not self.path.startswith((".", "/")) and p.suffix == "":
-                return self._hub(), []
-            raise KdataError(f"seeds: no such file or folder: {p}")
-        if p.is_dir():
-            import datasets
+        records, failed = self._hub() if self._on_hub(p) else _read_path(p, self.split)
+        if self.limit is not None:  # the first `limit` records of the file, good or bad
+            records = [(i, r) for i, r in records if i < self.limit]
+            failed = [f for f in failed if f["_index"] < self.limit]
+        for f in failed:
+            f.pop("_index")
+        _check_types(records, p.name)
+        return records, failed
 
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[self.split]
-            return list(enumerate(ds.to_list())), []
-        fmt = _FORMATS.get(p.suffix.lower())
-        if fmt is None:
-            raise KdataError(
-                f"seeds: cannot tell the format of {p.name}; use one of {', '.join(_FORMATS)}"
-            )
-        if fmt == "jsonl":
-            return _read_jsonl(p)
-        if fmt == "json":
-            return _read_json(p)
-        import pandas as pd
+    def _on_hub(self, p: Path) -> bool:
+        """Whether the path names a Hub dataset: ``owner/name``, with no such local path."""
+        return (
+            "/" in self.path
+            and not self.path.startswith((".", "/"))
+            and p.suffix == ""
+            and not p.exists()
+        )
 
-        df = pd.read_csv(io.StringIO(_text(p))) if fmt == "csv" else pd.read_parquet(p)
-        return list(enumerate(df.to_dict(orient="records"))), []
-
-    def _hub(self) -> list[tuple[int, dict]]:
+    def _hub(self) -> tuple[list[tuple[int, dict]], list[dict]]:
         import datasets
 
         ds = datasets.load_dataset(self.path, split=self.split)
-        return list(enumerate(ds.to_list()))
+        return list(enumerate(ds.to_list())), []
+
+
+def _read_path(p: Path, split: str) -> tuple[list[tuple[int, dict]], list[dict]]:
+    """(index, record) pairs and failed-table entries (with ``_index``) of a local seed path."""
+    if not p.exists():
+        raise KdataError(f"seeds: no such file or folder: {p}")
+    if p.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+        return list(enumerate(ds.to_list())), []
+    fmt = _FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise KdataError(
+            f"seeds: cannot tell the format of {p.name}; use one of {', '.join(_FORMATS)}"
+        )
+    if fmt == "jsonl":
+        return _read_jsonl(p)
+    if fmt == "json":
+        return _read_json(p)
+    import pandas as pd
+
+    if fmt == "csv":
+        df = pd.read_csv(io.StringIO(_text(p)))
+        df = df.astype(object).where(df.notna(), None)  # an empty cell is null, not NaN
+    else:
+        df = pd.read_parquet(p)
+    return list(enumerate(df.to_dict(orient="records"))), []
+
+
+def _check_types(records: list[tuple[int, dict]], source: str) -> None:
+    """Refuse a column whose values Arrow cannot store in one Parquet column, naming the first
+    record that disagrees with the ones before it (ints and floats mix; ints and strings do not).
+    """
+    import pyarrow as pa
+
+    for key in dict.fromkeys(k for _, r in records for k in r):
+        values = [r.get(key) for _, r in records]
+        try:
+            pa.array(values)
+            continue
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            pass
+        lo, hi = 1, len(values)  # the shortest prefix Arrow refuses ends at the culprit
+        while lo < hi:
+            mid = (lo + hi) // 2
+            try:
+                pa.array(values[:mid])
+                lo = mid + 1
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                hi = mid
+        n, value = records[lo - 1][0] + 1, values[lo - 1]
+        try:
+            got = f"{pa.array([value]).type} in record {n}"
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise KdataError(
+                f"seeds: {source}: column '{key}' holds a value that mixes types inside it in "
+                f"record {n} ({e}); give its parts one type"
+            ) from None
+        raise KdataError(
+            f"seeds: {source}: column '{key}' holds {got} but {pa.array(values[: lo - 1]).type} "
+            "in the records before it; give the column one type in every record (e.g. quote "
+            "numbers to make them all strings)"
+        )
 
 
 def _read_jsonl(p: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
