@@ -32,6 +32,17 @@ def write(tmp_path: Path, fmt: str) -> Path:
     return p
 
 
+def build_seeds(tmp_path: Path, path: Path) -> kdata.Run:
+    recipe = kdata.recipe_from_yaml(f"name: s\nsteps:\n  - {{type: seeds, path: {path}}}\n")
+    return kdata.build(recipe, run_dir=tmp_path / "run")
+
+
+def failed_rows(tmp_path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(tmp_path / "run/steps/00_seeds/failed.parquet").to_pylist()
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "datasets"])
 def test_seed_formats(tmp_path: Path, fmt: str) -> None:
     path = write(tmp_path, fmt)
@@ -96,17 +107,6 @@ def test_a_column_only_later_rows_have_is_kept(tmp_path: Path) -> None:
     recipe = kdata.recipe_from_yaml(f"name: s\nsteps:\n  - {{type: seeds, path: {path}}}\n")
     rows = kdata.build(recipe, run_dir=tmp_path / "run").rows()
     assert [(r["q"], r["score"]) for r in rows] == [("a", None), ("b", 3)]
-
-
-def build_seeds(tmp_path: Path, path: Path) -> kdata.Run:
-    recipe = kdata.recipe_from_yaml(f"name: s\nsteps:\n  - {{type: seeds, path: {path}}}\n")
-    return kdata.build(recipe, run_dir=tmp_path / "run")
-
-
-def failed_rows(tmp_path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(tmp_path / "run/steps/00_seeds/failed.parquet").to_pylist()
 
 
 def test_lone_surrogate_fails_its_row_as_bad_seed(tmp_path: Path) -> None:
