@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kdata.errors import BudgetExceeded, KdataError
+from kdata.errors import BudgetExceeded, KdataError, RecipeError
 
 app = typer.Typer(
     name="kdata",
@@ -106,7 +106,7 @@ def build(
         raise typer.Exit(130) from None
     except KdataError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2 if isinstance(e, RecipeError) else 1) from None
     out.print(summary_table(run))
     total_failed = sum(s.failed for s in run.steps)
     out.print(

@@ -1,7 +1,8 @@
 """Recipes: the pydantic models of a recipe and `load_recipe`, which reads one from YAML.
 
-A recipe is loaded with ``yaml.safe_load`` only; every model forbids unknown keys; steps are a
-discriminated union on ``type``. Errors name the file, line, step and field, and propose a fix.
+A recipe is loaded with PyYAML's ``SafeLoader`` only, at most 1 MiB of it, with aliases bounded;
+every model forbids unknown keys; steps are a discriminated union on ``type``. Errors name the
+file, line, step and field, and propose a fix.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ STEP_TYPES: dict[str, type[BaseModel]] = {
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
 _ENV_ONLY = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+MAX_RECIPE_BYTES = 1 << 20  # 1 MiB: hand-written recipes are a few KB; data belongs in files
+MAX_ALIASED_NODES = 10_000  # YAML nodes that aliases may add by repeating anchored ones
 
 
 class Price(StrictModel):
@@ -208,10 +212,11 @@ class Recipe(StrictModel):
         return [t for t in self.teachers if t in used]
 
     def check_runtime(self) -> None:
-        """Check what only the environment can tell: keys present, prices known under a budget.
+        """Check what only the environment can tell: keys present, prices known under a budget,
+        each step's input files readable (see `StepBase.check_inputs`).
 
         Raises:
-            RecipeError: naming the teacher, its line and the fix.
+            RecipeError: naming the teacher or step, its line and the fix.
         """
         from kdata.errors import KdataError
         from kdata.teachers.local import model_path
@@ -243,6 +248,18 @@ class Recipe(StrictModel):
                 self.publish.template_text(self.base_dir)
             except KdataError as e:
                 raise self._error(str(e), ("publish", "template")) from None
+        for i, step in enumerate(self.steps):
+            try:
+                step.check_inputs(self.base_dir)
+            except KdataError as e:
+                field = "path" if "path" in type(step).model_fields else None
+                raise RecipeError(
+                    str(e),
+                    path=self._source_path,
+                    line=_line_for(self._lines, ("steps", i, field)),
+                    step=f"steps[{i}] ({step.type})",
+                    field=field,
+                ) from None
 
     def _error(self, message: str, loc: tuple) -> RecipeError:
         return RecipeError(
@@ -257,7 +274,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read a recipe from a YAML file.
 
     Args:
-        path: the recipe file.
+        path: the recipe file, at most `MAX_RECIPE_BYTES` of UTF-8.
 
     Returns:
         The validated recipe; relative input paths in it resolve against the file's folder.
@@ -267,21 +284,48 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as fh:
+            raw = fh.read(MAX_RECIPE_BYTES + 1)  # never more: a huge file is refused unread
     except OSError as e:
         raise RecipeError(f"cannot read recipe: {e.strerror}", path=str(p)) from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise _too_large(str(p))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            f"not UTF-8 text (byte 0x{raw[e.start]:02x}); save the recipe as UTF-8",
+            path=str(p),
+            line=raw.count(b"\n", 0, e.start) + 1,
+        ) from None
     return _parse(text, str(p), p.parent)
 
 
 def recipe_from_yaml(text: str, base_dir: str | os.PathLike = ".") -> Recipe:
     """Parse a recipe given as YAML text (paths resolve against ``base_dir``)."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+        raise _too_large(None)
     return _parse(text, None, Path(base_dir))
+
+
+def _too_large(path: str | None) -> RecipeError:
+    return RecipeError(
+        f"recipe is larger than {MAX_RECIPE_BYTES >> 20} MiB, the most kdata reads; keep data "
+        "(seeds, topics, benchmark items) in files that the recipe names by path",
+        path=path,
+    )
 
 
 def _parse(text: str, path: str | None, base_dir: Path) -> Recipe:
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            # Checked before constructing: merge keys (<<) would copy what an alias bomb expands.
+            lines = _line_map(node, path)
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         problem = getattr(e, "problem", None) or str(e)
@@ -293,9 +337,10 @@ def _parse(text: str, path: str | None, base_dir: Path) -> Recipe:
             path=path,
             line=mark.line + 1 if mark else None,
         ) from None
+    except RecursionError:
+        raise RecipeError("invalid YAML: nested too deeply", path=path) from None
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a YAML mapping with name, teachers and steps", path=path)
-    lines = _line_map(node)
     data = _interpolate(data, (), path, lines)
     try:
         recipe = Recipe.model_validate(data, context={"base_dir": base_dir})
@@ -305,20 +350,56 @@ def _parse(text: str, path: str | None, base_dir: Path) -> Recipe:
     return recipe
 
 
-def _line_map(node: yaml.Node | None, loc: tuple = ()) -> dict[tuple, int]:
-    """Map each location (tuple of keys and indices) to its 1-based line."""
+def _line_map(root: yaml.Node | None, path: str | None) -> dict[tuple, int]:
+    """Map each location (tuple of keys and indices) to its 1-based line.
+
+    The walk follows aliases, so it is where the two ways aliases blow up are refused, before
+    anything expands them: a node that contains itself, and more than `MAX_ALIASED_NODES` nodes
+    reached again through aliases (an "alias bomb": a few hundred bytes that expand to billions).
+    """
     out: dict[tuple, int] = {}
-    if node is None:
-        return out
-    out[loc] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = (*loc, k.value)
-            out.update(_line_map(v, key))
-            out[key] = k.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            out.update(_line_map(v, (*loc, i)))
+    seen: set[int] = set()  # every node walked so far
+    inside: set[int] = set()  # the nodes on the path from the root to this one
+    aliased = 0
+
+    def walk(node: yaml.Node, loc: tuple, line: int, alias_line: int | None) -> None:
+        # line: where the node is used (its key's line, or its sequence's); alias_line: the
+        # line of the alias being expanded, if inside one.
+        nonlocal aliased
+        if id(node) in inside:
+            raise RecipeError(
+                "an alias refers to a node that contains it; a recipe must be finite",
+                path=path,
+                line=line,
+            )
+        if alias_line is None and id(node) in seen:
+            alias_line = line
+        if alias_line is not None:
+            aliased += 1
+            if aliased > MAX_ALIASED_NODES:
+                raise RecipeError(
+                    f"aliases expand the recipe by more than {MAX_ALIASED_NODES:,} YAML nodes "
+                    "(an alias bomb?); write the values out or use fewer, smaller aliases",
+                    path=path,
+                    line=alias_line,
+                )
+        seen.add(id(node))
+        out[loc] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            inside.add(id(node))
+            for k, v in node.value:
+                key = (*loc, k.value)
+                walk(v, key, k.start_mark.line + 1, alias_line)
+                out[key] = k.start_mark.line + 1
+            inside.discard(id(node))
+        elif isinstance(node, yaml.SequenceNode):
+            inside.add(id(node))
+            for i, v in enumerate(node.value):
+                walk(v, (*loc, i), out[loc], alias_line)
+            inside.discard(id(node))
+
+    if root is not None:
+        walk(root, (), root.start_mark.line + 1, None)
     return out
 
 

@@ -149,7 +149,8 @@ def build(
         The finished run.
 
     Raises:
-        RecipeError: a key or price the recipe needs is missing.
+        RecipeError: a key, price or input file the recipe needs is missing or unusable;
+            raised before the run directory is created.
         BudgetExceeded: the run stopped before passing ``budget_usd``; ``.run`` is the stopped
             run, and rerunning with a larger budget resumes it.
     """

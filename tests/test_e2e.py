@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 import kdata
 from kdata.runner import DATASET_FILE
@@ -110,7 +111,7 @@ def test_bad_seed_lines_are_failed_rows_not_lost(tmp_path: Path, seeds: Path) ->
     assert (s.expected, s.rows_out, s.failed) == (7, 5, 2)
     failed = pq.read_table(tmp_path / "run/steps/00_seeds/failed.parquet").to_pylist()
     assert {f["error_class"] for f in failed} == {"bad_seed"}
-    assert any("record 6" in f["error"] for f in failed)
+    assert any("bad.jsonl line 6" in f["error"] for f in failed)
 
 
 def test_bad_recipe_fails_cleanly_and_writes_nothing(tmp_path: Path) -> None:
@@ -124,6 +125,59 @@ def test_bad_recipe_fails_cleanly_and_writes_nothing(tmp_path: Path) -> None:
         res = cli(cmd, str(bad))
         assert res.returncode == 2
         assert f"{bad}:4" in res.stderr and "did you mean 'seeds'" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+BAD_RECIPE = """\
+name: x
+output: {{dir: {out}}}
+teachers:
+  gpt:
+    api_key: ${{KDATA_TEST_KEY}}
+    model: openai/gpt-4o-mini
+steps:
+  - type: seeds
+    path: seeds.jsonl
+  - {{type: label, teacher: gpt, prompt: "{{{{ q }}}}"}}
+"""
+BAD_RECIPES = {
+    # kind of bad: (recipe text replaced, by what, the seed file, where and what the error says)
+    "missing_key": (
+        "KDATA_TEST_KEY",
+        "KDATA_T_UNSET_KEY",
+        '{"q": "a"}\n',
+        ":5, field 'teachers.gpt.api_key'",
+        "environment variable KDATA_T_UNSET_KEY is not set",
+    ),
+    "missing_seeds": (
+        "seeds.jsonl",
+        "nope.jsonl",
+        None,
+        ":9, steps[0] (seeds), field 'path'",
+        "seeds: no such file or folder",
+    ),
+    "mixed_types": (
+        "",
+        "",
+        '{"q": "a", "k": 1}\n{"q": "b", "k": "two"}\n',
+        ":9, steps[0] (seeds), field 'path'",
+        "seeds: seeds.jsonl: column 'k' holds string in record 2 but int64 in the records",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_RECIPES)
+def test_every_kind_of_bad_recipe_exits_2_and_writes_nothing(tmp_path: Path, kind: str) -> None:
+    old, new, seeds, where, what = BAD_RECIPES[kind]
+    if seeds is not None:
+        (tmp_path / "seeds.jsonl").write_text(seeds, encoding="utf-8")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_RECIPE.format(out=tmp_path / "out").replace(old, new), encoding="utf-8")
+    for cmd in ("validate", "build"):
+        res = cli(cmd, str(bad))
+        err = " ".join(res.stderr.split())
+        assert res.returncode == 2, (cmd, res.stderr)
+        assert f"{bad}{where}: {what}" in err, (cmd, err)
     assert not (tmp_path / "out").exists()
 
 

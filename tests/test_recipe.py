@@ -97,6 +97,7 @@ def test_missing_env_var_is_named(tmp_path: Path) -> None:
 
 
 def test_missing_api_key_only_matters_when_the_teacher_is_used(tmp_path, monkeypatch) -> None:
+    (tmp_path / "seeds.jsonl").write_text('{"instruction": "hi"}\n', encoding="utf-8")
     r = load_text(tmp_path, GOOD)
     with pytest.raises(RecipeError, match="KDATA_T_KEY is not set") as info:
         r.check_runtime()
@@ -115,6 +116,7 @@ def test_literal_api_key_is_refused(tmp_path: Path) -> None:
 
 def test_unpriced_model_is_refused_under_a_budget(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("KDATA_T_KEY", "x")
+    (tmp_path / "seeds.jsonl").write_text('{"instruction": "hi"}\n', encoding="utf-8")
     load_text(tmp_path, GOOD).check_runtime()  # gpt-4o-mini is in litellm's price table
     odd = load_text(tmp_path, GOOD.replace("openai/gpt-4o-mini", "openai/my-own-model"))
     with pytest.raises(RecipeError, match="no price for model 'openai/my-own-model'"):
@@ -179,3 +181,75 @@ def test_missing_template_file_names_the_field(tmp_path: Path) -> None:
     msg = str(e.value)
     assert "nope.jinja" in msg and "prompt" in msg and "steps[1]" in msg
     assert e.value.line == GOOD.splitlines().index('    prompt: "{{ instruction }}"') + 1
+
+
+def _alias_bomb(use: str) -> str:
+    """Nine anchors, each a list of nine aliases to the one before (9**9 nodes once expanded)."""
+    lines = ["name: bomb", "x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    return "\n".join(lines) + "\n" + use
+
+
+BOMB_USES = {
+    "limit": "steps:\n  - type: seeds\n    path: s.jsonl\n    limit: *a8\n",
+    "extra_body": (
+        "teachers:\n  t:\n    model: local/smollm2-135m-instruct\n"
+        "    params:\n      extra_body: {x: *a8}\n"
+        "steps:\n  - {type: seeds, path: s.jsonl}\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("use", BOMB_USES, ids=list(BOMB_USES))
+def test_alias_bomb_is_refused_at_once_with_file_and_line(tmp_path: Path, use: str) -> None:
+    import subprocess
+    import sys
+
+    p = tmp_path / "bomb.yaml"
+    p.write_text(_alias_bomb(BOMB_USES[use]), encoding="utf-8")
+    # The timeout only keeps a regression from hanging the suite; the refusal takes milliseconds.
+    res = subprocess.run(
+        [sys.executable, "-m", "kdata.cli", "validate", str(p)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 2, res.stderr
+    err = " ".join(res.stderr.split())
+    assert f"{p}:" in err and "aliases" in err
+    e = error_of(tmp_path, _alias_bomb(BOMB_USES[use]))
+    assert e.line is not None and 2 <= e.line <= 10  # an anchor's line: where it blows up
+
+
+def test_recursive_alias_is_refused(tmp_path: Path) -> None:
+    e = error_of(tmp_path, GOOD.replace("[smol]}", "&f [smol, *f]}"))
+    assert e.line == 15 and "refers to a node that contains it" in str(e)
+
+
+def test_a_few_aliases_still_work(tmp_path: Path) -> None:
+    text = GOOD.replace("params: {temperature", "params: &p {temperature").replace(
+        "    api_key: ${KDATA_T_KEY}", "    api_key: ${KDATA_T_KEY}\n    params: *p"
+    )
+    r = load_text(tmp_path, text)
+    assert r.teachers["gpt"].params == r.teachers["smol"].params
+    assert r.teachers["gpt"].params.max_tokens == 32
+
+
+def test_recipe_over_the_size_limit_is_refused_before_parsing(tmp_path: Path) -> None:
+    from kdata.recipe import MAX_RECIPE_BYTES
+
+    text = GOOD + "# padding\n" * (MAX_RECIPE_BYTES // 10)
+    e = error_of(tmp_path, text)
+    assert e.path == str(tmp_path / "recipe.yaml") and e.line is None
+    assert "larger than 1 MiB" in str(e)
+    with pytest.raises(RecipeError, match="larger than 1 MiB"):
+        recipe_from_yaml(text)
+
+
+def test_recipe_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
+    p = tmp_path / "recipe.yaml"
+    p.write_bytes(GOOD.replace("name: t", "name: caf\xe9").encode("latin-1"))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(p)
+    assert info.value.line == 1 and "UTF-8" in str(info.value)

@@ -32,6 +32,17 @@ def write(tmp_path: Path, fmt: str) -> Path:
     return p
 
 
+def build_seeds(tmp_path: Path, path: Path) -> kdata.Run:
+    recipe = kdata.recipe_from_yaml(f"name: s\nsteps:\n  - {{type: seeds, path: {path}}}\n")
+    return kdata.build(recipe, run_dir=tmp_path / "run")
+
+
+def failed_rows(tmp_path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(tmp_path / "run/steps/00_seeds/failed.parquet").to_pylist()
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "datasets"])
 def test_seed_formats(tmp_path: Path, fmt: str) -> None:
     path = write(tmp_path, fmt)
@@ -55,13 +66,39 @@ def test_editing_the_seed_file_reruns_the_step(tmp_path: Path) -> None:
     assert not again.steps[0].reused and again.steps[0].rows_out == 5
 
 
-def test_missing_seed_file_is_a_clear_error(tmp_path: Path) -> None:
+def test_missing_seed_file_is_refused_before_the_run_directory_exists(tmp_path: Path) -> None:
     recipe = kdata.recipe_from_yaml(
         "name: s\nsteps:\n  - {type: seeds, path: nope.jsonl}\n", base_dir=tmp_path
     )
-    with pytest.raises(kdata.KdataError, match="no such file"):
+    with pytest.raises(kdata.RecipeError, match="no such file") as info:
         kdata.build(recipe, run_dir=tmp_path / "run")
-    assert json.loads((tmp_path / "run/manifest.json").read_text())["status"] == "failed"
+    assert (info.value.line, info.value.step, info.value.field) == (3, "steps[0] (seeds)", "path")
+    assert not (tmp_path / "run").exists()
+
+
+def test_mixed_column_types_name_the_column_and_record(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"k": 1}\n{"k": 2.5}\n{"k": null}\n{"k": [3]}\n{"k": "x"}\n')
+    recipe = kdata.recipe_from_yaml(f"name: s\nsteps:\n  - {{type: seeds, path: {path}}}\n")
+    with pytest.raises(kdata.RecipeError) as info:
+        kdata.build(recipe, run_dir=tmp_path / "run")
+    assert (
+        "s.jsonl: column 'k' holds list<item: int64> in record 4 but double in the records"
+        in str(info.value)
+    )
+    assert not (tmp_path / "run").exists()
+    # Only the records the step uses count: the first three agree.
+    limited = kdata.recipe_from_yaml(
+        f"name: s\nsteps:\n  - {{type: seeds, path: {path}, limit: 3}}\n"
+    )
+    assert [r["k"] for r in kdata.build(limited, run_dir=tmp_path / "run").rows()] == [1, 2.5, None]
+
+
+def test_empty_csv_cells_are_nulls(tmp_path: Path) -> None:
+    path = tmp_path / "s.csv"
+    path.write_text("q,k\na,1\n,2\nc,\n", encoding="utf-8")
+    rows = build_seeds(tmp_path, path).rows()
+    assert [(r["q"], r["k"]) for r in rows] == [("a", 1), (None, 2), ("c", None)]
 
 
 def test_a_column_only_later_rows_have_is_kept(tmp_path: Path) -> None:
@@ -70,3 +107,47 @@ def test_a_column_only_later_rows_have_is_kept(tmp_path: Path) -> None:
     recipe = kdata.recipe_from_yaml(f"name: s\nsteps:\n  - {{type: seeds, path: {path}}}\n")
     rows = kdata.build(recipe, run_dir=tmp_path / "run").rows()
     assert [(r["q"], r["score"]) for r in rows] == [("a", None), ("b", 3)]
+
+
+def test_lone_surrogate_fails_its_row_as_bad_seed(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"q": "a"}\n{"q": "\\ud800 b"}\n{"q": "c"}\n', encoding="utf-8")
+    run = build_seeds(tmp_path, path)
+    s = run.steps[0]
+    assert (s.expected, s.rows_out, s.failed) == (3, 2, 1)
+    assert [r["q"] for r in run.rows()] == ["a", "c"]
+    [f] = failed_rows(tmp_path)
+    assert f["error_class"] == "bad_seed" and "s.jsonl line 2" in f["error"]
+    assert "\\ud800" in f["error"] and "not valid Unicode" in f["error"]
+
+
+def test_lone_surrogate_in_a_json_file_fails_its_row(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text('[{"q": "a"}, {"\\udfff": "b"}]', encoding="utf-8")
+    run = build_seeds(tmp_path, path)
+    assert (run.steps[0].rows_out, run.steps[0].failed) == (1, 1)
+    [f] = failed_rows(tmp_path)
+    assert f["error_class"] == "bad_seed" and "s.json record 2" in f["error"]
+
+
+def test_line_that_is_not_utf8_fails_as_bad_seed_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b'{"q": "a"}\n\n{"q": "caf\xe9"}\n{"q": "c"}\n')
+    run = build_seeds(tmp_path, path)
+    s = run.steps[0]
+    assert (s.expected, s.rows_out, s.failed) == (3, 2, 1)
+    assert [r["q"] for r in run.rows()] == ["a", "c"]
+    [f] = failed_rows(tmp_path)
+    assert f["error_class"] == "bad_seed" and "s.jsonl line 3" in f["error"]
+    assert "not UTF-8" in f["error"] and "0xe9" in f["error"]
+    assert f["raw"] == '{"q": "caf\\xe9"}'
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_file_that_is_not_utf8_is_refused_with_its_line(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"s.{fmt}"
+    body = b'[{"q": "a"},\n {"q": "caf\xe9"}]' if fmt == "json" else b"q\na\ncaf\xe9\n"
+    path.write_bytes(body)
+    recipe = kdata.recipe_from_yaml(f"name: s\nsteps:\n  - {{type: seeds, path: {path}}}\n")
+    with pytest.raises(kdata.KdataError, match=f"s.{fmt}:{2 if fmt == 'json' else 3}: not UTF-8"):
+        kdata.build(recipe, run_dir=tmp_path / "run")

@@ -315,6 +315,13 @@ class StepBase(StrictModel):
         """A hash of the files the step reads, part of its fingerprint."""
         return ""
 
+    def check_inputs(self, base_dir: Path) -> None:
+        """Check the step's inputs before a build writes anything (a source reads its files).
+
+        Raises:
+            KdataError: saying what is wrong with them; the recipe adds the step and its line.
+        """
+
     def plan(self, n_rows: int, base_dir: Path) -> tuple[int, int]:
         """(rows out at most, teacher requests) for ``n_rows`` rows in, without running."""
         return n_rows, 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Literal
@@ -32,8 +33,10 @@ _FORMATS = {
 class SeedsStep(StepBase):
     """Read seed rows from a file (jsonl, json, csv, parquet), a `datasets` folder, or a Hub id.
 
-    Relative paths resolve against the recipe's folder. A line of a JSONL file that is not a JSON
-    object is a failed row with its line number, not a silent skip.
+    Relative paths resolve against the recipe's folder. A bad record fails as ``bad_seed`` with
+    its place (JSONL line, JSON record number) and the other records are read on: a JSONL line
+    that is not UTF-8 or not a JSON object, a record holding a lone surrogate (``"\\ud800"``). A
+    JSON or CSV file that is not UTF-8 is refused with the line of its first bad byte.
     """
 
     type: Literal["seeds"] = "seeds"
@@ -58,75 +61,205 @@ class SeedsStep(StepBase):
 
     def plan(self, n_rows: int, base_dir: Path) -> tuple[int, int]:
         records, failed = self.read(base_dir)
-        n = len(records) + len(failed)
-        return n_rows + (min(n, self.limit) if self.limit else n), 0
+        return n_rows + len(records) + len(failed), 0
+
+    def check_inputs(self, base_dir: Path) -> None:
+        """Read a seed file through, so that a missing path, an unknown format, a JSON or CSV file
+        that is not UTF-8, or a column of mixed types stops a build before it writes anything.
+
+        `datasets` folders and Hub datasets are typed by Arrow; the build reads them.
+        """
+        p = self.resolve(base_dir)
+        if not (p.is_dir() or self._on_hub(p)):
+            self.read(base_dir)
 
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
         records, failed = self.read(ctx.base_dir)
-        if self.limit is not None:  # the first `limit` records of the file, good or bad
-            records = [(i, r) for i, r in records if i < self.limit]
-            failed = [f for f in failed if f["_index"] < self.limit]
         made = []
         for i, rec in records:
             rec = {k: v for k, v in rec.items() if k != PROVENANCE}
             key = row_id("seeds", self.path, str(i), json.dumps(rec, sort_keys=True, default=str))
             made.append({**rec, PROVENANCE: provenance(key, [], ctx.name)})
-        for f in failed:
-            f.pop("_index", None)
         ctx.advance(len(made) + len(failed))
         return StepOutput(
             rows=rows + made, expected=len(rows) + len(made) + len(failed), failed=failed
         )
 
     def read(self, base_dir: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
-        """(index, record) pairs of the good records, and failed-table entries for bad ones."""
+        """Of the first ``limit`` records (all without a limit), good or bad: (index, record)
+        pairs of the good ones and failed-table entries for the bad ones.
+
+        Raises:
+            KdataError: no such path, an unknown format, a file that cannot be read, or a column
+                whose values Arrow cannot store together (the first such record is named).
+        """
         p = self.resolve(base_dir)
-        if not p.exists():
-            if "/" in self.path and not self.path.startswith((".", "/")) and p.suffix == "":
-                return self._hub(), []
-            raise KdataError(f"seeds: no such file or folder: {p}")
-        if p.is_dir():
-            import datasets
+        records, failed = self._hub() if self._on_hub(p) else _read_path(p, self.split)
+        if self.limit is not None:  # the first `limit` records of the file, good or bad
+            records = [(i, r) for i, r in records if i < self.limit]
+            failed = [f for f in failed if f["_index"] < self.limit]
+        for f in failed:
+            f.pop("_index")
+        _check_types(records, p.name)
+        return records, failed
 
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[self.split]
-            return list(enumerate(ds.to_list())), []
-        fmt = _FORMATS.get(p.suffix.lower())
-        if fmt is None:
-            raise KdataError(
-                f"seeds: cannot tell the format of {p.name}; use one of {', '.join(_FORMATS)}"
-            )
-        if fmt == "jsonl":
-            return _read_jsonl(p)
-        if fmt == "json":
-            data = json.loads(p.read_text(encoding="utf-8"))
-            if isinstance(data, dict):
-                data = next((v for v in data.values() if isinstance(v, list)), [data])
-            return list(enumerate(data)), []
-        import pandas as pd
+    def _on_hub(self, p: Path) -> bool:
+        """Whether the path names a Hub dataset: ``owner/name``, with no such local path."""
+        return (
+            "/" in self.path
+            and not self.path.startswith((".", "/"))
+            and p.suffix == ""
+            and not p.exists()
+        )
 
-        df = pd.read_csv(p) if fmt == "csv" else pd.read_parquet(p)
-        return list(enumerate(df.to_dict(orient="records"))), []
-
-    def _hub(self) -> list[tuple[int, dict]]:
+    def _hub(self) -> tuple[list[tuple[int, dict]], list[dict]]:
         import datasets
 
         ds = datasets.load_dataset(self.path, split=self.split)
-        return list(enumerate(ds.to_list()))
+        return list(enumerate(ds.to_list())), []
+
+
+def _read_path(p: Path, split: str) -> tuple[list[tuple[int, dict]], list[dict]]:
+    """(index, record) pairs and failed-table entries (with ``_index``) of a local seed path."""
+    if not p.exists():
+        raise KdataError(f"seeds: no such file or folder: {p}")
+    if p.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+        return list(enumerate(ds.to_list())), []
+    fmt = _FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise KdataError(
+            f"seeds: cannot tell the format of {p.name}; use one of {', '.join(_FORMATS)}"
+        )
+    if fmt == "jsonl":
+        return _read_jsonl(p)
+    if fmt == "json":
+        return _read_json(p)
+    import pandas as pd
+
+    if fmt == "csv":
+        df = pd.read_csv(io.StringIO(_text(p)))
+        df = df.astype(object).where(df.notna(), None)  # an empty cell is null, not NaN
+    else:
+        df = pd.read_parquet(p)
+    return list(enumerate(df.to_dict(orient="records"))), []
+
+
+def _check_types(records: list[tuple[int, dict]], source: str) -> None:
+    """Refuse a column whose values Arrow cannot store in one Parquet column, naming the first
+    record that disagrees with the ones before it (ints and floats mix; ints and strings do not).
+    """
+    import pyarrow as pa
+
+    for key in dict.fromkeys(k for _, r in records for k in r):
+        values = [r.get(key) for _, r in records]
+        try:
+            pa.array(values)
+            continue
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            pass
+        lo, hi = 1, len(values)  # the shortest prefix Arrow refuses ends at the culprit
+        while lo < hi:
+            mid = (lo + hi) // 2
+            try:
+                pa.array(values[:mid])
+                lo = mid + 1
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                hi = mid
+        n, value = records[lo - 1][0] + 1, values[lo - 1]
+        try:
+            got = f"{pa.array([value]).type} in record {n}"
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise KdataError(
+                f"seeds: {source}: column '{key}' holds a value that mixes types inside it in "
+                f"record {n} ({e}); give its parts one type"
+            ) from None
+        raise KdataError(
+            f"seeds: {source}: column '{key}' holds {got} but {pa.array(values[: lo - 1]).type} "
+            "in the records before it; give the column one type in every record (e.g. quote "
+            "numbers to make them all strings)"
+        )
 
 
 def _read_jsonl(p: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
+    """Each non-blank line is a record; a line that is not UTF-8 or not a usable JSON object
+    fails as ``bad_seed`` with its line number, and the other lines are read on."""
     good, bad = [], []
-    with p.open(encoding="utf-8") as fh:
-        for i, line in enumerate(text for text in fh if text.strip()):
+    with p.open("rb") as fh:
+        lines = ((n, raw) for n, raw in enumerate(fh, 1) if raw.strip())
+        for i, (n, raw) in enumerate(lines):
             try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise ValueError("not a JSON object")
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                text = raw.decode("utf-8", "backslashreplace")
+                problem = f"not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8"
+            else:
+                try:
+                    rec = json.loads(text)
+                except ValueError as e:
+                    problem = str(e)
+                else:
+                    problem = _problem(rec)
+            if problem is None:
                 good.append((i, rec))
-            except ValueError as e:
-                f = failure(None, "bad_seed", f"{p.name}: record {i + 1}: {e}", raw=line[:2000])
+            else:
+                f = failure(
+                    None,
+                    "bad_seed",
+                    f"{p.name} line {n}: {problem}",
+                    raw=text.rstrip("\r\n")[:2000],
+                )
                 f["_index"] = i
                 bad.append(f)
     return good, bad
+
+
+def _read_json(p: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
+    """A JSON list of records (or an object holding one); a bad record fails as ``bad_seed``."""
+    try:
+        data = json.loads(_text(p))
+    except json.JSONDecodeError as e:
+        raise KdataError(f"seeds: {p}:{e.lineno}: not valid JSON: {e.msg}") from None
+    if isinstance(data, dict):
+        data = next((v for v in data.values() if isinstance(v, list)), [data])
+    good, bad = [], []
+    for i, rec in enumerate(data):
+        problem = _problem(rec)
+        if problem is None:
+            good.append((i, rec))
+        else:
+            f = failure(
+                None, "bad_seed", f"{p.name} record {i + 1}: {problem}", raw=json.dumps(rec)[:2000]
+            )
+            f["_index"] = i
+            bad.append(f)
+    return good, bad
+
+
+def _problem(rec: object) -> str | None:
+    """Why a parsed JSON value cannot be a seed row, or None when it can."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    try:  # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 file can store
+        json.dumps(rec, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ascii(e.object[e.start : e.end])
+        return f"{bad} is not valid Unicode (a lone surrogate); remove it or give its pair"
+    return None
+
+
+def _text(p: Path) -> str:
+    """The file's text; a file that is not UTF-8 is refused with the line of its first bad byte."""
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise KdataError(
+            f"seeds: {p}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8, "
+            "e.g. iconv -f latin1 -t utf-8"
+        ) from None
