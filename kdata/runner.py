@@ -161,6 +161,10 @@ def build(
     try:
         asyncio.get_running_loop()
     except RuntimeError:
+        in_loop = False  # run below, not in this handler: errors keep their own causes
+    else:
+        in_loop = True
+    if not in_loop:
         return asyncio.run(coro)
     # Called from a running loop (a notebook): run on a loop of our own in a thread.
     box: dict[str, Any] = {}
@@ -205,9 +209,10 @@ def fingerprints(recipe: Recipe) -> list[str]:
 
 async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: bool) -> Run:
     from kdata.steps.diversity import final_report
-    from kdata.teachers.pool import TeacherPool
+    from kdata.teachers.pool import LoopExecutor, TeacherPool
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.get_running_loop().set_default_executor(LoopExecutor())
     cache = RequestCache(run_dir / "cache.sqlite")
     pool = TeacherPool(recipe.teachers, cache, recipe.budget_usd, cache_only)
     names, fps = recipe.step_names(), fingerprints(recipe)
