@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kdata.errors import BudgetExceeded, KdataError
+from kdata.errors import BudgetExceeded, KdataError, RunLocked
 
 app = typer.Typer(
     name="kdata",
@@ -104,6 +104,9 @@ def build(
             "run the same command to resume."
         )
         raise typer.Exit(130) from None
+    except RunLocked as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(4) from None
     except KdataError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None
@@ -152,6 +155,9 @@ def rethreshold(
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: run the same command to finish the re-cut.")
         raise typer.Exit(130) from None
+    except RunLocked as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(4) from None
     except KdataError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None

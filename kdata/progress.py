@@ -82,6 +82,9 @@ class RichReporter:
             live=f"{stats.rows_out} rows · {note}",
         )
 
+    def note(self, text: str) -> None:
+        self.progress.console.print(f"[yellow]note:[/yellow] {text}", highlight=False)
+
 
 class PlainReporter:
     """Plain lines: when a step starts and ends, and every ``every`` seconds while one runs.
@@ -127,6 +130,9 @@ class PlainReporter:
             f"{stats.name}: done, {stats.rows_out} rows out, {stats.dropped} dropped, "
             f"{stats.failed} failed, {stats.requests} requests, ${stats.cost_usd:.4f}, {note}"
         )
+
+    def note(self, text: str) -> None:
+        self._write(f"note: {text}")
 
     def _tick(self) -> None:
         while not self._stop.wait(self.every):

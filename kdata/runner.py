@@ -2,6 +2,7 @@
 
 Run directory::
 
+    lock                     held by the build writing here: pid, host, start time, command
     manifest.json            recipe, fingerprints, package versions, status, ledger
     cache.sqlite             every teacher response, stored as it arrived
     steps/<name>/            rows.parquet, dropped.parquet, failed.parquet, stats.json
@@ -33,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdata.errors import BudgetExceeded, KdataError
+from kdata.lock import hold
 from kdata.recipe import Recipe
 from kdata.steps.base import StepContext, StepOutput
 from kdata.teachers.cache import RequestCache
@@ -112,6 +114,7 @@ class Reporter(Protocol):
     def set_total(self, total: int) -> None: ...
     def advance(self, n: int, in_flight: int, tokens: int, cost_usd: float) -> None: ...
     def step_finished(self, stats: StepStats) -> None: ...
+    def note(self, text: str) -> None: ...
 
 
 class _Silent:
@@ -125,6 +128,9 @@ class _Silent:
         pass
 
     def step_finished(self, stats: StepStats) -> None:
+        pass
+
+    def note(self, text: str) -> None:
         pass
 
 
@@ -150,37 +156,39 @@ def build(
 
     Raises:
         RecipeError: a key or price the recipe needs is missing.
+        RunLocked: another build is writing to the run directory.
         BudgetExceeded: the run stopped before passing ``budget_usd``; ``.run`` is the stopped
             run, and rerunning with a larger budget resumes it.
     """
     if not cache_only:
         recipe.check_runtime()
-    coro = _build(
-        recipe, Path(run_dir) if run_dir else recipe.run_dir, reporter or _Silent(), cache_only
-    )
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        in_loop = False  # run below, not in this handler: errors keep their own causes
-    else:
-        in_loop = True
-    if not in_loop:
-        return asyncio.run(coro)
-    # Called from a running loop (a notebook): run on a loop of our own in a thread.
-    box: dict[str, Any] = {}
-
-    def target() -> None:
+    reporter = reporter or _Silent()
+    run_dir = Path(run_dir) if run_dir else recipe.run_dir
+    with hold(run_dir, reporter.note):
+        coro = _build(recipe, run_dir, reporter, cache_only)
         try:
-            box["run"] = asyncio.run(coro)
-        except BaseException as e:  # re-raised in the caller's thread
-            box["error"] = e
+            asyncio.get_running_loop()
+        except RuntimeError:
+            in_loop = False  # run below, not in this handler: errors keep their own causes
+        else:
+            in_loop = True
+        if not in_loop:
+            return asyncio.run(coro)
+        # Called from a running loop (a notebook): run on a loop of our own in a thread.
+        box: dict[str, Any] = {}
 
-    t = threading.Thread(target=target)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["run"]
+        def target() -> None:
+            try:
+                box["run"] = asyncio.run(coro)
+            except BaseException as e:  # re-raised in the caller's thread
+                box["error"] = e
+
+        t = threading.Thread(target=target)
+        t.start()
+        t.join()
+        if "error" in box:
+            raise box["error"]
+        return box["run"]
 
 
 def fingerprints(recipe: Recipe) -> list[str]:
@@ -211,7 +219,6 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
     from kdata.steps.diversity import final_report
     from kdata.teachers.pool import LoopExecutor, TeacherPool
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     asyncio.get_running_loop().set_default_executor(LoopExecutor())
     cache = RequestCache(run_dir / "cache.sqlite")
     pool = TeacherPool(recipe.teachers, cache, recipe.budget_usd, cache_only)
