@@ -57,3 +57,7 @@ class BudgetExceeded(KdataError):
 
 class RunLocked(KdataError):
     """Another build holds the run directory's lock (the CLI exits with code 4)."""
+
+
+class CacheError(KdataError):
+    """The request cache is damaged, holds less than the run stored, or vanished during a build."""

@@ -458,6 +458,7 @@ class TeacherPool:
                             retryable=False,
                             attempts=attempts - 1,  # this one was not sent
                         )
+                    self.cache.check()  # a cache file that vanished stops the sending
                     self.in_flight += 1
                     st.ledger.requests += 1
                     try:
