@@ -102,8 +102,8 @@ class _Job(Future):
         self._inner.cancel()  # a job not started yet never runs
         if super().cancel():
             return True
-        if self._exception is None:  # it finished first: nobody will take its result now
-            _close_unstarted(self._result)
+        if self.exception() is None:  # it finished first: nobody will take its result now
+            _close_unstarted(self.result())
         return False
 
     def _settle(self, inner: Future) -> None:
