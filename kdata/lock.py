@@ -1,9 +1,9 @@
 """One writer per run directory: the ``lock`` file a build holds from start to end.
 
 The lock is an exclusive ``flock`` on ``RUN_DIR/lock``, which the kernel releases whenever its
-holder ends, ``kill -9`` included; the file names the holder (pid, host, start time, command) for
-the message a second build gets. A ``lock`` file whose lock nobody holds was left by a build that
-died: the next build takes it over and says so.
+holder ends, ``kill -9`` included; the file names the holder (pid, host, start time; not its
+command line, which may hold anything) for the message a second build gets. A ``lock`` file
+whose lock nobody holds was left by a build that died: the next build takes it over and says so.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import fcntl
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,7 +44,6 @@ def hold(run_dir: Path, note: Callable[[str], None]) -> Iterator[None]:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "command": " ".join(sys.argv),
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
@@ -89,7 +87,4 @@ def _read(fd: int) -> dict:
 def _holder(info: dict) -> str:
     if not info:
         return "a build that has not written its name yet"
-    return (
-        f"pid {info.get('pid')} on host {info.get('host')}, started {info.get('started_at')}: "
-        f"{info.get('command')}"
-    )
+    return f"pid {info.get('pid')} on host {info.get('host')}, started {info.get('started_at')}"

@@ -2,7 +2,7 @@
 
 Run directory::
 
-    lock                     held by the build writing here: pid, host, start time, command
+    lock                     held by the build writing here: its pid, host and start time
     manifest.json            recipe, fingerprints, package versions, status, ledger
     cache.sqlite             every teacher response, stored as it arrived
     steps/<name>/            rows.parquet, dropped.parquet, failed.parquet, stats.json

@@ -92,7 +92,7 @@ def test_a_lock_left_by_a_dead_build_is_taken_over_with_a_note(tmp_path, standin
     dead.wait()
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    left = {"pid": dead.pid, "host": socket.gethostname(), "started_at": "earlier", "command": "x"}
+    left = {"pid": dead.pid, "host": socket.gethostname(), "started_at": "earlier"}
     (run_dir / LOCK_FILE).write_text(json.dumps(left))
 
     class Notes:
@@ -114,7 +114,7 @@ def test_a_lock_left_by_a_dead_build_is_taken_over_with_a_note(tmp_path, standin
     assert run.status == "complete" and len(run.rows()) == N_ROWS
     assert notes.lines == [
         f"took over the lock of {run_dir} left by pid {dead.pid} on host {socket.gethostname()}, "
-        "started earlier: x, which is gone"
+        "started earlier, which is gone"
     ]
     assert not (run_dir / LOCK_FILE).exists()
 
