@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kdata.errors import BudgetExceeded, KdataError, RecipeError
+from kdata.errors import BudgetExceeded, KdataError, RecipeError, RunLocked
 
 app = typer.Typer(
     name="kdata",
@@ -61,7 +61,7 @@ def build(
     ] = None,
 ) -> None:
     """Run a recipe; rerunning resumes where the last run stopped."""
-    from kdata.progress import RichReporter, summary_table
+    from kdata.progress import reporter, summary_table
     from kdata.runner import build as run_build
     from kdata.runner import plan
 
@@ -86,8 +86,8 @@ def build(
         )
         return
     try:
-        with RichReporter(err) as reporter:
-            run = run_build(r, run_dir=output, reporter=reporter)
+        with reporter(err) as progress:
+            run = run_build(r, run_dir=output, reporter=progress)
     except BudgetExceeded as e:
         run = getattr(e, "run", None)
         if run is not None:
@@ -104,6 +104,9 @@ def build(
             "run the same command to resume."
         )
         raise typer.Exit(130) from None
+    except RunLocked as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(4) from None
     except KdataError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2 if isinstance(e, RecipeError) else 1) from None
@@ -137,7 +140,7 @@ def rethreshold(
 ) -> None:
     """Re-cut a dedup step or score filter from what the run stored, and rebuild the steps after
     it; no teacher request, no hashing or embedding."""
-    from kdata.progress import RichReporter, summary_table
+    from kdata.progress import reporter, summary_table
     from kdata.rethreshold import recut_recipe
     from kdata.runner import build as run_build
 
@@ -147,11 +150,14 @@ def rethreshold(
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
     try:
-        with RichReporter(err) as reporter:
-            run = run_build(recipe, run_dir=run_dir, reporter=reporter, cache_only=True)
+        with reporter(err) as progress:
+            run = run_build(recipe, run_dir=run_dir, reporter=progress, cache_only=True)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: run the same command to finish the re-cut.")
         raise typer.Exit(130) from None
+    except RunLocked as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(4) from None
     except KdataError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None

@@ -53,3 +53,11 @@ class TeacherError(KdataError):
 
 class BudgetExceeded(KdataError):
     """Sending one more request could exceed the recipe's ``budget_usd``."""
+
+
+class RunLocked(KdataError):
+    """Another build holds the run directory's lock (the CLI exits with code 4)."""
+
+
+class CacheError(KdataError):
+    """The request cache is damaged, holds less than the run stored, or vanished during a build."""

@@ -2,6 +2,7 @@
 
 Run directory::
 
+    lock                     held by the build writing here: its pid, host and start time
     manifest.json            recipe, fingerprints, package versions, status, ledger
     cache.sqlite             every teacher response, stored as it arrived
     steps/<name>/            rows.parquet, dropped.parquet, failed.parquet, stats.json
@@ -32,7 +33,8 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdata.errors import BudgetExceeded, KdataError
+from kdata.errors import BudgetExceeded, CacheError, KdataError
+from kdata.lock import hold
 from kdata.recipe import Recipe
 from kdata.steps.base import StepContext, StepOutput
 from kdata.teachers.cache import RequestCache
@@ -112,6 +114,7 @@ class Reporter(Protocol):
     def set_total(self, total: int) -> None: ...
     def advance(self, n: int, in_flight: int, tokens: int, cost_usd: float) -> None: ...
     def step_finished(self, stats: StepStats) -> None: ...
+    def note(self, text: str) -> None: ...
 
 
 class _Silent:
@@ -125,6 +128,9 @@ class _Silent:
         pass
 
     def step_finished(self, stats: StepStats) -> None:
+        pass
+
+    def note(self, text: str) -> None:
         pass
 
 
@@ -151,33 +157,41 @@ def build(
     Raises:
         RecipeError: a key, price or input file the recipe needs is missing or unusable;
             raised before the run directory is created.
+        RunLocked: another build is writing to the run directory.
+        CacheError: the run's cache is damaged or lost responses (it is set aside and what could
+            be read is kept; the next build goes on from there), or vanished during the build.
         BudgetExceeded: the run stopped before passing ``budget_usd``; ``.run`` is the stopped
             run, and rerunning with a larger budget resumes it.
     """
     if not cache_only:
         recipe.check_runtime()
-    coro = _build(
-        recipe, Path(run_dir) if run_dir else recipe.run_dir, reporter or _Silent(), cache_only
-    )
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    # Called from a running loop (a notebook): run on a loop of our own in a thread.
-    box: dict[str, Any] = {}
-
-    def target() -> None:
+    reporter = reporter or _Silent()
+    run_dir = Path(run_dir) if run_dir else recipe.run_dir
+    with hold(run_dir, reporter.note):
+        coro = _build(recipe, run_dir, reporter, cache_only)
         try:
-            box["run"] = asyncio.run(coro)
-        except BaseException as e:  # re-raised in the caller's thread
-            box["error"] = e
+            asyncio.get_running_loop()
+        except RuntimeError:
+            in_loop = False  # run below, not in this handler: errors keep their own causes
+        else:
+            in_loop = True
+        if not in_loop:
+            return asyncio.run(coro)
+        # Called from a running loop (a notebook): run on a loop of our own in a thread.
+        box: dict[str, Any] = {}
 
-    t = threading.Thread(target=target)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["run"]
+        def target() -> None:
+            try:
+                box["run"] = asyncio.run(coro)
+            except BaseException as e:  # re-raised in the caller's thread
+                box["error"] = e
+
+        t = threading.Thread(target=target)
+        t.start()
+        t.join()
+        if "error" in box:
+            raise box["error"]
+        return box["run"]
 
 
 def fingerprints(recipe: Recipe) -> list[str]:
@@ -206,17 +220,20 @@ def fingerprints(recipe: Recipe) -> list[str]:
 
 async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: bool) -> Run:
     from kdata.steps.diversity import final_report
-    from kdata.teachers.pool import TeacherPool
+    from kdata.teachers.pool import LoopExecutor, TeacherPool
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.get_running_loop().set_default_executor(LoopExecutor())
+    stored_before = _stored_responses(run_dir)
     cache = RequestCache(run_dir / "cache.sqlite")
     pool = TeacherPool(recipe.teachers, cache, recipe.budget_usd, cache_only)
     names, fps = recipe.step_names(), fingerprints(recipe)
     manifest = _manifest(recipe, names, fps)
+    manifest["teachers"] = cache.totals_by_teacher()  # what the cache holds, should this build die
     run = Run(dir=run_dir, status="running", steps=[], ledger={})
     _write_json(run_dir / "manifest.json", manifest)
     rows: list[dict] = []
     try:
+        _check_cache(cache, stored_before)
         for step, name, fp in zip(recipe.steps, names, fps, strict=True):
             stats = StepStats(name=name, type=step.type, fingerprint=fp, rows_in=len(rows))
             folder = run_dir / "steps" / name
@@ -253,6 +270,7 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
                 rows = result.rows
             run.steps.append(stats)
             reporter.step_finished(stats)
+        cache.check()
         _write_table(run_dir / DATASET_FILE, rows)
         final_report(recipe, run_dir, rows)
         run.status = "complete"
@@ -288,6 +306,33 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
 
         write_folder(run_dir, recipe.publish.dir, cfg=recipe.publish)
     return run
+
+
+def _stored_responses(run_dir: Path) -> int:
+    """How many responses the run's cache held when its last build wrote ``manifest.json``."""
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+        return sum(int(t["responses"]) for t in manifest.get("teachers", {}).values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
+
+
+def _check_cache(cache: RequestCache, stored_before: int) -> None:
+    """Stop before any request when the cache lost responses that earlier builds stored.
+
+    The manifest this build writes records what the cache holds now, so the next build goes on
+    from there: what is missing is requested (and paid for) again, once the user has been told.
+    """
+    held = len(cache)
+    if cache.damage is None and held >= stored_before:
+        return
+    what = cache.damage or f"{cache.path} holds {held} responses"
+    if held < stored_before:
+        what += f", of the {stored_before} that earlier builds of this run directory stored"
+    raise CacheError(
+        f"{what}. To keep the responses missing, restore {cache.path.name} from a backup before "
+        "the next build; running the same command again requests them again, and pays for them"
+    )
 
 
 def _check_accounting(name: str, out: StepOutput) -> None:

@@ -208,7 +208,7 @@ def test_transient_faults_are_retried_and_no_row_is_lost(tmp_path, standin):
     expected_class = {
         RATE_LIMIT: {"rate_limit"},
         SERVER_ERROR: {"server_error"},
-        RESET: {"connection", "server_error"},  # litellm reports a reset as InternalServerError
+        RESET: {"connection_error"},
         HANG: {"timeout"},
     }
     for f in failed:
@@ -384,6 +384,51 @@ def test_kill_9_then_resume_pays_nothing_twice(tmp_path, standin):
     seen = {r.body_hash for r in standin.records}
     assert len(seen) == n_rows
     assert sent_again == seen - stored  # the rerun asks for exactly what was not stored
+
+
+def test_a_connection_reset_is_a_connection_error_and_is_retried(tmp_path, standin):
+    standin.config.always = RESET
+    write_seeds(tmp_path, 3)
+    run = kdata.build(
+        recipe_from_yaml(recipe_yaml(standin.port, max_retries=1), tmp_path),
+        run_dir=tmp_path / "run",
+    )
+    stats, rows, failed = read_step(run.dir)
+    assert rows == [] and len(failed) == 3
+    assert {(f["error_class"], f["attempts"]) for f in failed} == {("connection_error", 2)}
+    assert set(standin.counts().values()) == {2}
+    assert run.ledger["t"]["failures"] == {"connection_error": 6}
+
+
+def test_ctrl_c_exits_130_with_one_line_and_keeps_what_was_received(tmp_path, standin):
+    # Many short requests in flight, so that Ctrl+C lands while litellm is starting some of them.
+    n_rows, concurrency = 3000, 64
+    standin.config.latency = (0.0, 0.01)
+    write_seeds(tmp_path, n_rows)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_yaml(standin.port, max_concurrency=concurrency, timeout=30))
+    run_dir = tmp_path / "run"
+
+    proc = cli(recipe, run_dir, text=True)
+    deadline = time.monotonic() + 90
+    while standin.count() < 300:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the CLI sent too few requests"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+
+    assert proc.returncode == 130, err
+    said = [line for line in err.splitlines() if line and not line.startswith("[kdata ")]
+    assert said == [
+        "interrupted: every response received is stored; run the same command to resume."
+    ]
+    stored = {server_hash(c["request"]) for c in cached_requests(run_dir).values()}
+    answered = {r.body_hash for r in standin.records if r.status == 200}
+    assert stored and stored <= answered
+    assert len(answered - stored) <= concurrency  # in flight when the build stopped
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "interrupted"
+    assert not (run_dir / "lock").exists()
 
 
 def test_api_key_is_written_nowhere(tmp_path, standin, monkeypatch):

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import hashlib
+import inspect
 import os
 import random
 import time
 from collections import Counter
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,8 +48,18 @@ _ERRORS: list[tuple[str, str, bool]] = [
     ("ServiceUnavailableError", "server_error", True),
     ("InternalServerError", "server_error", True),
     ("BadGatewayError", "server_error", True),
-    ("APIConnectionError", "connection", True),
+    ("APIConnectionError", "connection_error", True),
 ]
+# Exception names that mean the connection failed before an answer came, wherever they sit in the
+# chain of causes: litellm reports a reset as an InternalServerError caused by one of them.
+_CONNECTION = {
+    "APIConnectionError",  # openai, litellm
+    "ConnectionError",  # ConnectionResetError, ConnectionRefusedError, BrokenPipeError...
+    "ClientConnectionError",  # aiohttp, ServerDisconnectedError included
+    "NetworkError",  # httpx ConnectError, ReadError, WriteError
+    "RemoteProtocolError",  # httpx: the server closed the connection without an answer
+}
+_TIMEOUT = {"Timeout", "TimeoutError", "TimeoutException", "APITimeoutError"}
 
 
 def _litellm():
@@ -63,6 +75,54 @@ def _litellm():
         register(litellm)
         litellm._kdata_ready = True
     return litellm
+
+
+class LoopExecutor(ThreadPoolExecutor):
+    """The default executor of a build's event loop: it closes what a cancelled job returns.
+
+    litellm's ``acompletion`` builds the provider's request coroutine in an executor thread and
+    then awaits it. A request cancelled in between (Ctrl+C) leaves that coroutine unstarted, so
+    nothing was sent, and Python warns that it was never awaited when it is collected; here a
+    job whose waiter is gone has a coroutine it returns closed instead.
+    """
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        return _Job(super().submit(fn, *args, **kwargs))
+
+
+class _Job(Future):
+    """A future over an executor job; asyncio cancels it only when its waiter was cancelled."""
+
+    def __init__(self, inner: Future) -> None:
+        super().__init__()
+        self._inner = inner
+        inner.add_done_callback(self._settle)
+
+    def cancel(self) -> bool:
+        self._inner.cancel()  # a job not started yet never runs
+        if super().cancel():
+            return True
+        if self.exception() is None:  # it finished first: nobody will take its result now
+            _close_unstarted(self.result())
+        return False
+
+    def _settle(self, inner: Future) -> None:
+        if inner.cancelled():
+            super().cancel()
+            return
+        try:
+            if inner.exception() is not None:
+                self.set_exception(inner.exception())
+            else:
+                self.set_result(inner.result())
+        except InvalidStateError:  # cancelled while it ran
+            if inner.exception() is None:
+                _close_unstarted(inner.result())
+
+
+def _close_unstarted(value: Any) -> None:
+    if inspect.iscoroutine(value) and inspect.getcoroutinestate(value) == inspect.CORO_CREATED:
+        value.close()
 
 
 @dataclass
@@ -398,6 +458,7 @@ class TeacherPool:
                             retryable=False,
                             attempts=attempts - 1,  # this one was not sent
                         )
+                    self.cache.check()  # a cache file that vanished stops the sending
                     self.in_flight += 1
                     st.ledger.requests += 1
                     try:
@@ -492,6 +553,8 @@ def classify(error: BaseException) -> tuple[str, bool]:
     """The error class of a failed call and whether retrying could help."""
     if isinstance(error, asyncio.TimeoutError):
         return "timeout", True
+    if _lost_connection(error):
+        return "connection_error", True
     names = {c.__name__ for c in type(error).__mro__}
     for cls_name, error_class, retryable in _ERRORS:
         if cls_name in names:
@@ -502,6 +565,21 @@ def classify(error: BaseException) -> tuple[str, bool]:
     if isinstance(status, int) and status >= 500:
         return "server_error", True
     return type(error).__name__, False
+
+
+def _lost_connection(error: BaseException) -> bool:
+    """Whether the first timeout or connection failure in the error's chain is a connection one."""
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        names = {c.__name__ for c in type(link).__mro__}
+        if names & _TIMEOUT:
+            return False
+        if names & _CONNECTION:
+            return True
+        link = link.__cause__ or link.__context__
+    return False
 
 
 def retry_after(error: BaseException) -> float | None:
