@@ -117,6 +117,14 @@ def provenance(
     }
 
 
+def reasoning_column(step: Any, c: Completion) -> dict[str, str]:
+    """``{<output>_reasoning: trace}`` when the teacher returned a reasoning trace, else ``{}``."""
+    output = getattr(step, "output", None)
+    if c.reasoning is None or not isinstance(output, str):
+        return {}
+    return {f"{output}_reasoning": c.reasoning}
+
+
 def rid(row: dict) -> str:
     """The id of a row."""
     return row[PROVENANCE]["id"]
@@ -388,7 +396,7 @@ class TeacherStep(StepBase):
             new = self.parse(row, c)
         except ParseError as e:
             return failure(row, "parse", str(e), attempts=c.attempts, raw=c.text)
-        child = {**row, **new}
+        child = {**row, **new, **reasoning_column(self, c)}
         child[PROVENANCE] = provenance(
             row_id(rid(row), ctx.name, str(sample)), [rid(row)], ctx.name, c
         )
