@@ -83,7 +83,7 @@ def test_a_cache_of_the_old_format_is_read_as_it_is(tmp_path, standin):
         for key, resp in db.execute("SELECT key, response FROM responses").fetchall():
             r = json.loads(resp)["response"]
             old = {
-                "text": r["choices"][0]["message"]["content"],
+                "text": "old " + r["choices"][0]["message"]["content"],
                 "finish_reason": "stop",
                 "usage": {k: r["usage"][k] for k in ("prompt_tokens", "completion_tokens")},
                 "cost_usd": 0.0,
@@ -92,11 +92,12 @@ def test_a_cache_of_the_old_format_is_read_as_it_is(tmp_path, standin):
             }
             db.execute("UPDATE responses SET response=? WHERE key=?", (json.dumps(old), key))
     sent = standin.count()
-    # Any change to the teacher reruns the step; its requests are unchanged, so all are stored.
+    # think_tags reruns the step; its requests are unchanged, so every answer is stored.
     tagged = teacher("t", standin.port).replace(
         "    max_retries", "    think_tags: true\n    max_retries"
     )
     t = build(tmp_path, SEEDS, tagged, STEP)
     assert standin.count() == sent
-    assert sorted(r["response"] for r in t.rows) == ["answer 0", "answer 1", "answer 2"]
+    # The step ran again on the stored entries, read in their old format.
+    assert sorted(r["response"] for r in t.rows) == ["old answer 0", "old answer 1", "old answer 2"]
     assert all(last_user_message(r.body).startswith("Q") for r in standin.records)
