@@ -193,9 +193,7 @@ def fingerprints(recipe: Recipe) -> list[str]:
     """Each step's fingerprint: hash of its config, teachers, inputs and the step before."""
     out, prev = [], ""
     for step in recipe.steps:
-        teachers = {
-            t: _teacher_print(recipe.teachers[t]) for t in sorted(step.teacher_names())
-        }
+        teachers = {t: _teacher_print(recipe.teachers[t]) for t in sorted(step.teacher_names())}
         digest = step.inputs_digest(recipe.base_dir)
         blob = json.dumps(
             {
