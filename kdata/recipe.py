@@ -12,7 +12,7 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -86,6 +86,8 @@ class GenerationParams(StrictModel):
     frequency_penalty: float | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None  # OpenAI o-series
+    thinking: dict[str, Any] | None = None  # Anthropic: {type: enabled, budget_tokens: N}
     extra_body: dict[str, Any] | None = None
 
     def sent(self) -> dict[str, Any]:
@@ -104,6 +106,11 @@ class Teacher(StrictModel):
     teachers and for models litellm knows to support response schemas; set it true for an
     OpenAI-compatible server with guided decoding (vLLM, SGLang, llama.cpp's server), false to
     never send it. kdata validates every reply against the schema either way.
+
+    ``think_tags``: the server writes its reasoning inline, as ``<think>...</think>`` before the
+    answer (a reasoning model behind a server without a reasoning parser); kdata splits it off
+    into the reasoning column. It changes how stored responses are read, not what is sent, so
+    toggling it re-reads the cache and pays for nothing.
     """
 
     model: str = Field(min_length=1)
@@ -117,6 +124,7 @@ class Teacher(StrictModel):
     max_retries: int = Field(default=5, ge=0)
     timeout: float = Field(default=120.0, gt=0)
     structured_output: bool | None = None
+    think_tags: bool = False  # split an inline <think>...</think> off the answer as reasoning
 
     @field_validator("api_base")
     @classmethod

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from kdata.errors import BudgetExceeded, CacheError, KdataError
 from kdata.lock import hold
-from kdata.recipe import Recipe
+from kdata.recipe import Recipe, Teacher
 from kdata.steps.base import StepContext, StepOutput
 from kdata.teachers.cache import RequestCache
 
@@ -194,14 +194,20 @@ def build(
         return box["run"]
 
 
+def _teacher_print(cfg: Teacher) -> dict[str, Any]:
+    """What of a teacher decides a step's rows: the model, its parameters, and how its stored
+    responses are read (``think_tags``, only when set, so other fingerprints stay as they were)."""
+    out: dict[str, Any] = {"model": cfg.model, "params": cfg.params.sent()}
+    if cfg.think_tags:
+        out["think_tags"] = True
+    return out
+
+
 def fingerprints(recipe: Recipe) -> list[str]:
     """Each step's fingerprint: hash of its config, teachers, inputs and the step before."""
     out, prev = [], ""
     for step in recipe.steps:
-        teachers = {
-            t: {"model": recipe.teachers[t].model, "params": recipe.teachers[t].params.sent()}
-            for t in sorted(step.teacher_names())
-        }
+        teachers = {t: _teacher_print(recipe.teachers[t]) for t in sorted(step.teacher_names())}
         digest = step.inputs_digest(recipe.base_dir)
         blob = json.dumps(
             {

@@ -119,6 +119,10 @@ class Config:
         decide: ``decide(body, attempt) -> kind | None`` overrides everything above when set.
         reply: ``reply(body) -> text``, the assistant's content, when set (scripted teachers for
             the logic of multi-call methods); otherwise `expected_answer` of the last user message.
+        reasoning: ``reasoning(body) -> text``: answer as a reasoning server does, the trace in the
+            message's ``reasoning_content`` and ``reasoning_tokens`` of the completion tokens in
+            the usage's ``completion_tokens_details`` (DeepSeek's and vLLM's shape).
+        reasoning_tokens: how many of the completion tokens are reported as reasoning.
         retry_after_s: value of the ``Retry-After`` header of a 429 (seconds, may be fractional).
         retry_after_header: the header's raw text instead (an HTTP-date, or junk), when set.
         hang_s: how long a hang lasts before the connection is closed without an answer.
@@ -136,6 +140,8 @@ class Config:
     always: str | None = None
     decide: Callable[[dict, int], str | None] | None = None
     reply: Callable[[dict], str] | None = None
+    reasoning: Callable[[dict], str] | None = None
+    reasoning_tokens: int = 8
     retry_after_s: float = 0.2
     retry_after_header: str | None = None
     hang_s: float = 60.0
@@ -452,29 +458,23 @@ class _Conn(asyncio.Protocol):
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         if isinstance(max_tokens, int):
             c_tok = min(c_tok, max_tokens)
+        message = {
+            "role": "assistant",
+            "content": cfg.reply(body) if cfg.reply else expected_answer(last_user_message(body)),
+        }
+        usage = {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}
+        if cfg.reasoning is not None:
+            message["reasoning_content"] = cfg.reasoning(body)
+            usage["completion_tokens_details"] = {"reasoning_tokens": cfg.reasoning_tokens}
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
             "created": self.server.created,
             "model": body.get("model", "standin-model"),
             "choices": [
-                {
-                    "index": 0,
-                    "message": {
-                        "role": "assistant",
-                        "content": cfg.reply(body)
-                        if cfg.reply
-                        else expected_answer(last_user_message(body)),
-                    },
-                    "logprobs": None,
-                    "finish_reason": "stop",
-                }
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
             ],
-            "usage": {
-                "prompt_tokens": p_tok,
-                "completion_tokens": c_tok,
-                "total_tokens": p_tok + c_tok,
-            },
+            "usage": usage,
             "system_fingerprint": "fp_standin",
         }
 

@@ -309,3 +309,71 @@ def test_gsm8k_recipe_builds(tmp_path, monkeypatch):
     assert set(cot.drop_reasons) <= {"wrong_answer"} and set(cot.failure_classes) <= {"parse"}
     for r in run.rows():
         assert answers_match(r["response_answer"], r["response_reference"])
+
+
+PERSON = (
+    "{type: object, properties: {name: {type: string}, age: {type: integer, minimum: 0}},"
+    " required: [name, age]}"
+)
+
+
+def test_schema_replies_become_columns_and_invalid_ones_are_asked_again(tmp_path, standin):
+    def reply(body: dict) -> str:
+        i, attempt = qid(body), body["seed"]  # seed 0 + the attempt's sample index
+        if i == 1 and attempt == 0:
+            return '{"name": "Bo", "age": "nine"}'  # wrong type, then right on the retry
+        if i == 2:
+            return "Sure! Here is the person: Ada, 36."  # never JSON
+        return f'```json\n{{"name": "P{i}", "age": {30 + i}}}\n```'
+
+    standin.config.reply = reply
+    step = (
+        f"  - {{name: s, type: label, teacher: t, prompt: 'Q{{{{ id }}}}: a person',"
+        f" retries: 1, schema: {PERSON}}}\n"
+    )
+    seeds = [{"id": i} for i in range(3)]
+    guided = teacher("t", standin.port).replace(
+        "    max_retries", "    structured_output: true\n    max_retries"
+    )
+    t = build(tmp_path, seeds, guided, step)
+    got = {r["id"]: (r["name"], r["age"]) for r in t.rows}
+    assert got == {0: ("P0", 30), 1: ("P1", 31)}
+    (bad,) = t.failed
+    assert bad["error_class"] == "invalid_output" and bad["attempts"] == 2
+    assert bad["raw"] == "Sure! Here is the person: Ada, 36." and "not JSON" in bad["error"]
+    # Row 0 was asked once; rows 1 and 2 twice, each attempt its own request.
+    assert len(standin.records) == 5 and len({r.body_hash for r in standin.records}) == 5
+    # structured_output: every request carried the schema for the server to decode by.
+    sent = [r.body["response_format"]["json_schema"]["schema"] for r in standin.records]
+    assert all(s["required"] == ["name", "age"] for s in sent)
+
+
+def test_schema_on_the_embedded_teacher_is_a_grammar(tmp_path):
+    step = (
+        "  - {name: s, type: label, teacher: smol, prompt: 'Describe {{ who }} as JSON.',"
+        f" retries: 0, schema: {PERSON}}}\n"
+    )
+    smol = (
+        "  smol:\n    model: local/smollm2-135m-instruct\n    params: {max_tokens: 48, seed: 0}\n"
+    )
+    t = build(tmp_path, [{"id": 0, "who": "a retired teacher named Ana"}], smol, step)
+    (row,) = t.rows  # llama.cpp's grammar makes the reply valid JSON of the schema
+    assert isinstance(row["name"], str) and isinstance(row["age"], int) and row["age"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ("schema: {type: string}", "must describe an object"),
+        ("schema: {type: object, properties: {a: {type: nope}}}", "not a valid JSON schema"),
+        ("cot: true, schema: {type: object, properties: {}}", "does not go with cot"),
+        ("schema: {path: missing.json}", "cannot read schema file"),
+    ],
+)
+def test_bad_schema_is_a_recipe_error(fields, message):
+    text = (
+        "name: t\nteachers:\n  t: {model: local/smollm2-135m-instruct}\nsteps:\n"
+        f"  - {{type: label, teacher: t, prompt: hi, {fields}}}\n"
+    )
+    with pytest.raises(kdata.RecipeError, match=message):
+        kdata.recipe_from_yaml(text)

@@ -150,6 +150,20 @@ def test_code_verification_snippet_validates() -> None:
     assert (step.verify.tests, step.verify.entry_point) == ("test", "entry_point")
 
 
+def test_reasoning_teachers_snippet_validates() -> None:
+    snippet = next(b for b in blocks("yaml") if b.startswith("teachers:\n  r1:"))
+    steps = "steps:\n  - {type: label, teacher: o4, prompt: hi}\n"
+    r = kdata.recipe_from_yaml("name: t\n" + snippet + steps)
+    assert r.teachers["qwq"].think_tags and r.teachers["o4"].params.reasoning_effort == "high"
+
+
+def test_schema_snippet_validates() -> None:
+    snippet = next(b for b in blocks("yaml") if b.startswith("# label (schema)\n"))
+    teachers = "  smol: {model: local/smollm2-135m-instruct}\n"
+    (step,) = kdata.recipe_from_yaml(f"name: t\nteachers:\n{teachers}" + snippet).steps
+    assert step.schema_["required"] == ["name", "age"] and step.retries == 2
+
+
 def test_every_step_type_is_documented() -> None:
     from kdata.recipe import STEP_TYPES
 

@@ -63,6 +63,36 @@ def _template_compiles(value: str) -> str:
     return value
 
 
+def _schema_source(value: Any, info: ValidationInfo) -> Any:
+    """``{path: file.json}`` becomes the JSON schema in the file, read relative to the recipe."""
+    if isinstance(value, dict) and set(value) == {"path"}:
+        path = Path((info.context or {}).get("base_dir", ".")) / str(value["path"])
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ValueError(f"cannot read schema file {path}: {e.strerror}") from None
+        except ValueError as e:
+            raise ValueError(f"schema file {path} is not JSON: {e}") from None
+    return value
+
+
+def _schema_valid(value: dict) -> dict:
+    import jsonschema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(value)
+    except jsonschema.SchemaError as e:
+        raise ValueError(f"not a valid JSON schema: {e.message}") from None
+    if value.get("type") != "object" or not isinstance(value.get("properties"), dict):
+        raise ValueError("the schema must describe an object (type: object, with properties)")
+    return value
+
+
+# A JSON schema of an object: inline, or ``{path: schemas/mine.json}`` relative to the recipe.
+JsonSchema = Annotated[
+    dict[str, Any], BeforeValidator(_schema_source), AfterValidator(_schema_valid)
+]
+
 # A Jinja template field: inline text, or ``{path: prompts/mine.jinja}`` relative to the recipe.
 # Method steps default such fields to their packaged template (`kdata.prompts.load`).
 Template = Annotated[str, BeforeValidator(_template_source), AfterValidator(_template_compiles)]
@@ -115,6 +145,14 @@ def provenance(
         "cost_usd": c.cost_usd if c else 0.0,
         "finish_reason": c.finish_reason if c else None,
     }
+
+
+def reasoning_column(step: Any, c: Completion) -> dict[str, str]:
+    """``{<output>_reasoning: trace}`` when the teacher returned a reasoning trace, else ``{}``."""
+    output = getattr(step, "output", None)
+    if c.reasoning is None or not isinstance(output, str):
+        return {}
+    return {f"{output}_reasoning": c.reasoning}
 
 
 def rid(row: dict) -> str:
@@ -388,7 +426,7 @@ class TeacherStep(StepBase):
             new = self.parse(row, c)
         except ParseError as e:
             return failure(row, "parse", str(e), attempts=c.attempts, raw=c.text)
-        child = {**row, **new}
+        child = {**row, **new, **reasoning_column(self, c)}
         child[PROVENANCE] = provenance(
             row_id(rid(row), ctx.name, str(sample)), [rid(row)], ctx.name, c
         )

@@ -17,6 +17,7 @@ from kdata import prompts, sandbox
 from kdata.answers import answers_match, extract_answer, group_answers, split_final_answer
 from kdata.steps.base import (
     PROVENANCE,
+    JsonSchema,
     ParseError,
     StepBase,
     StepContext,
@@ -34,6 +35,7 @@ from kdata.steps.base import (
     row_id,
     settle,
 )
+from kdata.steps.replies import schema_object
 
 if TYPE_CHECKING:
     from kdata.teachers.pool import Completion
@@ -146,6 +148,12 @@ class LabelStep(TeacherStep):
     with ``verify.tests`` the response's code (its first fenced block, else all of it) goes to
     ``<output>_code`` and runs against the row's tests in `kdata.sandbox`, and a sample that
     fails them is dropped as ``tests_failed`` with how it ended and its output.
+
+    ``schema`` asks for a JSON object: the schema goes along as ``response_format`` to teachers
+    that take one (llama.cpp turns it into a grammar), the reply is validated against it, and
+    its fields become columns (``output`` keeps the reply's text). A reply that does not
+    validate is asked again as a distinct request, up to ``retries`` times, then fails as
+    ``invalid_output`` with the last reply in ``raw``.
     """
 
     type: Literal["label"] = "label"
@@ -153,6 +161,44 @@ class LabelStep(TeacherStep):
     cot: bool = False
     cot_prompt: Template = prompts.load("label.cot")
     verify: Verify | None = None
+    schema_: JsonSchema | None = Field(default=None, alias="schema")
+    retries: int = Field(default=2, ge=0)  # schema: invalid replies asked again
+
+    @model_validator(mode="after")
+    def _schema_alone(self) -> LabelStep:
+        if self.schema_ is not None and (self.cot or self.verify is not None):
+            raise ValueError("schema replies are JSON: it does not go with cot or verify")
+        return self
+
+    def plan(self, n_rows: int, base_dir: Path) -> tuple[int, int]:
+        rows, calls = super().plan(n_rows, base_dir)
+        return rows, calls * (1 + self.retries if self.schema_ is not None else 1)
+
+    def request_params(self) -> dict[str, Any] | None:
+        if self.schema_ is None:
+            return None
+        return {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": self.schema_},
+            }
+        }
+
+    async def _one(self, row: dict, sample: int, ctx: StepContext) -> dict:
+        if self.schema_ is None:
+            return await super()._one(row, sample, ctx)
+        errors = []
+        for attempt in range(self.retries + 1):  # attempt k is its own request and cache entry
+            out = await super()._one(row, sample + attempt * self.n, ctx)
+            if out.get("error_class") != "parse":
+                return out
+            errors.append(out["error"])
+        return {
+            **out,
+            "error_class": "invalid_output",
+            "error": f"no reply matched the schema in {len(errors)} attempts: {errors[-1]}",
+            "attempts": len(errors),
+        }
 
     def messages(self, row: dict) -> list[dict[str, str]]:
         msgs = super().messages(row)
@@ -181,6 +227,8 @@ class LabelStep(TeacherStep):
         text = (completion.text or "").strip()
         if not text:
             raise ParseError(f"empty response (finish_reason={completion.finish_reason})")
+        if self.schema_ is not None:
+            return {self.output: text, **schema_object(text, self.schema_)}
         if self.cot:
             new = reasoned(self.output, text)
             if new is None:

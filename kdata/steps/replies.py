@@ -109,3 +109,29 @@ def json_object(text: str | None, model: type[BaseModel]) -> BaseModel:
             for err in e.errors()
         )
         raise ParseError(f"JSON does not match the schema: {problems}") from None
+
+
+def schema_object(text: str | None, schema: dict[str, Any]) -> dict[str, Any]:
+    """The reply as a JSON object valid against a JSON schema (one code fence allowed).
+
+    Raises:
+        ParseError: not JSON, not an object, or not valid against the schema.
+    """
+    import jsonschema
+
+    body = (text or "").strip()
+    if m := _FENCE.match(body):
+        body = m.group(1).strip()
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        raise ParseError(f"not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ParseError(f"expected a JSON object, got {type(data).__name__}")
+    problems = [
+        f"{'.'.join(str(p) for p in e.absolute_path) or 'object'}: {e.message}"
+        for e in jsonschema.Draft202012Validator(schema).iter_errors(data)
+    ]
+    if problems:
+        raise ParseError(f"JSON does not match the schema: {'; '.join(problems)}")
+    return data

@@ -30,6 +30,7 @@ from kdata.steps.base import (
     chat,
     failure,
     provenance,
+    reasoning_column,
     render,
     rid,
     row_id,
@@ -83,7 +84,12 @@ class SelfConsistencyStep(TeacherStep):
                 row, "no_answer", f"none of the {self.n} samples stated a final answer", raw=raw
             )
         top = groups[0]
-        child = {**row, **parsed[top[0]], f"{self.output}_agreement": len(top) / self.n}
+        child = {
+            **row,
+            **parsed[top[0]],
+            **reasoning_column(self, completions[top[0]]),
+            f"{self.output}_agreement": len(top) / self.n,
+        }
         child[PROVENANCE] = provenance(
             row_id(rid(row), ctx.name), [rid(row)], ctx.name, completions[top[0]]
         )
@@ -127,12 +133,13 @@ class SelfRefineStep(StepBase):
     async def _refine(self, row: dict, ctx: StepContext) -> dict:
         task_msgs = chat(self.system, self.prompt, row)
         task = task_msgs[-1]["content"]
+        answered = None  # the completion that wrote the current draft
         if self.input is not None:
             draft = str(row.get(self.input) or "").strip()
             if not draft:
                 return failure(row, "input", f"the row has no answer in column '{self.input}'")
         else:
-            last = await ask(ctx, self.teacher, task_msgs, row)
+            last = answered = await ask(ctx, self.teacher, task_msgs, row)
             draft = self._text(row, last)
         history: list[dict[str, Any]] = []
         for r in range(self.rounds):
@@ -146,10 +153,11 @@ class SelfRefineStep(StepBase):
             msgs = chat(
                 self.system, self.refine_prompt, row, task=task, draft=draft, feedback=feedback
             )
-            last = await ask(ctx, self.teacher, msgs, row, sample=r)
+            last = answered = await ask(ctx, self.teacher, msgs, row, sample=r)
             draft = self._text(row, last)
         child = {
             **row,
+            **(reasoning_column(self, answered) if answered else {}),
             self.output: draft,
             f"{self.output}_rounds": history,
             f"{self.output}_rounds_used": len(history),

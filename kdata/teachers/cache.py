@@ -1,4 +1,7 @@
-"""The request cache: every teacher response, stored durably the moment it arrives.
+"""The request cache: every teacher response, stored whole and durably the moment it arrives.
+
+A response is stored as the provider sent it (`kdata.teachers.response` reads it, in every
+format the cache has held), so a new parser never needs a new request.
 
 Keyed by a hash of what is sent (model, messages, generation parameters, response schema and the
 sample index), never the API key or endpoint. SQLite in WAL mode: a response committed here
@@ -166,8 +169,11 @@ class RequestCache:
     def totals_by_teacher(self) -> dict[str, dict[str, float]]:
         """Responses, tokens and USD per teacher over everything stored, every run included."""
         rows = self._db.execute(
-            "SELECT teacher, COUNT(*), SUM(json_extract(response, '$.usage.prompt_tokens')),"
-            " SUM(json_extract(response, '$.usage.completion_tokens')), SUM(cost_usd)"
+            "SELECT teacher, COUNT(*),"
+            " SUM(COALESCE(json_extract(response, '$.response.usage.prompt_tokens'),"
+            "  json_extract(response, '$.usage.prompt_tokens'))),"
+            " SUM(COALESCE(json_extract(response, '$.response.usage.completion_tokens'),"
+            "  json_extract(response, '$.usage.completion_tokens'))), SUM(cost_usd)"
             " FROM responses GROUP BY teacher"
         ).fetchall()
         return {

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kdata.errors import BudgetExceeded, TeacherError
+from kdata.teachers import response
 from kdata.teachers.cache import RequestCache, request_key
 
 if TYPE_CHECKING:
@@ -141,6 +142,8 @@ class Completion:
     attempts: int
     logprobs: Any = None
     response_model: str | None = None  # the model name the response gave, when it gave one
+    reasoning: str | None = None  # the reasoning trace, when the teacher returned one
+    reasoning_tokens: int = 0  # of completion_tokens, those spent reasoning
 
 
 @dataclass
@@ -152,6 +155,7 @@ class Ledger:
     cache_hits: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0  # part of completion_tokens (and of their cost)
     cost_usd: float = 0.0
     failures: Counter = field(default_factory=Counter)
 
@@ -360,20 +364,22 @@ class TeacherPool:
     def _completion(
         self, st: _TeacherState, key: str, data: dict, *, cached: bool, attempts: int
     ) -> Completion:
-        usage = data.get("usage") or {}
+        r = response.read(data, think_tags=st.cfg.think_tags)
         return Completion(
-            text=data.get("text"),
-            finish_reason=data.get("finish_reason"),
-            prompt_tokens=usage.get("prompt_tokens", 0),
-            completion_tokens=usage.get("completion_tokens", 0),
+            text=r.text,
+            finish_reason=r.finish_reason,
+            prompt_tokens=r.prompt_tokens,
+            completion_tokens=r.completion_tokens,
             cost_usd=data.get("cost_usd", 0.0),  # what the response cost, even when re-served
             teacher=st.name,
             model=st.cfg.model,
             request_hash=key,
             cached=cached,
             attempts=attempts,
-            logprobs=data.get("logprobs"),
-            response_model=data.get("response_model"),
+            logprobs=r.logprobs,
+            response_model=r.response_model,
+            reasoning=r.reasoning,
+            reasoning_tokens=r.reasoning_tokens,
         )
 
     async def _reserve(self, st: _TeacherState, messages: list[dict], params: dict) -> float | None:
@@ -505,31 +511,22 @@ class TeacherPool:
     def _record(
         self, st: _TeacherState, resp: Any, messages: list[dict], params: dict, key: str
     ) -> dict:
-        """Store a response durably, then account for it."""
-        choice = resp.choices[0]
+        """Store the whole response durably, then account for it."""
         usage = getattr(resp, "usage", None)
         p_tok = getattr(usage, "prompt_tokens", 0) or 0
         c_tok = getattr(usage, "completion_tokens", 0) or 0
         p_in, p_out = st.prices
         cost = p_tok * p_in + c_tok * p_out
-        logprobs = getattr(choice, "logprobs", None)
-        if logprobs is not None and hasattr(logprobs, "model_dump"):
-            logprobs = logprobs.model_dump()
-        data = {
-            "text": choice.message.content,
-            "finish_reason": choice.finish_reason,
-            "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok},
-            "cost_usd": cost,
-            "logprobs": logprobs,
-            "response_model": getattr(resp, "model", None),
-        }
+        data = response.stored(resp, cost)
         self.cache.put(
             key, st.name, st.cfg.model, {"messages": messages, "params": params}, data, cost
         )
+        reply = response.read(data)
         led = st.ledger
         led.responses += 1
-        led.prompt_tokens += p_tok
-        led.completion_tokens += c_tok
+        led.prompt_tokens += reply.prompt_tokens
+        led.completion_tokens += reply.completion_tokens
+        led.reasoning_tokens += reply.reasoning_tokens
         led.cost_usd += cost
         return data
 
