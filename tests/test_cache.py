@@ -42,7 +42,9 @@ def _stored(path: Path) -> set[int]:
     """Seed ids whose responses a cache file holds."""
     db = sqlite3.connect(path)
     try:
-        rows = db.execute("SELECT json_extract(response, '$.text') FROM responses").fetchall()
+        rows = db.execute(
+            "SELECT json_extract(response, '$.response.choices[0].message.content') FROM responses"
+        ).fetchall()
     finally:
         db.close()
     return {int(text.split()[1]) for (text,) in rows}

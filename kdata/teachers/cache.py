@@ -213,6 +213,8 @@ def _salvage(path: Path) -> list[tuple]:
             for rowid, *row in db.execute(
                 f"SELECT rowid, {_COLUMNS} FROM responses WHERE rowid > ? ORDER BY rowid", (last,)
             ):
+                if rowid <= last:  # a damaged b-tree can lead back to rows already read
+                    raise sqlite3.DatabaseError("rowids out of order")
                 last, misses = rowid, 0
                 if _is_json(row[3]) and _is_json(row[4]):  # request, response
                     rows.append(tuple(row))
