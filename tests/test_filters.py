@@ -205,7 +205,7 @@ Q2 = (
     "Tom reads 12 pages of his history book on weekdays and twice as many pages on each day of "
     "the weekend. How many pages does he read in two full weeks?"
 )
-Q3 = "What is 15 percent of 80?"  # shorter than 13 words: only an equal whole text matches
+Q3 = "What is 15 percent of 80?"  # shorter than 13 words: matches where its words run in a row
 BENCH = [
     {"id": "gsm-0001", "question": Q1, "answer": "37"},
     {"id": "gsm-0002", "question": Q2, "answer": "216"},
@@ -252,7 +252,7 @@ def test_planted_items_are_caught_and_near_misses_kept(tmp_path: Path) -> None:
         {"key": "clean2", "instruction": "Suggest some games for a group.", "response": GAMES},
     ]
     run = run_steps(tmp_path, rows, DECON)
-    assert sorted(r["key"] for r in run.rows()) == ["clean", "clean2", "near_miss", "short_inside"]
+    assert sorted(r["key"] for r in run.rows()) == ["clean", "clean2", "near_miss"]
     drops = {k: d["detail"] for k, d in side_table(run, "dropped").items()}
     q1_grams = len(Q1.split()) - 12
     assert drops == {
@@ -263,10 +263,38 @@ def test_planted_items_are_caught_and_near_misses_kept(tmp_path: Path) -> None:
             "overlap": len(Q2.split()) - 12,
         },
         "short_equal": {"benchmark": "gsm8k_test", "item_id": "gsm-0003", "overlap": 1},
+        "short_inside": {"benchmark": "gsm8k_test", "item_id": "gsm-0003", "overlap": 1},
         "mmlu": {"benchmark": "mmlu", "item_id": 1, "overlap": 3},  # no id_column: position
     }
     assert {d["reason"] for d in side_table(run, "dropped").values()} == {"contaminated"}
-    assert accounting(run)["drop_reasons"] == {"contaminated": 4}
+    assert accounting(run)["drop_reasons"] == {"contaminated": 5}
+
+
+SHORT = "Name three primary colours and one colour they make."  # 9 words, under ngram: 13
+
+
+def test_an_item_shorter_than_ngram_matches_where_its_words_run_contiguously(
+    tmp_path: Path,
+) -> None:
+    path = write_jsonl(tmp_path / "bench.jsonl", [{"question": SHORT}, {"question": Q3}])
+    step = DecontaminateStep(
+        columns=["q"], benchmarks=[{"name": "b", "path": path.name, "columns": ["question"]}]
+    )
+    rows = [
+        made_row(0, q=f"My teacher asked: '{SHORT.upper()}' Please explain it to a child."),
+        made_row(1, q=f"{SHORT[:-1]}, then mix them."),  # longer than the item, still inside
+        made_row(2, q="Name three primary colours, and then one colour that they make."),
+        made_row(3, q="What is 15 percent of 800? And of 80?"),  # "of 800 and of 80": no run
+        made_row(4, q="What is 15 percent of 80?"),
+    ]
+    out = direct(step, rows, tmp_path)
+    assert [r["_kdata"]["id"] for r in out.rows] == ["row2", "row3"]
+    hits = {d["row_id"]: json.loads(d["detail"]) for d in out.dropped}
+    assert hits == {
+        "row0": {"benchmark": "b", "item_id": 0, "overlap": 1},
+        "row1": {"benchmark": "b", "item_id": 0, "overlap": 1},
+        "row4": {"benchmark": "b", "item_id": 1, "overlap": 1},
+    }
 
 
 def test_min_overlap_counts_shared_ngrams_unless_the_item_is_whole(tmp_path: Path) -> None:

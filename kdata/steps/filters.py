@@ -242,8 +242,8 @@ class FilterStep(StepBase):
 def ngram_hashes(text: str, n: int) -> set[int]:
     """Hashes of the distinct word n-grams of `normalise`d ``text``.
 
-    A text of fewer than ``n`` words is one n-gram: its whole normalised text. So a short text
-    only matches an equal short text. Hashes are Python's, stable within one process.
+    A text of fewer than ``n`` words is one n-gram: its whole normalised text, which only an
+    equal short text shares. Hashes are Python's, stable within one process.
     """
     words = normalise(text)
     if len(words) < n:
@@ -273,10 +273,12 @@ class DecontaminateStep(StepBase):
     """Drop rows that share word n-grams with a benchmark item.
 
     Texts are `normalise`d (lowercase words split at punctuation and whitespace) and cut into
-    ``ngram``-word n-grams (see `ngram_hashes` for texts shorter than that). A row's n-grams are
-    those of all its ``columns``, an item's those of all its benchmark columns. A row matches an
-    item when they share at least ``min_overlap`` n-grams, or all the n-grams of either one when
-    it has fewer (an item wholly inside a row always matches). A matched row is dropped as
+    ``ngram``-word n-grams. A row's n-grams are those of all its ``columns``, an item's those of
+    all its benchmark columns; an item's text shorter than ``ngram`` words counts as one n-gram,
+    present in a row wherever its whole word sequence occurs contiguously in one of the row's
+    columns. A row matches an item when they share at least ``min_overlap`` n-grams, or all the
+    n-grams of either one when it has fewer (an item wholly inside a row always matches, however
+    short). A matched row is dropped as
     ``contaminated`` with the benchmark name, the item id and the overlap of the item it shares
     the most n-grams with (the first such item on ties).
 
@@ -316,9 +318,9 @@ class DecontaminateStep(StepBase):
                 f"decontaminate: no row has column {', '.join(map(repr, absent))}; "
                 f"the rows have: {', '.join(have)}"
             )
-        index = _Index()
+        index = _Index(self.ngram, self.min_overlap)
         for b in self.benchmarks:
-            index.add(b, ctx.base_dir, self.ngram)
+            index.add(b, ctx.base_dir)
         out = StepOutput(rows=[], expected=len(rows))
         for row in rows:
             texts = [(c, row.get(c)) for c in self.columns if row.get(c) is not None]
@@ -327,8 +329,9 @@ class DecontaminateStep(StepBase):
                 kinds = ", ".join(f"'{c}' holds a {type(row[c]).__name__}" for c in bad)
                 out.failed.append(failure(row, "not_text", f"decontaminate: {kinds}"))
                 continue
-            grams = set().union(*(ngram_hashes(t, self.ngram) for _, t in texts))
-            hit = index.match(grams, self.min_overlap)
+            words = [normalise(t) for _, t in texts]
+            grams = set().union(*(index.ngrams(w) for w in words))
+            hit = index.match(grams, set().union(*(index.short_texts(w) for w in words)))
             if hit is None:
                 out.rows.append(row)
             else:
@@ -338,14 +341,19 @@ class DecontaminateStep(StepBase):
 
 
 class _Index:
-    """Every benchmark item's n-gram hashes, in one dict from hash to the items holding it."""
+    """Every benchmark item's n-gram hashes, in one dict from hash to the items holding it.
 
-    def __init__(self) -> None:
+    An item's text shorter than ``n`` words is kept in a word trie instead (`short_items`).
+    """
+
+    def __init__(self, n: int, min_overlap: int) -> None:
+        self.n, self.min_overlap = n, min_overlap
         self.items: list[tuple[str, Any]] = []  # (benchmark name, item id)
-        self.sizes: list[int] = []  # distinct n-grams per item
+        self.sizes: list[int] = []  # distinct n-grams per item, a short text counting as one
         self.grams: dict[int, int | tuple[int, ...]] = {}  # a tuple only for shared n-grams
+        self.trie: dict = {}  # word -> subtrie; key None: (item, text) of short texts ending here
 
-    def add(self, b: Benchmark, base_dir: Path, n: int) -> None:
+    def add(self, b: Benchmark, base_dir: Path) -> None:
         records = _read_records(b, b.resolve(base_dir))
         keys = set().union(*records) if records else set()
         unknown = [c for c in (*b.columns, b.id_column) if c is not None and c not in keys]
@@ -355,26 +363,55 @@ class _Index:
                 f"{', '.join(map(repr, unknown))}; its columns: {', '.join(sorted(keys))}"
             )
         for pos, rec in enumerate(records):
-            texts = [str(rec[c]) for c in b.columns if rec.get(c) is not None]
-            grams = set().union(*(ngram_hashes(t, n) for t in texts))
             item = len(self.items)
             self.items.append((b.name, rec.get(b.id_column) if b.id_column else pos))
-            self.sizes.append(len(grams))
+            words = [normalise(str(rec[c])) for c in b.columns if rec.get(c) is not None]
+            short = {tuple(w) for w in words if 0 < len(w) < self.n}
+            for k, text in enumerate(short):
+                node = self.trie
+                for w in text:
+                    node = node.setdefault(w, {})
+                node.setdefault(None, set()).add((item, k))
+            grams = set().union(*(self.ngrams(w) for w in words if len(w) >= self.n))
+            self.sizes.append(len(grams) + len(short))
             for g in grams:
                 prev = self.grams.setdefault(g, item)
                 if prev != item:
                     self.grams[g] = (*prev, item) if isinstance(prev, tuple) else (prev, item)
 
-    def match(self, grams: set[int], min_overlap: int) -> dict[str, Any] | None:
-        """``benchmark``, ``item_id`` and ``overlap`` of the matched item sharing the most."""
-        counts: Counter[int] = Counter()
+    def ngrams(self, words: list[str]) -> set[int]:
+        """Hashes of the distinct n-grams of normalised ``words`` (see `ngram_hashes`)."""
+        if len(words) < self.n:
+            return {hash(tuple(words))} if words else set()
+        return {hash(g) for g in zip(*(words[i:] for i in range(self.n)), strict=False)}
+
+    def short_texts(self, words: list[str]) -> set[tuple[int, int]]:
+        """(item, text) of the items' short texts that occur contiguously in ``words``."""
+        found: set[tuple[int, int]] = set()
+        for start in range(len(words) if self.trie else 0):
+            node = self.trie
+            for w in words[start : start + self.n - 1]:
+                node = node.get(w)
+                if node is None:
+                    break
+                found |= node.get(None, set())
+        return found
+
+    def match(self, grams: set[int], short: set[tuple[int, int]]) -> dict[str, Any] | None:
+        """``benchmark``, ``item_id`` and ``overlap`` of the matched item sharing the most.
+
+        Args:
+            grams: a row's n-gram hashes.
+            short: (item, text) of the short item texts found in the row (`short_texts`).
+        """
+        counts: Counter[int] = Counter(item for item, _ in short)
         for g in self.grams.keys() & grams:
             hit = self.grams[g]
             counts.update((hit,) if isinstance(hit, int) else hit)
         matched = [
             (overlap, -item)
             for item, overlap in counts.items()
-            if overlap >= min(min_overlap, len(grams), self.sizes[item])
+            if overlap >= min(self.min_overlap, len(grams), self.sizes[item])
         ]
         if not matched:
             return None
