@@ -202,6 +202,21 @@ def test_embeddings_are_cached_in_the_run_dir_and_reused(
     assert np.allclose(emb, fresh, atol=1e-5)  # each text's own embedding, in order
 
 
+def test_the_store_finds_every_key_even_those_ending_in_a_nul_byte(tmp_path: Path) -> None:
+    from kdata.steps.semantic import EmbeddingStore
+
+    texts = [f"text {i}" for i in range(3000)]
+    keys = EmbeddingStore.keys("m", texts)
+    assert any(k.endswith(b"\0") for k in keys)  # about 1 in 256
+    emb = np.arange(len(texts) * 4, dtype=np.float32).reshape(len(texts), 4)
+    store = EmbeddingStore(tmp_path)
+    store.put(keys[:2000], emb[:2000])
+    store.put(keys[2000:], emb[2000:])
+    found = store.get(keys[::-1] + EmbeddingStore.keys("other model", texts[:1]))
+    assert found[-1] is None  # another model's key
+    assert np.array_equal(np.stack(found[:-1]), emb[::-1])
+
+
 def test_wrong_values_fail_and_progress_counts_every_row_once(tmp_path: Path) -> None:
     values = [INSTRUCTIONS[6], PARAPHRASES[6][0], None, 42, INSTRUCTIONS[7], ""]
     rows = [{"t": t, "_kdata": provenance(str(i), [], "s")} for i, t in enumerate(values)]

@@ -140,7 +140,7 @@ class SemanticDedupStep(StepBase):
         where = self._where(base_dir)
         if not texts:
             return np.empty((0, 0), dtype=np.float32)
-        store = EmbeddingStore(cache_dir, where) if cache_dir is not None else None
+        store = EmbeddingStore(cache_dir) if cache_dir is not None else None
         keys = EmbeddingStore.keys(where, texts)
         found = store.get(keys) if store else [None] * len(texts)
         todo = {k: t for k, t, e in zip(keys, texts, found, strict=True) if e is None}
@@ -148,7 +148,7 @@ class SemanticDedupStep(StepBase):
         if todo:
             made = self._encode(list(todo.values()), where, advance)
             if store:
-                store.put(np.array(list(todo), dtype="S16"), made)
+                store.put(list(todo), made)
             new = dict(zip(todo, made, strict=True))
             found = [new[k] if e is None else e for k, e in zip(keys, found, strict=True)]
         return np.ascontiguousarray(np.stack(found), dtype=np.float32)
@@ -223,17 +223,17 @@ class SemanticDedupStep(StepBase):
 
 
 class EmbeddingStore:
-    """Embeddings of one model's texts in a folder, found again text by text.
+    """Embeddings of texts in a folder, found again text by text (and model: keys name both).
 
     Each `put` writes a shard: ``<id>.emb.npy`` (float32, one row per text) and then
-    ``<id>.keys.npy`` (for each row, 16 bytes of the sha256 of the model and the text), whose
+    ``<id>.keys.npy`` (uint8, for each row 16 bytes of the sha256 of the model and the text), whose
     presence marks the shard complete. `get` looks texts up in every shard, so embeddings written
     by one step (``semantic_dedup``) serve another (the diversity report), and a changed text
     costs one new embedding, not a new file of all of them.
     """
 
-    def __init__(self, folder: Path, model: str) -> None:
-        self.folder, self.model = Path(folder), model
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
 
     @staticmethod
     def keys(model: str, texts: Sequence[str]) -> list[bytes]:
@@ -251,7 +251,8 @@ class EmbeddingStore:
                 stored = np.load(path)
             except (OSError, ValueError):  # unreadable: as if absent
                 continue
-            where.update((k, (path, i)) for i, k in enumerate(stored.tolist()))
+            data = stored.tobytes()  # n x 16 bytes (as bytes: an S16 array drops trailing NULs)
+            where.update((data[16 * i : 16 * i + 16], (path, i)) for i in range(len(stored)))
         out: list[np.ndarray | None] = [None] * len(keys)
         wanted: dict[Path, list[tuple[int, int]]] = {}
         for j, k in enumerate(keys):
@@ -268,9 +269,10 @@ class EmbeddingStore:
                 out[j] = row
         return out
 
-    def put(self, keys: np.ndarray, emb: np.ndarray) -> None:
-        """Store ``emb``, the embeddings of the texts whose keys are ``keys`` (dtype S16)."""
+    def put(self, keys: list[bytes], emb: np.ndarray) -> None:
+        """Store ``emb``, the embeddings of the texts whose `keys` are ``keys``."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        keys = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16)
         shard = hashlib.sha256(keys.tobytes()).hexdigest()[:32]
         for suffix, data in ((".emb.npy", emb), (".keys.npy", keys)):
             path = self.folder / f"{shard}{suffix}"
