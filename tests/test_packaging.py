@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import zipfile
 from pathlib import Path
@@ -73,3 +74,37 @@ def test_an_installed_wheel_ships_every_module_and_renders_a_card(tmp_path: Path
     shipped = (ROOT / "hub_cards" / "default.md").read_text(encoding="utf-8")
     heading = next(line for line in shipped.splitlines() if line.startswith("## "))
     assert heading in card  # rendered from the shipped template
+
+
+def test_an_editable_install_maps_the_top_level_hub_cards(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / part, src / part)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("kdata", "hub_cards"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=ignore)
+    prefix = tmp_path / "prefix"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "install"]
+        + ["--no-deps", "--no-build-isolation", "--prefix", str(prefix), "-e", str(src)],
+        check=True,
+    )
+    (site,) = prefix.glob("lib/python*/site-packages")
+    script = textwrap.dedent(
+        f"""
+        import site
+        site.addsitedir({str(site)!r})  # its finder first, then the test's packages
+        site.addsitedir({sysconfig.get_paths()["purelib"]!r})
+        from importlib.resources import files
+        print(files("kdata.hub_cards").joinpath("default.md"))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", script],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert Path(out.stdout.strip()) == src / "hub_cards" / "default.md"

@@ -17,9 +17,10 @@ SHIPPED_TEMPLATES = ("default",)
 def shipped_templates() -> Traversable:
     """The folder of the shipped card templates, the repository's top-level ``hub_cards/``.
 
-    An installed kdata (a wheel, or ``pip install -e .``) has it as the package data of
+    An installed kdata (a wheel, or ``pip install -e .``) has it as the package
     ``kdata.hub_cards``, where pyproject.toml maps it. kdata imported from a source checkout
-    whose install predates that mapping finds no such package and reads the checkout's folder.
+    whose editable install predates that mapping finds no such package: it reads the checkout's
+    folder (reinstall with ``pip install -e .`` to end this).
     """
     try:
         return files("kdata.hub_cards")
