@@ -87,7 +87,9 @@ def test_an_editable_install_maps_the_top_level_hub_cards(tmp_path: Path) -> Non
     prefix = tmp_path / "prefix"
     subprocess.run(
         [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "install"]
-        + ["--no-deps", "--no-build-isolation", "--prefix", str(prefix), "-e", str(src)],
+        # --ignore-installed: without it pip uninstalls this environment's kdata first
+        + ["--no-deps", "--no-build-isolation", "--ignore-installed", "--prefix", str(prefix)]
+        + ["-e", str(src)],
         check=True,
     )
     (site,) = prefix.glob("lib/python*/site-packages")
