@@ -154,6 +154,16 @@ class Output(StrictModel):
     dir: str
 
 
+class ReportConfig(StrictModel):
+    """The recipe's ``report:`` section: what a build measures once its steps are done.
+
+    ``diversity``: write the diversity report on the final rows (``diversity/``, for the card);
+    false skips it and removes an earlier one. ``diversity`` steps write theirs either way.
+    """
+
+    diversity: bool = True
+
+
 class Recipe(StrictModel):
     """A whole recipe: teachers, steps, output, an optional budget and how to publish."""
 
@@ -165,6 +175,7 @@ class Recipe(StrictModel):
     # The recipe's `validate:` section (a field may not be called `validate` on a pydantic model).
     validation: ValidationConfig | None = Field(default=None, alias="validate")
     publish: PublishConfig | None = None
+    report: ReportConfig = ReportConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
 

@@ -225,7 +225,7 @@ def fingerprints(recipe: Recipe) -> list[str]:
 
 
 async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: bool) -> Run:
-    from kdata.steps.diversity import final_report
+    from kdata.steps.diversity import final_report, remove_final_report
     from kdata.teachers.pool import LoopExecutor, TeacherPool
 
     asyncio.get_running_loop().set_default_executor(LoopExecutor())
@@ -278,7 +278,10 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
             reporter.step_finished(stats)
         cache.check()
         _write_table(run_dir / DATASET_FILE, rows)
-        final_report(recipe, run_dir, rows)
+        if recipe.report.diversity:
+            final_report(recipe, run_dir, rows)
+        else:
+            remove_final_report(run_dir)
         run.status = "complete"
     except BudgetExceeded as e:
         run.status = "budget_exceeded"

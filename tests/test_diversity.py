@@ -14,6 +14,7 @@ from conftest import write_jsonl
 from test_dedup import BASE, TEXTS, edit
 
 import kdata
+from kdata.rethreshold import rethreshold
 from kdata.steps.diversity import _survivors
 from kdata.steps.semantic import SemanticDedupStep
 
@@ -213,3 +214,77 @@ def _rows(run: kdata.Run, step: str) -> list[dict]:
     import pyarrow.parquet as pq
 
     return pq.read_table(run.dir / "steps" / step / "rows.parquet").to_pylist()
+
+
+def test_a_recipe_can_turn_the_final_report_off(tmp_path: Path) -> None:
+    run = build(tmp_path, CURATION)
+    plots = report(run)["plots"]
+    assert all((run.dir / p).exists() for p in plots.values())
+    off = build(tmp_path, CURATION, head="report: {diversity: false}\n")
+    assert off.status == "complete" and len(off.rows()) == len(run.rows())
+    assert not (off.dir / "diversity" / "report.json").exists()  # no stale figures for a card
+    assert not any((off.dir / p).exists() for p in plots.values())
+    for bad, words in (("{diversity: nope}", "diversity"), ("{divrsity: false}", "divrsity")):
+        with pytest.raises(kdata.RecipeError, match=words):
+            kdata.recipe_from_yaml(
+                f"name: t\nreport: {bad}\nsteps:\n  - {{type: seeds, path: x}}\n"
+            )
+
+
+def test_the_report_embeds_only_texts_not_stored_and_recomputes_only_what_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kdata.steps import diversity
+    from kdata.steps.semantic import DEFAULT_MODEL, _load_model
+
+    model = _load_model(DEFAULT_MODEL)
+    encoded: list[int] = []
+    encode = model.encode
+    monkeypatch.setattr(
+        model, "encode", lambda texts, **kw: encoded.append(len(texts)) or encode(texts, **kw)
+    )
+    measured: list[int] = []
+    measure = diversity._measure
+    monkeypatch.setattr(
+        diversity, "_measure", lambda texts, s: measured.append(len(texts)) or measure(texts, s)
+    )
+    monkeypatch.setattr(diversity, "SAMPLE", 30)  # 47 rows: a sample on both sides
+    monkeypatch.setattr(diversity, "EMBED_SAMPLE", 20)
+    run = build(tmp_path, "  - {type: semantic_dedup, name: dedup, columns: [prompt]}\n")
+    r = report(run)
+    assert encoded == [len(ROWS)]  # semantic_dedup's; the report found its 20 + 20 stored
+    assert measured == [len(ROWS), r["after"]["rows"]] and r["after"]["rows"] < len(ROWS)
+    assert r["settings"]["sample"] == 30 and r["settings"]["embed_sample"] == 20
+    sampled = f"pairwise cosine distance and k-means over a sample of 20 of {len(ROWS)} texts"
+    assert f"generated rows: {sampled}" in r["notes"]
+    recut = rethreshold(run.dir, "dedup", 0.99)
+    again = report(recut)
+    assert again["after"]["rows"] == len(recut.rows()) > r["after"]["rows"]
+    assert encoded == [len(ROWS)]  # nothing embedded again
+    assert measured[2:] == [again["after"]["rows"]]  # the generated rows were not measured again
+    assert again["before"] == r["before"] | {"kmeans_entropy": again["before"]["kmeans_entropy"]}
+
+
+def test_the_sample_is_the_rows_whose_ids_hash_lowest(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from kdata.steps import diversity
+
+    monkeypatch.setattr(diversity, "SAMPLE", 6)
+    monkeypatch.setattr(diversity, "EMBED_SAMPLE", 3)
+    ids = [f"row{i}" for i in range(20)]
+    texts = [None if i % 5 == 0 else f"text {i}" for i in range(20)]
+    notes: list[str] = []
+    sample, embed = diversity._sample(ids, texts, notes, "final")
+    rank = sorted(
+        (i for i, t in enumerate(texts) if t),
+        key=lambda i: hashlib.blake2b(ids[i].encode(), digest_size=8).digest(),
+    )
+    assert list(sample) == sorted(rank[:6]) and list(embed) == sorted(rank[:3])
+    kept = [i for i in range(20) if i not in rank[:2]]  # two of the embedded rows dropped
+    _, embed_kept = diversity._sample([ids[i] for i in kept], [texts[i] for i in kept], [], "final")
+    assert {kept[j] for j in embed_kept} >= set(rank[2:3])  # the survivor stays sampled
+    assert notes == [
+        "final rows: distinct n-grams and MinHash over a sample of 6 of 16 texts",
+        "final rows: pairwise cosine distance and k-means over a sample of 3 of 16 texts",
+    ]

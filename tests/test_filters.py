@@ -14,6 +14,7 @@ from conftest import write_jsonl
 import kdata
 from kdata.steps.base import StepContext, StepOutput, provenance
 from kdata.steps.filters import DecontaminateStep, FilterStep, repetition
+from kdata.steps.semantic import SemanticDedupStep
 
 MOVIE = (
     'I would recommend the movie "The Shawshank Redemption" because it is an excellent movie '
@@ -205,7 +206,7 @@ Q2 = (
     "Tom reads 12 pages of his history book on weekdays and twice as many pages on each day of "
     "the weekend. How many pages does he read in two full weeks?"
 )
-Q3 = "What is 15 percent of 80?"  # shorter than 13 words: only an equal whole text matches
+Q3 = "What is 15 percent of 80?"  # shorter than 13 words: matches where its words run in a row
 BENCH = [
     {"id": "gsm-0001", "question": Q1, "answer": "37"},
     {"id": "gsm-0002", "question": Q2, "answer": "216"},
@@ -252,7 +253,7 @@ def test_planted_items_are_caught_and_near_misses_kept(tmp_path: Path) -> None:
         {"key": "clean2", "instruction": "Suggest some games for a group.", "response": GAMES},
     ]
     run = run_steps(tmp_path, rows, DECON)
-    assert sorted(r["key"] for r in run.rows()) == ["clean", "clean2", "near_miss", "short_inside"]
+    assert sorted(r["key"] for r in run.rows()) == ["clean", "clean2", "near_miss"]
     drops = {k: d["detail"] for k, d in side_table(run, "dropped").items()}
     q1_grams = len(Q1.split()) - 12
     assert drops == {
@@ -263,10 +264,38 @@ def test_planted_items_are_caught_and_near_misses_kept(tmp_path: Path) -> None:
             "overlap": len(Q2.split()) - 12,
         },
         "short_equal": {"benchmark": "gsm8k_test", "item_id": "gsm-0003", "overlap": 1},
+        "short_inside": {"benchmark": "gsm8k_test", "item_id": "gsm-0003", "overlap": 1},
         "mmlu": {"benchmark": "mmlu", "item_id": 1, "overlap": 3},  # no id_column: position
     }
     assert {d["reason"] for d in side_table(run, "dropped").values()} == {"contaminated"}
-    assert accounting(run)["drop_reasons"] == {"contaminated": 4}
+    assert accounting(run)["drop_reasons"] == {"contaminated": 5}
+
+
+SHORT = "Name three primary colours and one colour they make."  # 9 words, under ngram: 13
+
+
+def test_an_item_shorter_than_ngram_matches_where_its_words_run_contiguously(
+    tmp_path: Path,
+) -> None:
+    path = write_jsonl(tmp_path / "bench.jsonl", [{"question": SHORT}, {"question": Q3}])
+    step = DecontaminateStep(
+        columns=["q"], benchmarks=[{"name": "b", "path": path.name, "columns": ["question"]}]
+    )
+    rows = [
+        made_row(0, q=f"My teacher asked: '{SHORT.upper()}' Please explain it to a child."),
+        made_row(1, q=f"{SHORT[:-1]}, then mix them."),  # longer than the item, still inside
+        made_row(2, q="Name three primary colours, and then one colour that they make."),
+        made_row(3, q="What is 15 percent of 800? And of 80?"),  # "of 800 and of 80": no run
+        made_row(4, q="What is 15 percent of 80?"),
+    ]
+    out = direct(step, rows, tmp_path)
+    assert [r["_kdata"]["id"] for r in out.rows] == ["row2", "row3"]
+    hits = {d["row_id"]: json.loads(d["detail"]) for d in out.dropped}
+    assert hits == {
+        "row0": {"benchmark": "b", "item_id": 0, "overlap": 1},
+        "row1": {"benchmark": "b", "item_id": 0, "overlap": 1},
+        "row4": {"benchmark": "b", "item_id": 1, "overlap": 1},
+    }
 
 
 def test_min_overlap_counts_shared_ngrams_unless_the_item_is_whole(tmp_path: Path) -> None:
@@ -338,4 +367,62 @@ def test_decontaminate_errors(tmp_path: Path) -> None:
             "name: t\nsteps:\n  - type: decontaminate\n    columns: [q]\n    benchmarks:\n"
             "      - {name: b, path: x.jsonl, columns: [q]}\n"
             "      - {name: b, path: y.jsonl, columns: [q]}\n"
+        )
+
+
+# Q1 and Q2 rewritten in other words, with the same numbers: no 13-gram in common.
+PARA1 = (
+    "Every morning a bakery bakes 240 muffins, packing them six to a box. Apart from 18 muffins, "
+    "all of them were sold on Saturday. How many complete boxes were sold that day?"
+)
+PARA2 = (
+    "On weekdays Tom gets through 12 pages of his history textbook, and on Saturdays and Sundays "
+    "he reads double that. Over two whole weeks, how many pages does he read?"
+)
+SEMANTIC = DECON.replace("type: decontaminate,", "type: decontaminate, method: semantic,")
+
+
+def test_semantic_decontamination_catches_paraphrases_that_share_no_ngram(
+    tmp_path: Path,
+) -> None:
+    write_benchmarks(tmp_path)
+    rows = [
+        {"key": "para1", "instruction": PARA1, "response": "37 boxes."},
+        {"key": "para2", "instruction": "Write a word problem.", "response": PARA2},
+        {"key": "same_theme", "instruction": "Tom reads a novel of 300 pages at 20 pages a day."},
+        {"key": "clean", "instruction": "Make a grocery list for a healthy meal."},
+        {"key": "no_text", "instruction": None, "response": None},
+    ]
+    assert sorted(r["key"] for r in run_steps(tmp_path, rows, DECON).rows()) == sorted(
+        r["key"] for r in rows
+    )  # n-grams miss every paraphrase
+    run = run_steps(tmp_path, rows, SEMANTIC)
+    assert [r["key"] for r in run.rows()] == ["same_theme", "clean", "no_text"]
+    drops = {k: d["detail"] for k, d in side_table(run, "dropped").items()}
+    assert {k: (d["benchmark"], d["item_id"]) for k, d in drops.items()} == {
+        "para1": ("gsm8k_test", "gsm-0001"),
+        "para2": ("gsm8k_test", "gsm-0002"),
+    }
+    # the reported similarity is the cosine of the two texts' embeddings
+    emb = SemanticDedupStep(columns=["q"]).embed([PARA1, Q1, PARA2, Q2])
+    assert drops["para1"]["similarity"] == pytest.approx(float(emb[0] @ emb[1]), abs=1e-4)
+    assert drops["para2"]["similarity"] == pytest.approx(float(emb[2] @ emb[3]), abs=1e-4)
+    assert min(d["similarity"] for d in drops.values()) >= 0.9
+    assert accounting(run)["drop_reasons"] == {"contaminated": 2}
+    strict = SEMANTIC.replace("method: semantic,", "method: semantic, threshold: 0.99,")
+    assert len(run_steps(tmp_path, rows, strict).rows()) == len(rows)
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        ("threshold: 0.8", "threshold is not used by method: ngram"),
+        ("method: semantic, ngram: 8", "ngram is not used by method: semantic"),
+    ],
+)
+def test_decontaminate_fields_of_the_other_method_are_refused(extra: str, words: str) -> None:
+    with pytest.raises(kdata.RecipeError, match=words):
+        kdata.recipe_from_yaml(
+            "name: t\nsteps:\n  - {type: decontaminate, columns: [q], "
+            f"benchmarks: [{{name: b, path: x.jsonl, columns: [q]}}], {extra}}}\n"
         )

@@ -182,18 +182,39 @@ def test_embeddings_are_cached_in_the_run_dir_and_reused(
 ) -> None:
     calls = []
     encode = model.encode
-    monkeypatch.setattr(model, "encode", lambda texts, **kw: calls.append(1) or encode(texts, **kw))
+    monkeypatch.setattr(
+        model, "encode", lambda texts, **kw: calls.append(len(texts)) or encode(texts, **kw)
+    )
     rows = [{"t": t} for t in [*INSTRUCTIONS[:10], *PARAPHRASES[6]]]
     _, out, _ = build(tmp_path, rows, STEP + "}")
-    cached = list((tmp_path / "run" / "embeddings").glob("*.npy"))
-    assert len(out) == 10 and len(cached) == 1 and calls == [1]
-    mtime = cached[0].stat().st_mtime_ns
+    shards = list((tmp_path / "run" / "embeddings").glob("*.keys.npy"))
+    assert len(out) == 10 and len(shards) == 1 and calls == [len(rows)]
+    mtime = shards[0].stat().st_mtime_ns
     _, out, _ = build(tmp_path, rows, STEP + ", threshold: 0.99}")  # the step runs again
-    assert len(out) == 13 and calls == [1]  # ... without encoding anything
-    assert cached[0].stat().st_mtime_ns == mtime
+    assert len(out) == 13 and calls == [len(rows)]  # ... without encoding anything
+    assert shards[0].stat().st_mtime_ns == mtime
     rows[0]["t"] += " Please."
-    build(tmp_path, rows, STEP + "}")  # other texts: another file
-    assert calls == [1, 1] and len(list(cached[0].parent.glob("*.npy"))) == 2
+    build(tmp_path, rows, STEP + "}")  # one text changed: it alone is embedded, in a new shard
+    assert calls == [len(rows), 1] and len(list(shards[0].parent.glob("*.keys.npy"))) == 2
+    emb = SemanticDedupStep(columns=["t"]).embed([r["t"] for r in rows], shards[0].parent)
+    assert calls == [len(rows), 1]  # all stored
+    fresh = model.encode([r["t"] for r in rows], normalize_embeddings=True)
+    assert np.allclose(emb, fresh, atol=1e-5)  # each text's own embedding, in order
+
+
+def test_the_store_finds_every_key_even_those_ending_in_a_nul_byte(tmp_path: Path) -> None:
+    from kdata.steps.semantic import EmbeddingStore
+
+    texts = [f"text {i}" for i in range(3000)]
+    keys = EmbeddingStore.keys("m", texts)
+    assert any(k.endswith(b"\0") for k in keys)  # about 1 in 256
+    emb = np.arange(len(texts) * 4, dtype=np.float32).reshape(len(texts), 4)
+    store = EmbeddingStore(tmp_path)
+    store.put(keys[:2000], emb[:2000])
+    store.put(keys[2000:], emb[2000:])
+    found = store.get(keys[::-1] + EmbeddingStore.keys("other model", texts[:1]))
+    assert found[-1] is None  # another model's key
+    assert np.array_equal(np.stack(found[:-1]), emb[::-1])
 
 
 def test_wrong_values_fail_and_progress_counts_every_row_once(tmp_path: Path) -> None:

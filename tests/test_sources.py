@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 
 import kdata
+from kdata.runner import fingerprints
 
 RECORDS = [{"q": f"question {i}", "k": i} for i in range(4)]
 
@@ -150,4 +152,71 @@ def test_file_that_is_not_utf8_is_refused_with_its_line(tmp_path: Path, fmt: str
     path.write_bytes(body)
     recipe = kdata.recipe_from_yaml(f"name: s\nsteps:\n  - {{type: seeds, path: {path}}}\n")
     with pytest.raises(kdata.KdataError, match=f"s.{fmt}:{2 if fmt == 'json' else 3}: not UTF-8"):
+        kdata.build(recipe, run_dir=tmp_path / "run")
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The Hub stand-in on 127.0.0.1 holding alice/seeds (one Parquet file), as the Hub for
+    huggingface_hub and datasets, with their caches in tmp_path."""
+    import datasets
+    import huggingface_hub.constants as constants
+    from hub_standin import GITATTRIBUTES, Blob, HubStandIn, Repo
+
+    with HubStandIn(token="hf_standin") as h:
+        monkeypatch.setenv("HF_TOKEN", "hf_standin")
+        resolve = h.url + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "ENDPOINT", h.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", resolve)
+        monkeypatch.setattr(datasets.config, "HF_ENDPOINT", h.url)
+        monkeypatch.setattr(
+            datasets.config,
+            "HUB_DATASETS_URL",
+            h.url + "/datasets/{repo_id}/resolve/{revision}/{path}",
+        )
+        for module in (constants, datasets.config):
+            monkeypatch.setattr(module, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+        repo = h.repos["alice/seeds"] = Repo("alice/seeds", private=False)
+        files = {p: Blob(d, True) for p, d in parquet(RECORDS[:2]).items()}
+        files[".gitattributes"] = Blob(GITATTRIBUTES.encode(), False)
+        h._new_commit(repo, "initial commit", files)
+        yield h
+
+
+def parquet(records: list[dict]) -> dict[str, bytes]:
+    buf = io.BytesIO()
+    pd.DataFrame(records).to_parquet(buf)
+    return {"data/train-00000-of-00001.parquet": buf.getvalue()}
+
+
+def test_a_changed_hub_dataset_is_read_again_at_its_new_commit(tmp_path: Path, hub) -> None:
+    recipe = kdata.recipe_from_yaml("name: s\nsteps:\n  - {type: seeds, path: alice/seeds}\n")
+    first = kdata.build(recipe, run_dir=tmp_path / "run")
+    assert [r["q"] for r in first.rows()] == ["question 0", "question 1"]
+    assert kdata.build(recipe, run_dir=tmp_path / "run").steps[0].reused  # same commit
+    old = hub.repos["alice/seeds"].head.oid
+    new = hub.commit_as_someone_else("alice/seeds", parquet(RECORDS))
+    again = kdata.build(recipe, run_dir=tmp_path / "run")
+    assert not again.steps[0].reused
+    assert [r["q"] for r in again.rows()] == [r["q"] for r in RECORDS]
+    # pinned to the old commit: its rows, and no request to resolve it
+    pinned = kdata.recipe_from_yaml(
+        f"name: s\nsteps:\n  - {{type: seeds, path: alice/seeds, revision: {old}}}\n"
+    )
+    requests = len(hub.log)
+    assert fingerprints(pinned) != fingerprints(recipe)
+    assert hub.stages()[requests:] == ["info"]  # the unpinned recipe's, not the pinned one's
+    back = kdata.build(pinned, run_dir=tmp_path / "pinned")
+    assert [r["q"] for r in back.rows()] == ["question 0", "question 1"]
+    assert new != old
+
+
+def test_an_unknown_hub_dataset_is_a_clear_error(tmp_path: Path, hub) -> None:
+    recipe = kdata.recipe_from_yaml("name: s\nsteps:\n  - {type: seeds, path: alice/nope}\n")
+    with pytest.raises(
+        kdata.KdataError, match="cannot find the current commit of Hub dataset 'alice/nope'"
+    ):
         kdata.build(recipe, run_dir=tmp_path / "run")

@@ -424,6 +424,6 @@ def render_card(context: dict[str, Any], template: str, cfg: PublishConfig, rows
     if DatasetCard(text).data.to_dict().get("configs") != data.to_dict()["configs"]:
         raise KdataError(
             f"card template '{cfg.template}' renders no front matter: it must begin with "
-            "---, {{ card_data }}, --- (see kdata/hub_cards/default.md)"
+            "---, {{ card_data }}, --- (see hub_cards/default.md)"
         )
     return text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from pydantic import Field
@@ -10,6 +12,20 @@ from kdata.errors import KdataError
 from kdata.steps.base import StrictModel
 
 SHIPPED_TEMPLATES = ("default",)
+
+
+def shipped_templates() -> Traversable:
+    """The folder of the shipped card templates, the repository's top-level ``hub_cards/``.
+
+    An installed kdata (a wheel, or ``pip install -e .``) has it as the package
+    ``kdata.hub_cards``, where pyproject.toml maps it. kdata imported from a source checkout
+    whose editable install predates that mapping finds no such package: it reads the checkout's
+    folder (reinstall with ``pip install -e .`` to end this).
+    """
+    try:
+        return files("kdata.hub_cards")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "hub_cards"
 
 
 class PublishConfig(StrictModel):
@@ -40,9 +56,7 @@ class PublishConfig(StrictModel):
             KdataError: neither a shipped template nor a readable file.
         """
         if self.template in SHIPPED_TEMPLATES:
-            from importlib.resources import files
-
-            return files("kdata").joinpath(f"hub_cards/{self.template}.md").read_text("utf-8")
+            return shipped_templates().joinpath(f"{self.template}.md").read_text("utf-8")
         path = base_dir / self.template
         try:
             return path.read_text(encoding="utf-8")

@@ -4,20 +4,28 @@ A report compares two sets of rows on one text column. *Before* is the rows ente
 first curation step (a step that `curates`: filter, dedup, decontaminate), that is the generated
 rows; without such a step it is the rows measured. *After* is the final dataset (the report written
 at the end of every build, in ``<run_dir>/diversity/``) or the rows reaching a ``diversity`` step
-(its report goes to ``<run_dir>/diversity/<step name>/``). For each set:
+(its report goes to ``<run_dir>/diversity/<step name>/``).
+
+The figures that read texts one by one are measured on one sample per set, drawn once: the rows
+with a text whose ids hash lowest (blake2b), at most `SAMPLE` of them, and the first `EMBED_SAMPLE`
+of those for the embedding figures. A row sampled before curation is sampled after it wherever it
+survived, so the two samples share their rows and embeddings. For each set:
 
 - ``distinct_1``, ``distinct_2``: distinct word unigrams (bigrams) over all unigrams (bigrams) of
-  the set's texts; words as `kdata.steps.filters.normalise` cuts them.
-- ``minhash_cluster_share``: the share of texts with a near duplicate in the set, by
-  ``minhash_dedup`` at its defaults (word 3-grams, estimated Jaccard at least 0.7).
-- ``mean_cosine_distance``: 1 minus the mean cosine of all pairs of texts, embedded with the bundled
-  all-MiniLM-L6-v2 (``semantic_dedup``'s model and embedding cache), over a random sample of at
-  most `SAMPLE` rows of the set (seed 0), which bounds the cost on large runs.
+  the sampled texts; words as `kdata.steps.filters.normalise` cuts them.
+- ``minhash_cluster_share``: the share of sampled texts with a near duplicate among the sampled
+  texts, by ``minhash_dedup`` at its defaults (word 3-grams, estimated Jaccard at least 0.7).
+- ``mean_cosine_distance``: 1 minus the mean cosine of all pairs of the embedding sample's texts,
+  embedded with the bundled all-MiniLM-L6-v2 and looked up first in the run's embedding store
+  (``embeddings/``, where ``semantic_dedup`` keeps its own): only texts never embedded are.
 - ``kmeans_entropy``: k-means (numpy, k-means++ seeding, seed 0) with k = sqrt(m / 2) clamped to
-  2..50, fitted on the m distinct sampled texts of both sets; the entropy of each set's cluster
-  occupancy divided by ln k (1: rows spread evenly over the clusters, 0: all in one).
-- ``length``: characters per text: mean, 10th, 50th and 90th percentiles, maximum.
+  2..50, fitted on the m distinct texts of both embedding samples; the entropy of each set's
+  cluster occupancy divided by ln k (1: rows spread evenly over the clusters, 0: all in one).
+- ``length``: characters per text, over every text of the set: mean, 10th, 50th and 90th
+  percentiles, maximum.
 
+A report whose rows are unchanged is not written again; when only the final rows changed (a
+``rethreshold``), the generated rows' figures are kept and only k-means is fitted again.
 Rows whose column is missing or not a string count in ``rows`` but in no other figure. Without
 the ``embed`` extra the two embedding figures and the projection plot are null, with a note.
 """
@@ -30,10 +38,13 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdata.errors import KdataError
@@ -42,7 +53,8 @@ from kdata.steps.dedup import MinHashDedupStep
 from kdata.steps.filters import normalise
 from kdata.steps.semantic import DEFAULT_MODEL, SemanticDedupStep
 
-SAMPLE = 2000  # rows per set embedded for the pairwise distance and k-means
+SAMPLE = 10_000  # rows per set for distinct n-grams and MinHash: those whose ids hash lowest
+EMBED_SAMPLE = 2_000  # the first of them, embedded for the pairwise distance and k-means
 REPORT_DIR = "diversity"
 _MINHASH = MinHashDedupStep(columns=["text"])  # its defaults say what a near duplicate is
 _DPI = 100
@@ -94,7 +106,8 @@ def write_report(
 
     Returns:
         The report, as written to ``report.json``. A report whose steps, column and rows have
-        not changed since it was written is not computed again.
+        not changed since it was written is not computed again; one whose generated rows and
+        column have not changed keeps their figures, except k-means, fitted on both sides.
     """
     from kdata.recipe import STEP_TYPES
 
@@ -102,63 +115,74 @@ def write_report(
     if until is not None:
         steps = steps[: [s["name"] for s in steps].index(until)]
     out = Path(REPORT_DIR) / until if until else Path(REPORT_DIR)
-    ids = [r[PROVENANCE]["id"] for r in rows]
+    after = _Set.of_rows(rows)
     source = {
         "fingerprint": steps[-1]["fingerprint"] if steps else None,
         "column": column,
-        "rows": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16],
+        "rows": _digest(after.ids),
     }
-    old = _read_json(run_dir / out / "report.json")
-    if old and old.get("source") == source:
+    old = _read_json(run_dir / out / "report.json") or {}
+    if old.get("source") == source:
         return old
 
     kinds = [STEP_TYPES[s["type"]] for s in steps]
     first = next((i for i, k in enumerate(kinds) if k.curates), len(steps))
     curation = steps[first:]
     if not curation:
-        before = rows
+        before = after
     elif first == 0:
-        before = []
+        before = _Set.of_rows([])
     else:
-        before = pq.read_table(run_dir / "steps" / steps[first - 1]["name"] / "rows.parquet")
-        before = before.to_pylist()
+        before = _Set.of_table(
+            pq.read_table(run_dir / "steps" / steps[first - 1]["name"] / "rows.parquet")
+        )
     if column is None:
-        column = _default_column(run_dir, steps, kinds, rows, before)
-    elif (rows or before) and not any(column in r for r in (*rows, *before)):
+        column = _default_column(run_dir, steps, kinds, after, before)
+    elif (after.n or before.n) and column not in after.columns | before.columns:
         raise KdataError(
             f"diversity: no row has column '{column}'; "
-            f"text columns: {', '.join(_text_columns(rows)) or '(none)'}"
+            f"text columns: {', '.join(after.text_columns) or '(none)'}"
         )
     notes: list[str] = []
-    if column is not None and before and not any(column in r for r in before):
+    if column is not None and before.n and column not in before.columns:
         notes.append(f"the generated rows have no column '{column}'")
-    before_texts, after_texts = _texts(before, column), _texts(rows, column)
+    before_texts, after_texts = before.texts(column), after.texts(column)
+    (b_sample, b_embed), (a_sample, a_embed) = (
+        _sample(before.ids, before_texts, notes, "generated"),
+        _sample(after.ids, after_texts, notes, "final" if until is None else "measured"),
+    )
+    before_source = {"column": column, "rows": _digest(before.ids)}
     report: dict[str, Any] = {
         "text_column": column,
-        "before": _measure(before_texts),
-        "after": _measure(after_texts),
+        "before": (
+            old["before"]
+            if old.get("before_source") == before_source
+            else _measure(before_texts, b_sample)
+        ),
+        "after": _measure(after_texts, a_sample),
         "waterfall": [_waterfall_entry(run_dir, s) for s in curation],
     }
     (run_dir / out).mkdir(parents=True, exist_ok=True)
     projection, k = None, None
-    embedded = _embed(run_dir, before_texts, after_texts, notes)
+    embedded = _embed(run_dir, (before_texts, b_embed), (after_texts, a_embed), notes)
     if embedded is not None:
-        (b_idx, b_emb), (_, a_emb), pooled = embedded
+        b_emb, a_emb, pooled = embedded
         labels, k = _kmeans_labels(pooled, [b_emb, a_emb])
         for key, emb, lab in (("before", b_emb, labels[0]), ("after", a_emb, labels[1])):
             report[key]["mean_cosine_distance"] = _mean_cosine_distance(emb)
             report[key]["kmeans_entropy"] = _entropy(lab, k) if lab is not None else None
-        if len(b_idx) >= 2:
-            alive = _survivors(run_dir, curation, ids)
-            kept = np.array([before[i][PROVENANCE]["id"] in alive for i in b_idx])
+        if len(b_embed) >= 2:
+            alive = _survivors(run_dir, curation, after.ids)
+            kept = np.array([before.ids[i] in alive for i in b_embed])
             projection = _plot_projection(run_dir, out, b_emb, kept, column)
     report["plots"] = {
         "projection": projection,
         "lengths": _plot_lengths(run_dir, out, before_texts, after_texts, column),
-        "waterfall": _plot_waterfall(run_dir, out, len(before), report["waterfall"], len(rows)),
+        "waterfall": _plot_waterfall(run_dir, out, before.n, report["waterfall"], after.n),
     }
     report["settings"] = {
         "sample": SAMPLE,
+        "embed_sample": EMBED_SAMPLE,
         "embedding_model": DEFAULT_MODEL,
         "kmeans_k": k,
         "minhash": _MINHASH.model_dump(include={"shingle", "ngram", "threshold"}),
@@ -166,8 +190,93 @@ def write_report(
     }
     report["notes"] = notes
     report["source"] = source
+    report["before_source"] = before_source
     _write_json(run_dir / out / "report.json", report)
     return report
+
+
+def remove_final_report(run_dir: Path) -> None:
+    """Remove the end-of-build report and its plots, so that no card shows stale figures."""
+    path = run_dir / REPORT_DIR / "report.json"
+    report = _read_json(path) or {}
+    for rel in (report.get("plots") or {}).values():
+        if isinstance(rel, str) and "/" in rel and Path(rel).parent == Path(REPORT_DIR):
+            (run_dir / rel).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
+@dataclass
+class _Set:
+    """One side of a report as it is read: the rows' ids, and their texts column by column."""
+
+    ids: list[str]
+    columns: set[str]
+    text_columns: list[str]  # columns holding a string in some row, in the order first seen
+    texts: Callable[[str | None], list[str | None]]  # a column's strings, None where none
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def of_rows(cls, rows: list[dict]) -> _Set:
+        return cls(
+            ids=[r[PROVENANCE]["id"] for r in rows],
+            columns={k for r in rows for k in r},
+            text_columns=_text_columns(rows),
+            texts=lambda c: _texts(rows, c),
+        )
+
+    @classmethod
+    def of_table(cls, table: pa.Table) -> _Set:
+        """A step's rows.parquet, read column by column: no row becomes a dict."""
+        names = table.schema.names
+        ids = (
+            table.column(PROVENANCE).combine_chunks().field("id").to_pylist()
+            if PROVENANCE in names
+            else []
+        )
+        strings = [
+            f.name
+            for f in table.schema
+            if f.name != PROVENANCE
+            and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))
+        ]
+
+        def texts(c: str | None) -> list[str | None]:
+            return table.column(c).to_pylist() if c in strings else [None] * len(ids)
+
+        return cls(ids=ids, columns=set(names), text_columns=strings, texts=texts)
+
+
+def _digest(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def _sample(
+    ids: list[str], texts: list[str | None], notes: list[str], side: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows measured on a sample: at most `SAMPLE` and `EMBED_SAMPLE` rows with a text.
+
+    Both are the rows whose ids hash lowest (blake2b), so the embedding sample lies inside the
+    other, and a row sampled on one side is sampled on the other wherever it is still there:
+    rows a curation step kept keep their embeddings. Indices in row order.
+    """
+    present = np.flatnonzero([t is not None for t in texts])
+    order = np.arange(len(present))
+    if len(present) > EMBED_SAMPLE:
+        keys = [
+            int.from_bytes(hashlib.blake2b(ids[i].encode(), digest_size=8).digest())
+            for i in present
+        ]
+        order = np.argsort(np.array(keys, dtype=np.uint64), kind="stable")
+    for size, what in (
+        (SAMPLE, "distinct n-grams and MinHash"),
+        (EMBED_SAMPLE, "pairwise cosine distance and k-means"),
+    ):
+        if len(present) > size:
+            notes.append(f"{side} rows: {what} over a sample of {size:,} of {len(present):,} texts")
+    return np.sort(present[order[:SAMPLE]]), np.sort(present[order[:EMBED_SAMPLE]])
 
 
 def _waterfall_entry(run_dir: Path, step: dict) -> dict[str, Any]:
@@ -197,14 +306,14 @@ def _texts(rows: list[dict], column: str | None) -> list[str | None]:
 
 
 def _default_column(
-    run_dir: Path, steps: list[dict], kinds: list, rows: list[dict], before: list[dict]
+    run_dir: Path, steps: list[dict], kinds: list, after: _Set, before: _Set
 ) -> str | None:
     """The last text column a teacher step added, else the longest text column on average.
 
     Only columns the measured rows have, and the generated rows too when any has one, count.
     """
-    after, generated = _text_columns(rows), _text_columns(before)
-    both = [c for c in after if c in generated] or after or generated
+    generated = before.text_columns
+    both = [c for c in after.text_columns if c in generated] or after.text_columns or generated
     for i in range(len(steps) - 1, 0, -1):
         if issubclass(kinds[i], TeacherStep):
             new = _columns(run_dir, steps[i]) - _columns(run_dir, steps[i - 1])
@@ -213,7 +322,8 @@ def _default_column(
                 return added[-1]
 
     def mean_length(c: str) -> float:
-        return float(np.mean([len(t) for t in _texts([*rows, *before], c) if t is not None]))
+        texts = [t for side in (after, before) for t in side.texts(c) if t is not None]
+        return float(np.mean([len(t) for t in texts]))
 
     return max(both, key=mean_length, default=None)
 
@@ -222,22 +332,24 @@ def _columns(run_dir: Path, step: dict) -> set[str]:
     return set(pq.read_schema(run_dir / "steps" / step["name"] / "rows.parquet").names)
 
 
-def _measure(texts: list[str | None]) -> dict[str, Any]:
-    """The figures that need no embedding; the embedding ones start as None."""
+def _measure(texts: list[str | None], sample: np.ndarray) -> dict[str, Any]:
+    """The figures that need no embedding (distinct n-grams and MinHash over ``sample``, the
+    indices of the texts measured; lengths over every text); the embedding ones start as None."""
     present = [t for t in texts if t is not None]
+    sampled = [texts[i] for i in sample]
     unigrams = bigrams = 0
     distinct1: set[str] = set()
     distinct2: set[tuple[str, str]] = set()
-    for t in present:
+    for t in sampled:
         words = normalise(t)
         unigrams += len(words)
         bigrams += max(len(words) - 1, 0)
         distinct1.update(words)
         distinct2.update(zip(words, words[1:], strict=False))
     share = None
-    if present:
-        canonical, _ = _MINHASH.find(present)
-        own = np.arange(len(present))
+    if sampled:
+        canonical, _ = _MINHASH.find(sampled)
+        own = np.arange(len(sampled))
         clustered = (canonical != own) | np.isin(own, canonical[canonical != own])
         share = _round(clustered.mean())
     lengths = np.array([len(t) for t in present], dtype=float)
@@ -263,11 +375,16 @@ def _measure(texts: list[str | None]) -> dict[str, Any]:
 
 
 def _embed(
-    run_dir: Path, before: list[str | None], after: list[str | None], notes: list[str]
+    run_dir: Path,
+    before: tuple[list[str | None], np.ndarray],
+    after: tuple[list[str | None], np.ndarray],
+    notes: list[str],
 ) -> tuple | None:
-    """Embeddings of a sample of each set: ((indices, embeddings) per set, distinct embeddings).
+    """Embeddings of each side's sampled texts (texts, indices), and of their distinct texts.
 
-    None when neither set has a text, or (with a note) when the ``embed`` extra is missing.
+    They come from the run's embedding store (``embeddings/``, shared with ``semantic_dedup``);
+    only texts never embedded before are. None when neither sample has a text, or (with a note)
+    when the ``embed`` extra is missing.
     """
     missing = [
         m
@@ -280,27 +397,16 @@ def _embed(
             "(pip install 'kdata[embed]')"
         )
         return None
-    rng = np.random.default_rng(0)
-    samples = []
-    for texts in (before, after):
-        present = np.flatnonzero([t is not None for t in texts])
-        if len(present) > SAMPLE:
-            notes.append(
-                f"pairwise cosine distance and k-means over a random sample of {SAMPLE:,} "
-                f"of {len(present):,} texts"
-            )
-            present = np.sort(rng.choice(present, SAMPLE, replace=False))
-        samples.append(present)
-    if not len(samples[0]) and not len(samples[1]):
+    sides = [[texts[i] for i in idx] for texts, idx in (before, after)]
+    if not sides[0] and not sides[1]:
         return None
-    distinct = list(dict.fromkeys([before[i] for i in samples[0]] + [after[i] for i in samples[1]]))
+    distinct = list(dict.fromkeys(sides[0] + sides[1]))
     emb = SemanticDedupStep(columns=["text"]).embed(distinct, run_dir / "embeddings")
     where = {t: i for i, t in enumerate(distinct)}
-    sets = [
-        (idx, emb[[where[texts[i]] for i in idx]].reshape(len(idx), emb.shape[1]))
-        for idx, texts in zip(samples, (before, after), strict=True)
-    ]
-    return sets[0], sets[1], emb
+    b_emb, a_emb = (
+        emb[[where[t] for t in side]].reshape(len(side), emb.shape[1]) for side in sides
+    )
+    return b_emb, a_emb, emb
 
 
 def _mean_cosine_distance(emb: np.ndarray) -> float | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -65,8 +64,9 @@ class SemanticDedupStep(StepBase):
     put ``exact_dedup`` first to collapse exact repeats.
 
     When the step is given a run directory (``ctx.run_dir``), embeddings are stored in
-    ``<run_dir>/embeddings/<hash of model and texts>.npy`` and reused when texts are embedded
-    again (with another ``k``, say); with another ``threshold`` the stored neighbours suffice.
+    ``<run_dir>/embeddings/`` (an `EmbeddingStore`) and reused for every text embedded again by
+    this model (with another ``k``, say, or by the diversity report); with another ``threshold``
+    the stored neighbours suffice.
     """
 
     curates: ClassVar[bool] = True
@@ -132,29 +132,33 @@ class SemanticDedupStep(StepBase):
 
         Args:
             texts: the texts to embed.
-            cache_dir: where to look for and store them, keyed by model and texts (None: none).
+            cache_dir: the `EmbeddingStore` folder to look them up in and store new ones in
+                (None: none).
             advance: called with the number of texts embedded, as the work goes.
             base_dir: the folder a relative ``model`` path is resolved against (the recipe's).
         """
         where = self._where(base_dir)
-        path = None
-        if cache_dir is not None:
-            key = hashlib.sha256(json.dumps([where, list(texts)]).encode()).hexdigest()
-            path = cache_dir / f"{key[:32]}.npy"
-            try:
-                emb = np.load(path)
-            except (OSError, ValueError):  # not there, or unreadable: embed again
-                emb = None
-            if emb is not None and len(emb) == len(texts):
-                advance(len(texts))
-                return emb
         if not texts:
             return np.empty((0, 0), dtype=np.float32)
+        store = EmbeddingStore(cache_dir) if cache_dir is not None else None
+        keys = EmbeddingStore.keys(where, texts)
+        found = store.get(keys) if store else [None] * len(texts)
+        todo = {k: t for k, t, e in zip(keys, texts, found, strict=True) if e is None}
+        advance(len(texts) - len(todo))  # stored, or a repeat of a text being embedded
+        if todo:
+            made = self._encode(list(todo.values()), where, advance)
+            if store:
+                store.put(list(todo), made)
+            new = dict(zip(todo, made, strict=True))
+            found = [new[k] if e is None else e for k, e in zip(keys, found, strict=True)]
+        return np.ascontiguousarray(np.stack(found), dtype=np.float32)
+
+    def _encode(self, texts: list[str], where: str, advance: Callable[[int], None]) -> np.ndarray:
         model, parts = _load_model(where), []
         chunk = self.batch_size * 16
         for start in range(0, len(texts), chunk):
             part = model.encode(
-                list(texts[start : start + chunk]),
+                texts[start : start + chunk],
                 batch_size=self.batch_size,
                 normalize_embeddings=True,
                 convert_to_numpy=True,
@@ -162,14 +166,7 @@ class SemanticDedupStep(StepBase):
             )
             parts.append(part.astype(np.float32, copy=False))
             advance(len(part))
-        emb = np.ascontiguousarray(np.concatenate(parts))
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            with tmp.open("wb") as f:
-                np.save(f, emb)
-            os.replace(tmp, path)
-        return emb
+        return np.concatenate(parts)
 
     def build_index(self, emb: np.ndarray) -> Any:
         """A faiss inner-product index of ``emb``: exact, or HNSW above ``approximate_above``."""
@@ -223,6 +220,66 @@ class SemanticDedupStep(StepBase):
             kept rows).
         """
         return self.neighbours(emb).clusters(order, self.threshold)
+
+
+class EmbeddingStore:
+    """Embeddings of texts in a folder, found again text by text (and model: keys name both).
+
+    Each `put` writes a shard: ``<id>.emb.npy`` (float32, one row per text) and then
+    ``<id>.keys.npy`` (uint8, for each row 16 bytes of the sha256 of the model and the text), whose
+    presence marks the shard complete. `get` looks texts up in every shard, so embeddings written
+    by one step (``semantic_dedup``) serve another (the diversity report), and a changed text
+    costs one new embedding, not a new file of all of them.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    @staticmethod
+    def keys(model: str, texts: Sequence[str]) -> list[bytes]:
+        """Each text's key: 16 bytes of the sha256 of the model and the text."""
+        prefix = model.encode() + b"\0"
+        return [
+            hashlib.sha256(prefix + t.encode("utf-8", "surrogatepass")).digest()[:16] for t in texts
+        ]
+
+    def get(self, keys: list[bytes]) -> list[np.ndarray | None]:
+        """The stored embedding of each key, None where there is none."""
+        where: dict[bytes, tuple[Path, int]] = {}
+        for path in sorted(self.folder.glob("*.keys.npy")):
+            try:
+                stored = np.load(path)
+            except (OSError, ValueError):  # unreadable: as if absent
+                continue
+            data = stored.tobytes()  # n x 16 bytes (as bytes: an S16 array drops trailing NULs)
+            where.update((data[16 * i : 16 * i + 16], (path, i)) for i in range(len(stored)))
+        out: list[np.ndarray | None] = [None] * len(keys)
+        wanted: dict[Path, list[tuple[int, int]]] = {}
+        for j, k in enumerate(keys):
+            if k in where:
+                path, i = where[k]
+                wanted.setdefault(path, []).append((j, i))
+        for path, pairs in wanted.items():
+            try:
+                emb = np.load(str(path).removesuffix(".keys.npy") + ".emb.npy", mmap_mode="r")
+                rows = np.asarray(emb[[i for _, i in pairs]])
+            except (OSError, ValueError, IndexError):
+                continue
+            for (j, _), row in zip(pairs, rows, strict=True):
+                out[j] = row
+        return out
+
+    def put(self, keys: list[bytes], emb: np.ndarray) -> None:
+        """Store ``emb``, the embeddings of the texts whose `keys` are ``keys``."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        keys = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16)
+        shard = hashlib.sha256(keys.tobytes()).hexdigest()[:32]
+        for suffix, data in ((".emb.npy", emb), (".keys.npy", keys)):
+            path = self.folder / f"{shard}{suffix}"
+            tmp = path.with_name(path.name + ".tmp")
+            with tmp.open("wb") as f:
+                np.save(f, data)
+            os.replace(tmp, path)
 
 
 def _import(name: str) -> Any:

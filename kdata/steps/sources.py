@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from kdata.errors import KdataError
 from kdata.steps.base import (
@@ -37,20 +38,61 @@ class SeedsStep(StepBase):
     its place (JSONL line, JSON record number) and the other records are read on: a JSONL line
     that is not UTF-8 or not a JSON object, a record holding a lone surrogate (``"\\ud800"``). A
     JSON or CSV file that is not UTF-8 is refused with the line of its first bad byte.
+
+    A Hub dataset (``path: owner/name``, when no such local path exists) is read at one commit:
+    ``revision`` (a branch, tag or commit sha; default the main branch) resolved to its commit sha
+    through the Hub's API when the build computes fingerprints. That sha is part of the step's
+    fingerprint, so a dataset changed on the Hub is read again, and the rows are read at that very
+    commit. A full 40-digit commit sha is used as it is, without asking the Hub: with it, a
+    dataset in the local cache builds offline.
     """
 
     type: Literal["seeds"] = "seeds"
     path: str
     limit: int | None = Field(default=None, ge=1)
     split: str = "train"
+    revision: str | None = Field(default=None, min_length=1)
+
+    _commit: str | None = PrivateAttr(default=None)  # the Hub commit the fingerprint names
 
     def resolve(self, base_dir: Path) -> Path:
         """The seed path on disk."""
         p = Path(self.path).expanduser()
         return p if p.is_absolute() else base_dir / p
 
+    def on_hub(self, base_dir: Path) -> bool:
+        """Whether ``path`` names a Hub dataset: ``owner/name`` and no such local path."""
+        p = self.resolve(base_dir)
+        hub_like = "/" in self.path and not self.path.startswith((".", "/")) and p.suffix == ""
+        return hub_like and not p.exists()
+
+    def hub_commit(self) -> str:
+        """The commit sha of ``revision`` of the Hub dataset, asked of the Hub's API.
+
+        Raises:
+            KdataError: the Hub cannot be reached or does not know the dataset or revision.
+        """
+        if self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision):
+            return self.revision
+        from huggingface_hub import HfApi
+
+        try:
+            return HfApi().dataset_info(self.path, revision=self.revision).sha
+        except Exception as e:  # offline, unreachable, unknown repository or revision, no access
+            at = f" at revision '{self.revision}'" if self.revision else ""
+            raise KdataError(
+                f"seeds: cannot find the current commit of Hub dataset '{self.path}'{at}: "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; check the id, the "
+                "network and HF_TOKEN, or set revision: to a commit sha to build from the "
+                "local cache without the Hub"
+            ) from None
+
     def inputs_digest(self, base_dir: Path) -> str:
-        """A hash of the seed data, so editing the file invalidates the step."""
+        """A hash of the seed data, so editing the file invalidates the step; a Hub dataset's
+        commit sha, resolved here and read by `run`."""
+        if self.on_hub(base_dir):
+            self._commit = self.hub_commit()
+            return f"hub:{self._commit}"
         p = self.resolve(base_dir)
         h = hashlib.sha256()
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
@@ -70,7 +112,7 @@ class SeedsStep(StepBase):
         `datasets` folders and Hub datasets are typed by Arrow; the build reads them.
         """
         p = self.resolve(base_dir)
-        if not (p.is_dir() or self._on_hub(p)):
+        if not (p.is_dir() or self.on_hub(base_dir)):
             self.read(base_dir)
 
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
@@ -94,7 +136,15 @@ class SeedsStep(StepBase):
                 whose values Arrow cannot store together (the first such record is named).
         """
         p = self.resolve(base_dir)
-        records, failed = self._hub() if self._on_hub(p) else _read_path(p, self.split)
+        if self.on_hub(base_dir):
+            records, failed = self._hub()
+        elif self.revision is not None:
+            raise KdataError(
+                f"seeds: revision '{self.revision}' is set, but {p} is a local path; "
+                "revision applies to Hub datasets only"
+            )
+        else:
+            records, failed = _read_path(p, self.split)
         if self.limit is not None:  # the first `limit` records of the file, good or bad
             records = [(i, r) for i, r in records if i < self.limit]
             failed = [f for f in failed if f["_index"] < self.limit]
@@ -103,19 +153,11 @@ class SeedsStep(StepBase):
         _check_types(records, p.name)
         return records, failed
 
-    def _on_hub(self, p: Path) -> bool:
-        """Whether the path names a Hub dataset: ``owner/name``, with no such local path."""
-        return (
-            "/" in self.path
-            and not self.path.startswith((".", "/"))
-            and p.suffix == ""
-            and not p.exists()
-        )
-
     def _hub(self) -> tuple[list[tuple[int, dict]], list[dict]]:
         import datasets
 
-        ds = datasets.load_dataset(self.path, split=self.split)
+        commit = self._commit or self.hub_commit()
+        ds = datasets.load_dataset(self.path, split=self.split, revision=commit)
         return list(enumerate(ds.to_list())), []
 
 

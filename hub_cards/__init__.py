@@ -1,0 +1,1 @@
+"""The dataset card templates; a package so that installs, editable ones too, map it."""
