@@ -14,6 +14,7 @@ from conftest import write_jsonl
 from test_dedup import BASE, TEXTS, edit
 
 import kdata
+from kdata.blocks import read_table
 from kdata.steps.diversity import _survivors
 from kdata.steps.semantic import SemanticDedupStep
 
@@ -210,6 +211,5 @@ def test_default_column_and_survivors_with_a_teacher_step(
 
 
 def _rows(run: kdata.Run, step: str) -> list[dict]:
-    import pyarrow.parquet as pq
 
-    return pq.read_table(run.dir / "steps" / step / "rows.parquet").to_pylist()
+    return read_table(run.dir / "steps" / step).to_pylist()

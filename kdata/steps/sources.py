@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from kdata.blocks import (
+    DEFAULT_BLOCK_ROWS,
+    BadRecord,
+    batched,
+    dataset_records,
+    jsonl_records,
+    table_records,
+)
 from kdata.errors import KdataError
 from kdata.steps.base import (
     PROVENANCE,
@@ -34,8 +44,14 @@ class SeedsStep(StepBase):
 
     Relative paths resolve against the recipe's folder. A line of a JSONL file that is not a JSON
     object is a failed row with its line number, not a silent skip.
+
+    A source step over blocks: the rows in pass through, then the records read follow, read
+    lazily (JSONL line by line, CSV and Parquet in chunks, `datasets` in slices; a ``.json``
+    file is one document, parsed whole). CSV and Parquet values are typed by pandas chunk by
+    chunk: an integer column with a null in a chunk reads as floats in that chunk only.
     """
 
+    kind: ClassVar[str] = "source"
     type: Literal["seeds"] = "seeds"
     path: str
     limit: int | None = Field(default=None, ge=1)
@@ -57,33 +73,35 @@ class SeedsStep(StepBase):
         return h.hexdigest()
 
     def plan(self, n_rows: int, base_dir: Path) -> tuple[int, int]:
-        records, failed = self.read(base_dir)
-        n = len(records) + len(failed)
-        return n_rows + (min(n, self.limit) if self.limit else n), 0
+        return n_rows + sum(1 for _ in self.records(base_dir)), 0
 
-    async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
-        records, failed = self.read(ctx.base_dir)
-        if self.limit is not None:  # the first `limit` records of the file, good or bad
-            records = [(i, r) for i, r in records if i < self.limit]
-            failed = [f for f in failed if f["_index"] < self.limit]
-        made = []
-        for i, rec in records:
-            rec = {k: v for k, v in rec.items() if k != PROVENANCE}
-            key = row_id("seeds", self.path, str(i), json.dumps(rec, sort_keys=True, default=str))
-            made.append({**rec, PROVENANCE: provenance(key, [], ctx.name)})
-        for f in failed:
-            f.pop("_index", None)
-        ctx.advance(len(made) + len(failed))
-        return StepOutput(
-            rows=rows + made, expected=len(rows) + len(made) + len(failed), failed=failed
-        )
+    def blocks(self, ctx: StepContext, block_rows: int) -> Iterator[StepOutput]:
+        """The rows read, ``block_rows`` records (good or bad) per block, lazily."""
+        for chunk in batched(enumerate(self.records(ctx.base_dir)), block_rows):
+            out = StepOutput(rows=[], expected=len(chunk))
+            for i, rec in chunk:
+                if isinstance(rec, BadRecord):
+                    out.failed.append(failure(None, "bad_seed", rec.error, raw=rec.raw))
+                    continue
+                rec = {k: v for k, v in rec.items() if k != PROVENANCE}
+                blob = json.dumps(rec, sort_keys=True, default=str)
+                key = row_id("seeds", self.path, str(i), blob)
+                out.rows.append({**rec, PROVENANCE: provenance(key, [], ctx.name)})
+            yield out
 
-    def read(self, base_dir: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
-        """(index, record) pairs of the good records, and failed-table entries for bad ones."""
+    def records(self, base_dir: Path) -> Iterator[dict | BadRecord]:
+        """The records of the source, in order, read lazily; the first ``limit`` only."""
+        it = self._records(base_dir)
+        return itertools.islice(it, self.limit) if self.limit is not None else it
+
+    def _records(self, base_dir: Path) -> Iterator[dict | BadRecord]:
         p = self.resolve(base_dir)
         if not p.exists():
             if "/" in self.path and not self.path.startswith((".", "/")) and p.suffix == "":
-                return self._hub(), []
+                import datasets
+
+                ds = datasets.load_dataset(self.path, split=self.split)
+                return dataset_records(ds, DEFAULT_BLOCK_ROWS)
             raise KdataError(f"seeds: no such file or folder: {p}")
         if p.is_dir():
             import datasets
@@ -91,42 +109,17 @@ class SeedsStep(StepBase):
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[self.split]
-            return list(enumerate(ds.to_list())), []
+            return dataset_records(ds, DEFAULT_BLOCK_ROWS)
         fmt = _FORMATS.get(p.suffix.lower())
         if fmt is None:
             raise KdataError(
                 f"seeds: cannot tell the format of {p.name}; use one of {', '.join(_FORMATS)}"
             )
         if fmt == "jsonl":
-            return _read_jsonl(p)
+            return jsonl_records(p)
         if fmt == "json":
             data = json.loads(p.read_text(encoding="utf-8"))
             if isinstance(data, dict):
                 data = next((v for v in data.values() if isinstance(v, list)), [data])
-            return list(enumerate(data)), []
-        import pandas as pd
-
-        df = pd.read_csv(p) if fmt == "csv" else pd.read_parquet(p)
-        return list(enumerate(df.to_dict(orient="records"))), []
-
-    def _hub(self) -> list[tuple[int, dict]]:
-        import datasets
-
-        ds = datasets.load_dataset(self.path, split=self.split)
-        return list(enumerate(ds.to_list()))
-
-
-def _read_jsonl(p: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
-    good, bad = [], []
-    with p.open(encoding="utf-8") as fh:
-        for i, line in enumerate(text for text in fh if text.strip()):
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise ValueError("not a JSON object")
-                good.append((i, rec))
-            except ValueError as e:
-                f = failure(None, "bad_seed", f"{p.name}: record {i + 1}: {e}", raw=line[:2000])
-                f["_index"] = i
-                bad.append(f)
-    return good, bad
+            return iter(data)
+        return table_records(p, fmt, DEFAULT_BLOCK_ROWS)
