@@ -16,7 +16,7 @@ from openai_standin import body_hash, last_user_message
 from scripted import teachers_yaml
 
 import kdata
-from kdata.blocks import block_id, parts, read_table
+from kdata.blocks import block_id, parts, read_dropped, read_table
 from kdata.steps.dedup import MinHashDedupStep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -233,3 +233,30 @@ def test_the_final_dataset_is_sharded_in_the_hub_layout(tmp_path: Path, monkeypa
     again = build(tmp_path, CURATION, 50, "run")  # one shard now: the stale ones go
     assert [p.name for p in again.dataset_files] == ["train-00000-of-00001.parquet"]
     assert again.rows() == run.rows()
+
+
+def test_a_block_that_cannot_be_written_names_it_and_the_rerun_continues(tmp_path: Path) -> None:
+    write_seeds(tmp_path, seeds(60), bad_line=False)
+    steps = "  - {type: seeds, path: seeds.jsonl}\n  - {type: filter, column: text, min_words: 5}\n"
+    folder = tmp_path / "run" / "steps" / "01_filter"
+    (folder / "rows" / f"{block_id(2)}.parquet").mkdir(parents=True)  # os.replace onto it fails
+    with pytest.raises(kdata.KdataError, match=r"step 01_filter, block 000002: cannot write"):
+        build(tmp_path, steps, 10, "run")
+    written = {p: p.stat().st_mtime_ns for p in (folder / "blocks").glob("*.json")}
+    assert sorted(p.stem for p in written) == [block_id(0), block_id(1)]  # no block after it
+    (folder / "rows" / f"{block_id(2)}.parquet").rmdir()  # the disk is writable again
+    run = build(tmp_path, steps, 10, "run")
+    assert all(p.stat().st_mtime_ns == t for p, t in written.items())
+    assert run.rows() == build(tmp_path, steps, 10, "fresh").rows()
+    assert len(list((folder / "blocks").glob("*.json"))) == 6
+
+
+def test_a_row_of_a_megabyte_goes_through_blocks_unchanged(tmp_path: Path) -> None:
+    big = "Explain " + "word " * 200_000  # about 1 MB
+    write_seeds(tmp_path, [*seeds(20), {"id": 20, "text": big}], bad_line=False)
+    run = build(tmp_path, CURATION, 3, "run")
+    folder = run.dir / "steps" / "03_filter"  # its max_chars drops the row: it is too long
+    stored = read_table(folder, "dropped").to_pylist()
+    assert [d["row"] for d in stored if d["reason"] == "too_long"] == [None]  # no copy kept
+    joined = [json.loads(d["row"]) for d in read_dropped(folder) if d["reason"] == "too_long"]
+    assert [(r["id"], r["text"]) for r in joined] == [(20, big)]
