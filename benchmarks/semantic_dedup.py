@@ -203,7 +203,7 @@ def index_study(emb: np.ndarray, hnsw: list[tuple[int, int]], nprobes: list[int]
 
 def _kept(step: SemanticDedupStep, emb: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Which rows the step keeps, given the neighbour pairs (as codes) that an index found."""
-    from kdata.steps.dedup import clusters
+    from kdata.steps.clusters import clusters
 
     n = len(emb)
     pairs = np.stack([codes // n, codes % n])

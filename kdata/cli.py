@@ -115,7 +115,8 @@ def build(
     out.print(
         f"dataset: {run.dataset_path} ({run.steps[-1].rows_out} rows); "
         f"spent ${run.cost_usd_total:.4f} in all"
-        + (f"; {total_failed} failed (see steps/*/failed.parquet)" if total_failed else "")
+        + (f"; {total_failed} failed (see steps/*/failed/)" if total_failed else ""),
+        soft_wrap=True,
     )
     if r.validation is not None:
         out.print(f"this recipe has a validate: section: kdata validate-sft {run.dir}")
@@ -162,7 +163,10 @@ def rethreshold(
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None
     out.print(summary_table(run))
-    out.print(f"dataset: {run.dataset_path} ({run.steps[-1].rows_out} rows), {step} at {threshold}")
+    out.print(
+        f"dataset: {run.dataset_path} ({run.steps[-1].rows_out} rows), {step} at {threshold}",
+        soft_wrap=True,
+    )
     missing = sum(s.failure_classes.get("not_cached", 0) for s in run.steps)
     if missing:
         out.print(
@@ -175,12 +179,15 @@ def rethreshold(
 def inspect(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
     rows: Annotated[int, typer.Option("--rows", "-n", help="Sample rows to show.")] = 3,
+    dropped: Annotated[
+        str | None,
+        typer.Option("--dropped", help="Show this step's dropped rows, with reason and detail."),
+    ] = None,
 ) -> None:
     """Show a run's stats and sample rows."""
-    import pyarrow.parquet as pq
-
+    from kdata.blocks import dataset_files
     from kdata.progress import summary_table
-    from kdata.runner import DATASET_FILE, Run, StepStats
+    from kdata.runner import Run, StepStats
 
     try:
         manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
@@ -204,15 +211,33 @@ def inspect(
     for name, led in run.ledger.items():
         if led["failures"]:
             out.print(f"teacher {name}, last build: failures {led['failures']}")
-    data = run_dir / DATASET_FILE
-    if data.exists() and rows > 0:
-        table = pq.read_table(data)
+    shards = dataset_files(run_dir)
+    if shards and rows > 0:
+        import pyarrow.parquet as pq
+
+        n = sum(pq.read_metadata(p).num_rows for p in shards)
+        first = pq.ParquetFile(shards[0])
+        columns = ", ".join(first.schema_arrow.names)
         out.print(
-            f"dataset: {data} ({table.num_rows} rows; columns: {', '.join(table.column_names)})"
+            f"dataset: {run_dir / 'data'} ({n} rows in {len(shards)} shards; columns: {columns})"
         )
-        for row in table.slice(0, rows).to_pylist():
+        sample = next(first.iter_batches(batch_size=rows), None)
+        for row in sample.to_pylist() if sample is not None else []:
             row.pop("_kdata", None)
             out.print_json(json.dumps(row, default=str, ensure_ascii=False))
+    if dropped is not None:
+        from kdata.blocks import read_dropped
+
+        if not (run_dir / "steps" / dropped / "stats.json").exists():
+            err.print(f"[red]error:[/red] no finished step '{dropped}' in {run_dir}")
+            raise typer.Exit(2)
+        records = read_dropped(run_dir / "steps" / dropped)  # rows joined from the step's input
+        out.print(f"step {dropped}: {len(records)} dropped")
+        for d in records[:rows]:
+            row = json.loads(d["row"]) if d["row"] else {}
+            row.pop("_kdata", None)
+            detail = json.loads(d["detail"] or "{}")
+            out.print_json(json.dumps({"reason": d["reason"], "detail": detail, "row": row}))
 
 
 @app.command("validate-sft")

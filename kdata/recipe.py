@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kdata.blocks import DEFAULT_BLOCK_ROWS
 from kdata.errors import RecipeError
 from kdata.publish.config import PublishConfig
 from kdata.steps.base import StrictModel
@@ -164,6 +165,16 @@ class ReportConfig(StrictModel):
     diversity: bool = True
 
 
+class Execution(StrictModel):
+    """How a build runs: ``block_rows``, the most rows a block holds (see `kdata.blocks`).
+
+    Memory is bounded by block size times blocks in flight; the rows, their order and their
+    ids do not depend on it.
+    """
+
+    block_rows: int = Field(default=DEFAULT_BLOCK_ROWS, ge=1)
+
+
 class Recipe(StrictModel):
     """A whole recipe: teachers, steps, output, an optional budget and how to publish."""
 
@@ -172,6 +183,7 @@ class Recipe(StrictModel):
     steps: list[Step] = Field(min_length=1)
     output: Output | None = None
     budget_usd: float | None = Field(default=None, gt=0)
+    execution: Execution = Execution()
     # The recipe's `validate:` section (a field may not be called `validate` on a pydantic model).
     validation: ValidationConfig | None = Field(default=None, alias="validate")
     publish: PublishConfig | None = None

@@ -21,13 +21,13 @@ import json
 import os
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
+from kdata.blocks import read_table
 from kdata.errors import KdataError
 from kdata.recipe import Recipe
 from kdata.runner import Reporter, Run, build, fingerprints
 from kdata.steps.base import StepContext
-from kdata.steps.dedup import MinHashDedupStep, ranked_texts
+from kdata.steps.clusters import comparable, text_digest
+from kdata.steps.dedup import MinHashDedupStep
 from kdata.steps.filters import FilterStep
 from kdata.steps.semantic import SemanticDedupStep
 
@@ -102,10 +102,10 @@ def recut_recipe(run_dir: str | os.PathLike, step: str, threshold: float) -> Rec
             "(it did not run, or its inputs changed since); run kdata build first"
         )
     if isinstance(old, MinHashDedupStep | SemanticDedupStep):
-        rows = pq.read_table(run_dir / "steps" / names[i - 1] / "rows.parquet").to_pylist()
-        texts = ranked_texts(rows, old.columns, old.keep, old.score_column)[1]
+        rows = read_table(run_dir / "steps" / names[i - 1]).to_pylist()
+        texts = comparable(rows, old.columns, old.keep, old.score_column)[1]
         ctx = StepContext(name=step, base_dir=recipe.base_dir, pool=None, run_dir=run_dir)
-        if not old.store_path(texts, ctx).exists():
+        if not old.store_path([text_digest(t) for t in texts], ctx).exists():
             raise KdataError(
                 f"step '{step}' has no stored neighbours in {run_dir / 'neighbours'} (the run was "
                 "made by an older kdata, or they were deleted); run kdata build to find them"

@@ -5,12 +5,15 @@ Run directory::
     lock                     held by the build writing here: its pid, host and start time
     manifest.json            recipe, fingerprints, package versions, status, ledger
     cache.sqlite             every teacher response, stored as it arrived
-    steps/<name>/            rows.parquet, dropped.parquet, failed.parquet, stats.json
-    data/train-00000-of-00001.parquet   the final dataset
+    steps/<name>/            rows/, dropped/, failed/ and blocks/ per block, stats.json last
+    data/train-0000k-of-0000n.parquet   the final dataset, sharded in the Hub's layout
     diversity/               report.json and plots of the final rows against the generated ones
 
-A step whose fingerprint (its config, its teachers, its inputs, the step before it) matches the
-one on disk is not run again; a teacher step that is run again is served from the cache.
+Each step is handed to the executor (`kdata.executors.local`) with its input blocks: the rows of
+the step before, cut into blocks of ``execution.block_rows`` (see `kdata.blocks`). A step whose
+fingerprint (its config, its teachers, its inputs, the step before it) matches the one on disk
+is not run again; a step a build left unfinished resumes at its first unfinished block; a
+teacher step that is run again is served from the cache.
 """
 
 from __future__ import annotations
@@ -20,44 +23,21 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
 import threading
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from kdata.blocks import DATA_DIR, dataset_files, read_dataset, write_dataset, write_json
 from kdata.errors import BudgetExceeded, CacheError, KdataError
+from kdata.executors.local import Counts, LocalExecutor
 from kdata.lock import hold
 from kdata.recipe import Recipe, Teacher
-from kdata.steps.base import StepContext, StepOutput
+from kdata.steps.base import StepContext
 from kdata.teachers.cache import RequestCache
-
-DATASET_FILE = "data/train-00000-of-00001.parquet"
-_FAILED_SCHEMA = pa.schema(
-    [
-        ("row_id", pa.string()),
-        ("error_class", pa.string()),
-        ("error", pa.string()),
-        ("attempts", pa.int64()),
-        ("raw", pa.string()),
-        ("row", pa.string()),
-    ]
-)
-_DROPPED_SCHEMA = pa.schema(
-    [
-        ("row_id", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("row", pa.string()),
-    ]
-)
 
 
 def _version() -> str:
@@ -99,12 +79,18 @@ class Run:
 
     @property
     def dataset_path(self) -> Path:
-        """The final Parquet file."""
-        return self.dir / DATASET_FILE
+        """The final dataset's folder: ``train-0000k-of-0000n.parquet`` shards, which
+        ``datasets.load_dataset("parquet", data_dir=...)`` reads."""
+        return self.dir / DATA_DIR
+
+    @property
+    def dataset_files(self) -> list[Path]:
+        """The final dataset's shards, in order."""
+        return dataset_files(self.dir)
 
     def rows(self) -> list[dict]:
-        """The final dataset's rows."""
-        return pq.read_table(self.dataset_path).to_pylist()
+        """The final dataset's rows (all of them in memory: for small datasets)."""
+        return read_dataset(self.dir).to_pylist()
 
 
 class Reporter(Protocol):
@@ -232,25 +218,26 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
     stored_before = _stored_responses(run_dir)
     cache = RequestCache(run_dir / "cache.sqlite")
     pool = TeacherPool(recipe.teachers, cache, recipe.budget_usd, cache_only)
+    executor = LocalExecutor(recipe.execution.block_rows)
     names, fps = recipe.step_names(), fingerprints(recipe)
     manifest = _manifest(recipe, names, fps)
     manifest["teachers"] = cache.totals_by_teacher()  # what the cache holds, should this build die
     run = Run(dir=run_dir, status="running", steps=[], ledger={})
-    _write_json(run_dir / "manifest.json", manifest)
-    rows: list[dict] = []
+    write_json(run_dir / "manifest.json", manifest)
+    source: Path | None = None  # the folder of the step before, whose rows are the input
     try:
         _check_cache(cache, stored_before)
         for step, name, fp in zip(recipe.steps, names, fps, strict=True):
-            stats = StepStats(name=name, type=step.type, fingerprint=fp, rows_in=len(rows))
+            rows_in = run.steps[-1].rows_out if run.steps else 0
+            stats = StepStats(name=name, type=step.type, fingerprint=fp, rows_in=rows_in)
             folder = run_dir / "steps" / name
-            reporter.step_started(name, step.type, None)
+            reporter.step_started(name, step.type, rows_in if step.kind == "global" else None)
             done = _read_stats(folder) or {}
             if (
                 done.get("fingerprint") == fp
                 and "not_cached" not in done.get("failure_classes", {})
-                and (folder / "rows.parquet").exists()
+                and (folder / "blocks").is_dir()  # not a run directory of an older layout
             ):
-                rows = pq.read_table(folder / "rows.parquet").to_pylist()
                 stats = StepStats(**{**done, "reused": True})
             else:
                 before = {
@@ -258,28 +245,34 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
                     for n, led in pool.ledgers.items()
                 }
                 t0 = time.monotonic()
+                total = [0]
+
+                def add_total(n: int, total=total) -> None:  # blocks add their units
+                    total[0] += n
+                    reporter.set_total(total[0])
+
                 ctx = StepContext(
                     name=name,
                     base_dir=recipe.base_dir,
                     pool=pool,
                     run_dir=run_dir,
-                    set_total=reporter.set_total,
+                    set_total=add_total,
                     advance=lambda n: reporter.advance(
                         n, pool.in_flight, pool.tokens, pool.spent_usd
                     ),
                 )
-                result = await step.run(rows, ctx)
-                _check_accounting(name, result)
+                counts = await executor.run(step, source, folder, ctx, fp)
+                _check_accounting(name, counts)
                 stats.seconds = round(time.monotonic() - t0, 3)
-                _fill_stats(stats, result, pool, before)
-                _write_step(folder, result, stats)
-                rows = result.rows
+                _fill_stats(stats, counts, pool, before)
+                write_json(folder / "stats.json", asdict(stats))
+            source = folder
             run.steps.append(stats)
             reporter.step_finished(stats)
         cache.check()
-        _write_table(run_dir / DATASET_FILE, rows)
+        write_dataset(source, run_dir / DATA_DIR)
         if recipe.report.diversity:
-            final_report(recipe, run_dir, rows)
+            final_report(recipe, run_dir)
         else:
             remove_final_report(run_dir)
         run.status = "complete"
@@ -308,8 +301,9 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
         done = {s.name: asdict(s) for s in run.steps}
         for m in manifest["steps"]:
             m["stats"] = done.get(m["name"])
-        _write_json(run_dir / "manifest.json", manifest)
+        write_json(run_dir / "manifest.json", manifest)
         cache.close()
+        executor.close()
     if recipe.publish and recipe.publish.dir:  # last: the folder reads everything above
         from kdata.publish import write_folder
 
@@ -344,60 +338,25 @@ def _check_cache(cache: RequestCache, stored_before: int) -> None:
     )
 
 
-def _check_accounting(name: str, out: StepOutput) -> None:
-    got = len(out.rows) + len(out.dropped) + len(out.failed)
-    if got != out.expected:
+def _check_accounting(name: str, c: Counts) -> None:
+    if c.rows + c.dropped + c.failed != c.expected:
         raise KdataError(
-            f"step {name}: row accounting broken: {out.expected} expected, "
-            f"{len(out.rows)} out + {len(out.dropped)} dropped + {len(out.failed)} failed; "
+            f"step {name}: row accounting broken: {c.expected} expected, "
+            f"{c.rows} out + {c.dropped} dropped + {c.failed} failed; "
             "this is a kdata bug, please report it"
         )
 
 
-def _fill_stats(stats: StepStats, out: StepOutput, pool, before: dict) -> None:
-    stats.expected = out.expected
-    stats.rows_out, stats.dropped, stats.failed = len(out.rows), len(out.dropped), len(out.failed)
-    stats.drop_reasons = dict(Counter(d["reason"] for d in out.dropped))
-    stats.failure_classes = dict(Counter(f["error_class"] for f in out.failed))
+def _fill_stats(stats: StepStats, c: Counts, pool, before: dict) -> None:
+    stats.expected = c.expected
+    stats.rows_out, stats.dropped, stats.failed = c.rows, c.dropped, c.failed
+    stats.drop_reasons = dict(c.drop_reasons)
+    stats.failure_classes = dict(c.failure_classes)
     for n, led in pool.ledgers.items():
         r, h, c = before[n]
         stats.requests += led.requests - r
         stats.cache_hits += led.cache_hits - h
         stats.cost_usd += led.cost_usd - c
-
-
-def _write_step(folder: Path, out: StepOutput, stats: StepStats) -> None:
-    """Write a step's tables, then its stats.json last: stats.json marks the step as done."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    _write_table(folder / "rows.parquet", out.rows)
-    _write_table(folder / "dropped.parquet", out.dropped, _DROPPED_SCHEMA)
-    _write_table(folder / "failed.parquet", out.failed, _FAILED_SCHEMA)
-    _write_json(folder / "stats.json", asdict(stats))
-
-
-def _write_table(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if schema is None:  # every key of every row: from_pylist would take the first row's only
-            keys = dict.fromkeys(k for r in rows for k in r)
-            table = pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in keys})
-        else:
-            table = pa.Table.from_pylist(rows, schema=schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise KdataError(
-            f"cannot store rows in {path.name}: {e}; a column holds values of different types"
-        ) from None
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _read_stats(folder: Path) -> dict | None:

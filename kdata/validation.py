@@ -31,6 +31,7 @@ from jinja2 import TemplateError
 from pydantic import Field, model_validator
 
 from kdata.answers import answers_match, extract_answer, rouge_l
+from kdata.blocks import read_table
 from kdata.errors import KdataError, TeacherError
 from kdata.steps.base import _JINJA, PROVENANCE, StepContext, StrictModel, Template, gather_requests
 from kdata.steps.feedback import InvalidOutput, PairJudge
@@ -243,14 +244,13 @@ def _baseline_step(manifest: dict) -> str:
 def _generated_rows(folder: Path) -> list[dict]:
     """Everything a step made: its kept rows and the rows it dropped itself (rejection sampling
     drops generated rows, which belong to the uncurated pool)."""
-    if not (folder / "rows.parquet").exists():
+    if not (folder / "stats.json").exists():
         raise KdataError(f"no rows for baseline step {folder.name} in {folder.parent}")
-    rows = pq.read_table(folder / "rows.parquet").to_pylist()
-    if (folder / "dropped.parquet").exists():
-        for d in pq.read_table(folder / "dropped.parquet").to_pylist():
-            row = json.loads(d["row"])
-            if row.get(PROVENANCE, {}).get("step") == folder.name:
-                rows.append(row)
+    rows = read_table(folder).to_pylist()
+    for d in read_table(folder, "dropped").to_pylist():
+        row = json.loads(d["row"]) if d["row"] is not None else {}  # None: a row of its input
+        if row.get(PROVENANCE, {}).get("step") == folder.name:
+            rows.append(row)
     return rows
 
 
@@ -268,10 +268,10 @@ def _preference_pairs(run_dir: Path, manifest: dict, dpo: DpoConfig) -> tuple[li
             f"validate.dpo.step '{step}' is not a preferences step of the recipe "
             f"(its preferences steps: {prefs or 'none'})"
         )
-    path = run_dir / "steps" / step / "rows.parquet"
-    if not path.exists():
+    folder = run_dir / "steps" / step
+    if not (folder / "stats.json").exists():
         raise KdataError(f"step {step} has no rows in {run_dir}; did the build finish?")
-    rows = pq.read_table(path, columns=["prompt", "chosen", "rejected"]).to_pylist()
+    rows = read_table(folder, columns=["prompt", "chosen", "rejected"]).to_pylist()
     if not rows:
         raise KdataError(f"step {step} made no preference pairs to train DPO on")
     return rows, step
@@ -312,10 +312,11 @@ def _holdout(pool: list[Pair], n: int, seed: int) -> tuple[list[Pair], set[str]]
 
 
 def _eval_file(config: ValidationConfig, base_dir: Path) -> list[Pair]:
+    from kdata.blocks import BadRecord
     from kdata.steps.sources import SeedsStep
 
-    records, _ = SeedsStep(path=config.eval.path).read(base_dir)
-    rows = [r for _, r in records][: config.eval.limit]
+    records = SeedsStep(path=config.eval.path).records(base_dir)
+    rows = [r for r in records if not isinstance(r, BadRecord)][: config.eval.limit]
     items, _ = _pairs(
         rows, config.eval.prompt or config.prompt, config.eval.reference or config.response
     )

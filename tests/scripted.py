@@ -23,10 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from openai_standin import Config, StandIn, last_user_message
 
 import kdata
+from kdata.blocks import read_dropped, read_table
 
 __all__ = [
     "Config",
@@ -87,9 +87,9 @@ def tables(folder: Path) -> Tables:
     """The tables of a step folder; checks its row accounting on the way."""
     t = Tables(
         stats=json.loads((folder / "stats.json").read_text()),
-        rows=pq.read_table(folder / "rows.parquet").to_pylist(),
-        dropped=pq.read_table(folder / "dropped.parquet").to_pylist(),
-        failed=pq.read_table(folder / "failed.parquet").to_pylist(),
+        rows=read_table(folder).to_pylist(),
+        dropped=read_dropped(folder),
+        failed=read_table(folder, "failed").to_pylist(),
     )
     assert t.stats["expected"] == len(t.rows) + len(t.dropped) + len(t.failed)
     return t
@@ -150,11 +150,11 @@ def step_tables(run: kdata.Run, name: str) -> tuple[dict, list[dict], list[dict]
     """(stats, rows, dropped, failed) of one step of a run; drop details are parsed."""
     folder = run.dir / "steps" / name
     stats = json.loads((folder / "stats.json").read_text())
-    rows = pq.read_table(folder / "rows.parquet").to_pylist()
-    drops = pq.read_table(folder / "dropped.parquet").to_pylist()
+    rows = read_table(folder).to_pylist()
+    drops = read_dropped(folder)
     for d in drops:
         d["detail"] = json.loads(d["detail"])
         d["row"] = json.loads(d["row"])
-    failed = pq.read_table(folder / "failed.parquet").to_pylist()
+    failed = read_table(folder, "failed").to_pylist()
     assert stats["expected"] == len(rows) + len(drops) + len(failed)
     return stats, rows, drops, failed

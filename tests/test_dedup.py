@@ -7,11 +7,11 @@ import json
 import re
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from conftest import SEED_TASKS, write_jsonl
 
 import kdata
+from kdata.blocks import read_dropped, read_table
 from kdata.steps.base import StepContext, provenance, rid
 from kdata.steps.dedup import MinHashDedupStep
 
@@ -53,7 +53,7 @@ def build(tmp_path: Path, rows: list[dict], step: str) -> tuple[kdata.Run, list[
     )
     run = kdata.build(recipe, run_dir=tmp_path / "run")
     folder = run.dir / "steps" / run.steps[1].name
-    drops = pq.read_table(folder / "dropped.parquet").to_pylist()
+    drops = read_dropped(folder)
     for d in drops:
         d["detail"], d["row"] = json.loads(d["detail"]), json.loads(d["row"])
     s = run.steps[1]
@@ -147,7 +147,7 @@ def test_missing_columns_fail_and_empty_texts_are_kept(tmp_path: Path) -> None:
     run, out, _ = build(tmp_path, rows, "{type: minhash_dedup, columns: [prompt, response]}")
     assert [r["response"] for r in out] == [BASE, "", "?!", ""]
     assert run.steps[1].failure_classes == {"missing_column": 3}
-    failed = pq.read_table(run.dir / "steps/01_minhash_dedup/failed.parquet").to_pylist()
+    failed = read_table(run.dir / "steps/01_minhash_dedup", "failed").to_pylist()
     assert "column 'response' is missing or null" in failed[0]["error"]
     assert "column 'prompt' is missing or null" in failed[2]["error"]
 

@@ -14,6 +14,7 @@ from conftest import write_jsonl
 from test_dedup import BASE, TEXTS, edit
 
 import kdata
+from kdata.blocks import read_table
 from kdata.rethreshold import rethreshold
 from kdata.steps.diversity import _survivors
 from kdata.steps.semantic import SemanticDedupStep
@@ -211,9 +212,8 @@ def test_default_column_and_survivors_with_a_teacher_step(
 
 
 def _rows(run: kdata.Run, step: str) -> list[dict]:
-    import pyarrow.parquet as pq
 
-    return pq.read_table(run.dir / "steps" / step / "rows.parquet").to_pylist()
+    return read_table(run.dir / "steps" / step).to_pylist()
 
 
 def test_a_recipe_can_turn_the_final_report_off(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import kdata
-from kdata.runner import DATASET_FILE
+from kdata.blocks import read_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +27,9 @@ def cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.Com
         env={**os.environ, **(env or {})},
         timeout=600,
     )
+
+
+DATASET_FILE = "data/train-00000-of-00001.parquet"  # a small dataset is one shard
 
 
 def test_quickstart_runs_on_the_embedded_teacher(tmp_path: Path) -> None:
@@ -46,7 +49,7 @@ def test_quickstart_runs_on_the_embedded_teacher(tmp_path: Path) -> None:
     # datasets loads the final Parquet as it is
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=str(run_dir / DATASET_FILE), split="train")
+    ds = datasets.load_dataset("parquet", data_dir=str(run_dir / "data"), split="train")
     assert ds.num_rows == 20 and "response" in ds.column_names
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["versions"]["litellm"]
@@ -54,7 +57,7 @@ def test_quickstart_runs_on_the_embedded_teacher(tmp_path: Path) -> None:
     for step in manifest["steps"]:
         st = step["stats"]
         assert st["expected"] == st["rows_out"] + st["dropped"] + st["failed"]
-        assert (run_dir / "steps" / step["name"] / "failed.parquet").exists()
+        assert (run_dir / "steps" / step["name"] / "failed").is_dir()
     # A rerun reuses both steps and calls nobody.
     again = cli("build", "recipes/quickstart.yaml", "-o", str(run_dir))
     assert again.returncode == 0 and again.stdout.count("reused") == 2
@@ -109,7 +112,7 @@ def test_bad_seed_lines_are_failed_rows_not_lost(tmp_path: Path, seeds: Path) ->
     run = kdata.build(recipe, run_dir=tmp_path / "run")
     s = run.steps[0]
     assert (s.expected, s.rows_out, s.failed) == (7, 5, 2)
-    failed = pq.read_table(tmp_path / "run/steps/00_seeds/failed.parquet").to_pylist()
+    failed = read_table(tmp_path / "run/steps/00_seeds", "failed").to_pylist()
     assert {f["error_class"] for f in failed} == {"bad_seed"}
     assert any("bad.jsonl line 6" in f["error"] for f in failed)
 

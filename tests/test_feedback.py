@@ -14,6 +14,7 @@ from scripted import build_scripted, last_user_message, step_tables
 
 import kdata
 from kdata import RecipeError
+from kdata.blocks import parts
 from kdata.steps.feedback import Judge
 
 VALID = '{"reasoning": "clear and right", "score": 8}'
@@ -142,7 +143,7 @@ def test_preferences_pointwise_pairs_and_ties(tmp_path: Path) -> None:
     import datasets
     from trl.data_utils import is_conversational, maybe_extract_prompt
 
-    ds = datasets.Dataset.from_parquet(str(run.dir / "steps" / "prefs" / "rows.parquet"))
+    ds = datasets.Dataset.from_parquet([str(p) for p in parts(run.dir / "steps" / "prefs")])
     assert {"prompt", "chosen", "rejected"} <= set(ds.column_names)
     example = ds[0]
     assert is_conversational(example)
@@ -202,7 +203,7 @@ def test_preference_pairs_train_two_dpo_steps(tmp_path: Path) -> None:
     run, _, _ = build_scripted(
         tmp_path, candidate_reply, steps, "cand_a", "cand_b", "j", seeds=seeds
     )
-    ds = datasets.Dataset.from_parquet(str(run.dir / "steps" / "prefs" / "rows.parquet"))
+    ds = datasets.Dataset.from_parquet([str(p) for p in parts(run.dir / "steps" / "prefs")])
     tok = AutoTokenizer.from_pretrained(Path(minilm).parent / "model")
     tok.chat_template = (
         "{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}"

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
 
 import kdata
+from kdata.blocks import read_dropped, read_table
 from kdata.steps.base import StepContext, StepOutput, provenance
 from kdata.steps.filters import DecontaminateStep, FilterStep, repetition
 from kdata.steps.semantic import SemanticDedupStep
@@ -47,7 +47,11 @@ def run_steps(tmp_path: Path, rows: list[dict], step: str) -> kdata.Run:
 def side_table(run: kdata.Run, kind: str) -> dict[str, dict]:
     """``dropped`` or ``failed`` records of step `f`, by the row's ``key``, detail decoded."""
     out = {}
-    for rec in pq.read_table(run.dir / "steps" / "f" / f"{kind}.parquet").to_pylist():
+    for rec in (
+        read_dropped(run.dir / "steps" / "f")
+        if kind == "dropped"
+        else read_table(run.dir / "steps" / "f", kind).to_pylist()
+    ):
         if rec.get("detail"):
             rec["detail"] = json.loads(rec["detail"])
         out[json.loads(rec["row"])["key"]] = rec

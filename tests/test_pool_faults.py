@@ -26,6 +26,7 @@ import pytest
 import kdata
 import kdata.teachers.pool as pool_mod
 from kdata import recipe_from_yaml
+from kdata.blocks import read_table
 
 sys.path.insert(0, str(Path(__file__).parent))
 from openai_standin import (  # noqa: E402
@@ -130,8 +131,8 @@ def cached_requests(run_dir: Path) -> dict[str, dict]:
 def read_step(run_dir: Path) -> tuple[dict, list[dict], list[dict]]:
     folder = run_dir / "steps" / STEP
     stats = json.loads((folder / "stats.json").read_text())
-    rows = pq.read_table(folder / "rows.parquet").to_pylist()
-    failed = pq.read_table(folder / "failed.parquet").to_pylist()
+    rows = read_table(folder).to_pylist()
+    failed = read_table(folder, "failed").to_pylist()
     return stats, rows, failed
 
 

@@ -63,7 +63,8 @@ def test_python_api_snippet_runs(tmp_path: Path) -> None:
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("3 runs/py/data/train-00000-of-00001.parquet")
+    assert res.stdout.startswith("3 runs/py/data")
+    assert (tmp_path / "runs/py/data/train-00000-of-00001.parquet").is_file()
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
 from test_dedup import BASE, TEXTS, edit, jaccard
@@ -20,6 +19,7 @@ from test_semantic import BOYFRIEND, INSTRUCTIONS, PARAPHRASES
 from typer.testing import CliRunner
 
 import kdata
+from kdata.blocks import read_dropped, read_table
 from kdata.cli import app
 from kdata.rethreshold import rethreshold
 from kdata.steps.dedup import MinHashDedupStep
@@ -111,7 +111,7 @@ def test_minhash_rethreshold_equals_a_fresh_run_and_calls_no_teacher(
     check_accounting(recut)
     assert [s.reused for s in recut.steps] == [True, False, False, False]
     assert recut.steps[-1].cache_hits == len(final_ids(fresh))
-    dropped = pq.read_table(recut.dir / "steps/dedup/dropped.parquet").to_pylist()
+    dropped = read_dropped(recut.dir / "steps/dedup")
     assert sorted(json.loads(d["row"])["n"] for d in dropped) == [35, 36, 37, 38]
     manifest = json.loads((recut.dir / "manifest.json").read_text())
     assert manifest["recipe"]["steps"][1]["threshold"] == 0.5
@@ -134,7 +134,7 @@ def test_rows_a_rethreshold_keeps_but_never_sent_fail_as_not_cached_then_build_f
     label = recut.steps[-1]
     assert label.failure_classes == {"not_cached": 2}  # the 0.6 and 0.74 copies, never labelled
     check_accounting(recut)
-    failed = pq.read_table(recut.dir / "steps/03_label/failed.parquet").to_pylist()
+    failed = read_table(recut.dir / "steps/03_label", "failed").to_pylist()
     assert all("sends no request" in f["error"] for f in failed)
     # A normal build with that threshold sends exactly the missing requests.
     rebuilt = kdata.build(recipe(tmp_path, MINHASH_ROWS, step % 0.8, standin.port))
@@ -154,8 +154,8 @@ def test_semantic_rethreshold_equals_a_fresh_run_without_embedding(
     recut = rethreshold(first.dir, "dedup", 0.82)
     assert final_ids(recut) == final_ids(fresh) and not embedded
     check_accounting(recut)
-    drops = pq.read_table(recut.dir / "steps/dedup/dropped.parquet").to_pylist()
-    fresh_drops = pq.read_table(fresh.dir / "steps/dedup/dropped.parquet").to_pylist()
+    drops = read_dropped(recut.dir / "steps/dedup")
+    fresh_drops = read_dropped(fresh.dir / "steps/dedup")
     assert len(drops) == 5  # paraphrases and near misses, each at the same similarity:
     assert [(d["row_id"], d["detail"]) for d in drops] == [
         (d["row_id"], d["detail"]) for d in fresh_drops

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from conftest import SEED_TASKS, write_jsonl
 
 import kdata
+from kdata.blocks import read_dropped
 from kdata.steps import semantic
 from kdata.steps.base import StepContext, provenance
 from kdata.steps.semantic import SemanticDedupStep
@@ -75,7 +75,7 @@ def build(tmp_path: Path, rows: list[dict], step: str) -> tuple[kdata.Run, list[
         base_dir=tmp_path,
     )
     run = kdata.build(recipe, run_dir=tmp_path / "run")
-    drops = pq.read_table(run.dir / "steps" / run.steps[1].name / "dropped.parquet").to_pylist()
+    drops = read_dropped(run.dir / "steps" / run.steps[1].name)
     for d in drops:
         d["detail"], d["row"] = json.loads(d["detail"]), json.loads(d["row"])
     s = run.steps[1]

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import kdata
+from kdata.blocks import read_table
 from kdata.runner import fingerprints
 
 RECORDS = [{"q": f"question {i}", "k": i} for i in range(4)]
@@ -40,9 +41,8 @@ def build_seeds(tmp_path: Path, path: Path) -> kdata.Run:
 
 
 def failed_rows(tmp_path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
 
-    return pq.read_table(tmp_path / "run/steps/00_seeds/failed.parquet").to_pylist()
+    return read_table(tmp_path / "run/steps/00_seeds", "failed").to_pylist()
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "datasets"])

@@ -13,11 +13,11 @@ import math
 import shutil
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 import kdata
+from kdata.blocks import read_table
 from kdata.cli import app
 from kdata.errors import KdataError, RecipeError
 from kdata.validation import (
@@ -238,7 +238,7 @@ def dpo_run(tmp_path_factory):
 
 def test_dpo_arm_and_judge_win_rates(dpo_run) -> None:
     run_dir, standin, evals = dpo_run
-    prefs = pq.read_table(run_dir / "steps" / "prefs" / "rows.parquet").to_pylist()
+    prefs = read_table(run_dir / "steps" / "prefs").to_pylist()
     assert len(prefs) == 12 and all(p["rejected"][0]["content"] == SHRUG for p in prefs)
     standin.clear()
     res = CliRunner().invoke(app, ["validate-sft", str(run_dir)])

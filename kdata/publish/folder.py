@@ -17,7 +17,6 @@ timestamps, no local paths), so writing it twice gives the same bytes.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -28,7 +27,6 @@ from kdata.errors import KdataError
 from kdata.publish.card import card_context, published_recipe, render_card
 from kdata.publish.config import PublishConfig
 
-MAX_SHARD_BYTES = 500_000_000
 MARKER = "kdata/stats.json"  # a folder holding this was written here, and may be replaced
 MANAGED = ("data/", "kdata/", "diversity/", "validation/")  # what a push may delete when stale
 
@@ -119,21 +117,22 @@ def write_folder(
 
 
 def _write_shards(run_dir: Path, folder: Path, split: str) -> tuple[list[Path], int, dict]:
+    """Copy the run's shards into ``folder`` under the split's name."""
     import pyarrow.parquet as pq
 
-    from kdata.runner import DATASET_FILE
+    from kdata.blocks import dataset_files
 
-    table = pq.read_table(run_dir / DATASET_FILE)
-    n = max(1, min(math.ceil(table.nbytes / MAX_SHARD_BYTES), table.num_rows))
-    per = math.ceil(table.num_rows / n)
+    shards = dataset_files(run_dir)
+    if not shards:
+        raise KdataError(f"{run_dir} has no final dataset in data/; run kdata build first")
     folder.mkdir(parents=True)
-    paths = []
-    for i in range(n):
-        path = folder / f"{split}-{i:05d}-of-{n:05d}.parquet"
-        pq.write_table(table.slice(i * per, per), path)
-        paths.append(path)
-    columns = {f.name: str(f.type) for f in table.schema}
-    return paths, table.num_rows, columns
+    paths, n = [], len(shards)
+    for k, shard in enumerate(shards):
+        paths.append(folder / f"{split}-{k:05d}-of-{n:05d}.parquet")
+        shutil.copyfile(shard, paths[-1])
+    rows = sum(pq.read_metadata(p).num_rows for p in shards)
+    columns = {f.name: str(f.type) for f in pq.read_schema(shards[0])}
+    return paths, rows, columns
 
 
 def _write_stats(run_dir: Path, manifest: dict, path: Path, rows: int) -> None:

@@ -337,11 +337,17 @@ async def settle(out: StepOutput, units: list[Awaitable[dict]], ctx: StepContext
 class StepBase(StrictModel):
     """Fields and hooks every step has.
 
+    ``kind`` tells the executor how to run the step over blocks (`kdata.executors.local`):
+    ``map`` (``run`` gets one block's rows at a time: the step is row-local), ``global``
+    (`GlobalStep`: phases over blocks), ``source`` (``blocks`` yields what it reads) or ``whole``
+    (``run`` gets every row at once; the default, for a step not written over blocks).
+
     ``curates`` marks the steps that remove rows without asking a teacher (filters, dedup,
     decontamination): the rows entering the first of them are the "generated" rows that the
     diversity report compares the final rows with.
     """
 
+    kind: ClassVar[str] = "whole"
     curates: ClassVar[bool] = False
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")  # a folder name
 
@@ -368,6 +374,43 @@ class StepBase(StrictModel):
         raise NotImplementedError
 
 
+class GlobalStep(StepBase):
+    """A step that must see every row (dedup): phases over blocks, on compact summaries.
+
+    ``decide`` computes what the step needs of all rows through ``blocks.map(fn)``, which
+    applies ``fn(rows, block)`` to every block in order (in the executor's thread pool) and
+    returns the results: keep them compact (hashes, signatures), never the rows. ``mark`` then
+    makes one block's output from its rows and the decision (only `mark_columns` of them,
+    when it names some).
+    """
+
+    kind: ClassVar[str] = "global"
+
+    async def decide(self, blocks: Any, ctx: StepContext) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def mark(self, rows: list[dict], decision: Any, block: Any) -> StepOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    def mark_columns(self) -> list[str] | None:
+        """The columns ``mark`` reads (``a``, or ``a.b`` of a struct; None: every column).
+
+        Given, ``mark`` sees only these, and must keep rows unchanged: the executor writes the
+        block's full rows for the ones it keeps, and copies of its failed rows from them.
+        """
+        return None
+
+    async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
+        """Every row as one block: how the step runs outside a build."""
+        from kdata.executors.local import OneBlock
+
+        ctx.set_total(len(rows))
+        decision = await self.decide(OneBlock(rows), ctx)
+        out = self.mark(rows, decision, OneBlock.BLOCK)
+        ctx.advance(len(rows))
+        return out
+
+
 class ParseError(ValueError):
     """A teacher response that does not have the shape the step needs."""
 
@@ -380,6 +423,7 @@ class TeacherStep(StepBase):
     ``None``.
     """
 
+    kind: ClassVar[str] = "map"
     teacher: TeacherRef
     system: Template | None = None
     prompt: Template

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -53,6 +53,7 @@ class ConversationStep(StepBase):
     empty turn fails the row (``parse``), its text kept.
     """
 
+    kind: ClassVar[str] = "map"  # each conversation is its row's own
     type: Literal["conversation"] = "conversation"
     assistant: TeacherRef
     user: TeacherRef | None = None  # the user simulator; self-chat needs it

@@ -14,25 +14,53 @@ least ``floor`` similar, whatever their ``threshold``, and keep them with what c
 texts and the settings that find pairs (not ``threshold`` or ``keep``); a step that meets its
 stored neighbours again re-cuts them without hashing or embedding anything. That is how
 ``kdata rethreshold`` works, and why a threshold below ``floor`` cannot be re-cut.
+
+Both are global steps over blocks (`kdata.executors.local`): a pass over the blocks reads only
+the text columns and row ids, and keeps per row a compact summary (``exact_dedup``: a 16-byte
+hash of the normalised text; ``minhash_dedup``: the text's length or score and hash, then, in a
+second pass unless the neighbours are stored, its signature); the clusters are computed on
+those, and each block is then marked. The decisions are those of one pass over every row.
+Still in memory for now: the signatures of all rows (``num_perm`` × 4 bytes each) while LSH
+candidates are found, rather than band keys grouped on disk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from kdata.steps.base import StepBase, StepContext, StepOutput, dropped, failure, rid
+from kdata.blocks import Block
+from kdata.steps.base import (
+    PROVENANCE,
+    GlobalStep,
+    StepContext,
+    StepOutput,
+    rid,
+)
+from kdata.steps.clusters import (
+    Clusters,
+    Neighbours,
+    check_floor,
+    column_texts,
+    comparable,
+    neighbours_path,
+    offsets,
+    outcome,
+    preference,
+    text_digest,
+    texts_key,
+)
+
+if TYPE_CHECKING:
+    from kdata.executors.local import Blocks
 
 _PUNCTUATION = re.compile(r"[^\w\s]")
 _WORD = re.compile(r"\w+")
@@ -43,200 +71,9 @@ _MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
 _CHUNK = 1 << 20  # signature values computed per numpy pass: bounds memory, fits in cache
 _WINDOW = 16  # in an LSH bucket, each row is compared with at most this many rows before it
 _LSH_RECALL = 0.99  # chance that a pair exactly at the floor shares at least one band
-COSINE_DECIMALS = 6  # cosine similarities are rounded, so identical texts are exactly 1.0
 
 
-def _texts(rows: list[dict], columns: list[str]) -> tuple[list[int], list[list[str]], list[dict]]:
-    """The string values of ``columns`` in each row; rows lacking one become failures."""
-    idx, values, failed = [], [], []
-    for i, row in enumerate(rows):
-        vals = [row.get(c) for c in columns]
-        bad = next((c for c, v in zip(columns, vals, strict=True) if not isinstance(v, str)), None)
-        if bad is None:
-            idx.append(i)
-            values.append(vals)
-        elif row.get(bad) is None:
-            why = f"column '{bad}' is missing or null; drop or fill such rows before this step"
-            failed.append(failure(row, "missing_column", why))
-        else:
-            why = f"column '{bad}' holds {type(row[bad]).__name__}, not text"
-            failed.append(failure(row, "wrong_type", why))
-    return idx, values, failed
-
-
-def ranked_texts(
-    rows: list[dict], columns: list[str], keep: str, score_column: str | None
-) -> tuple[list[int], list[str], np.ndarray, list[dict]]:
-    """The rows that can be compared, their texts, their order of preference, and failures.
-
-    Returns ``idx`` (positions in ``rows``), ``texts`` (the columns joined by a newline),
-    ``order`` (indices of ``texts``, the one to keep first by ``keep``; ties go to the earliest)
-    and ``failed`` (rows lacking a column, or a finite number in ``score_column``).
-    """
-    idx, values, failed = _texts(rows, columns)
-    scores: list[float] = []
-    if keep == "score":
-        kept_idx, kept_values = [], []
-        for i, vals in zip(idx, values, strict=True):
-            s = rows[i].get(score_column)
-            if s is None:
-                why = (
-                    f"score column '{score_column}' is missing or null; "
-                    "keep: score needs it in every row"
-                )
-                failed.append(failure(rows[i], "missing_column", why))
-            elif isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s):
-                why = f"score column '{score_column}' is {s!r}"
-                failed.append(failure(rows[i], "wrong_type", why))
-            else:
-                kept_idx.append(i)
-                kept_values.append(vals)
-                scores.append(s)
-        idx, values = kept_idx, kept_values
-    texts = ["\n".join(v) for v in values]
-    first = np.arange(len(texts))
-    if keep == "first":
-        order = first
-    elif keep == "longest":
-        order = np.lexsort((first, [-len(t) for t in texts]))
-    else:
-        order = np.lexsort((first, -np.array(scores, dtype=float)))
-    return idx, texts, order, failed
-
-
-def outcome(
-    rows: list[dict],
-    idx: list[int],
-    canonical: np.ndarray,
-    similarity: np.ndarray,
-    failed: list[dict],
-) -> StepOutput:
-    """Kept rows (their own canonical) and dropped duplicates naming their kept row."""
-    out = StepOutput(rows=[], expected=len(rows), failed=failed)
-    for k, i in enumerate(idx):
-        if canonical[k] == k:
-            out.rows.append(rows[i])
-            continue
-        keeper, sim = rid(rows[idx[canonical[k]]]), float(similarity[k])
-        out.dropped.append(dropped(rows[i], "duplicate", duplicate_of=keeper, similarity=sim))
-    return out
-
-
-@dataclass
-class Neighbours:
-    """Every pair of texts found at least ``floor`` similar, and what clustering needs of them.
-
-    ``pairs`` (2, m) holds indices of texts, first < second, each pair once, and ``similarity``
-    (m,) their similarity; ``members`` are the sorted indices of the texts in a pair, ``vectors``
-    their MinHash signatures (``metric`` ``jaccard``) or normalised embeddings (``cosine``). Only
-    texts in a pair can share a cluster, so the clusters at any threshold at or above the floor
-    follow from these alone.
-    """
-
-    n: int
-    metric: Literal["jaccard", "cosine"]
-    pairs: np.ndarray
-    similarity: np.ndarray
-    members: np.ndarray
-    vectors: np.ndarray
-
-    @classmethod
-    def of(
-        cls,
-        n: int,
-        metric: Literal["jaccard", "cosine"],
-        pairs: np.ndarray,
-        similarity: np.ndarray,
-        vectors_of: Callable[[np.ndarray], np.ndarray],
-    ) -> Neighbours:
-        """Neighbours of ``n`` texts; ``vectors_of(indices)`` gives those texts' vectors."""
-        members = np.unique(pairs)
-        return cls(n, metric, pairs, similarity, members, vectors_of(members))
-
-    def similar(self, best: int, rest: np.ndarray) -> np.ndarray:
-        """The similarity of text ``best`` to each of the texts ``rest`` (all members)."""
-        b = self.vectors[np.searchsorted(self.members, best)]
-        v = self.vectors[np.searchsorted(self.members, rest)]
-        if self.metric == "jaccard":
-            return (v == b).mean(axis=1)
-        return np.minimum(np.round(v @ b, COSINE_DECIMALS), 1.0)
-
-    def clusters(self, order: np.ndarray | None, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """Cluster at ``threshold`` (at least the floor the pairs were found at).
-
-        Args:
-            order: indices of texts, most preferred first (None: input order); the first of a
-                cluster in this order is the one kept.
-            threshold: the lowest similarity of a duplicate to its kept text.
-
-        Returns:
-            ``canonical``: for each text, the index of the text it duplicates, or its own index
-            when it is kept; ``similarity``: each text's similarity to its canonical text (1.0
-            for kept texts).
-        """
-        rank = np.empty(self.n, dtype=np.int64)
-        rank[np.arange(self.n) if order is None else np.asarray(order)] = np.arange(self.n)
-        pairs = self.pairs[:, self.similarity >= threshold]
-        return clusters(self.n, pairs, rank, threshold, self.similar)
-
-    def save(self, path: Path) -> None:
-        """Write to ``path`` (.npz), atomically."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as f:
-            np.savez(
-                f,
-                n=self.n,
-                metric=self.metric,
-                pairs=self.pairs,
-                similarity=self.similarity,
-                members=self.members,
-                vectors=self.vectors,
-            )
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path, n: int) -> Neighbours | None:
-        """The neighbours stored at ``path`` if they are of ``n`` texts, else None."""
-        try:
-            with np.load(path) as z:
-                found = cls(
-                    int(z["n"]),
-                    str(z["metric"]),
-                    z["pairs"],
-                    z["similarity"],
-                    z["members"],
-                    z["vectors"],
-                )
-        except (OSError, ValueError, KeyError):  # not there, or unreadable: find them again
-            return None
-        return found if found.n == n else None
-
-
-def neighbours_path(run_dir: Path | None, settings: dict, texts: Sequence[str]) -> Path | None:
-    """Where the neighbours of ``texts`` found with ``settings`` are stored (None: no run dir)."""
-    if run_dir is None:
-        return None
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    h.update(json.dumps(list(texts), ensure_ascii=False).encode())
-    return Path(run_dir) / "neighbours" / f"{h.hexdigest()[:32]}.npz"
-
-
-def stored(
-    path: Path | None, n: int, find: Callable[[], Neighbours], advance: Callable[[int], None]
-) -> Neighbours:
-    """The neighbours of ``n`` texts stored at ``path``; else ``find()``, stored there."""
-    graph = Neighbours.load(path, n) if path else None
-    if graph is not None:
-        advance(n)
-        return graph
-    graph = find()
-    if path is not None:
-        graph.save(path)
-    return graph
-
-
-class ExactDedupStep(StepBase):
+class ExactDedupStep(GlobalStep):
     """Drop rows whose normalised text repeats an earlier row's; the first of each group is kept.
 
     The values of ``columns`` are normalised (lowercased, punctuation removed, runs of
@@ -263,25 +100,40 @@ class ExactDedupStep(StepBase):
             text = " ".join(text.split())
         return text
 
-    async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
-        ctx.set_total(len(rows))
-        idx, values, failed = _texts(rows, self.columns)
-        out = StepOutput(rows=[], expected=len(rows), failed=failed)
-        first: dict[bytes, str] = {}  # normalised-text hash -> id of the row kept for it
-        for i, vals in zip(idx, values, strict=True):
-            key = json.dumps([self.normalise(v) for v in vals], ensure_ascii=False).encode()
-            digest = hashlib.blake2b(key, digest_size=16).digest()
-            if digest in first:
-                dup = dropped(rows[i], "duplicate", duplicate_of=first[digest], similarity=1.0)
-                out.dropped.append(dup)
-            else:
-                first[digest] = rid(rows[i])
-                out.rows.append(rows[i])
-        ctx.advance(len(rows))
-        return out
+    def _digests(self, rows: list[dict], block: Block) -> tuple[np.ndarray, np.ndarray]:
+        """Per comparable row of a block: its normalised text's 16-byte hash and its id."""
+        idx, values, _ = column_texts(rows, self.columns)
+        keys = (
+            json.dumps([self.normalise(v) for v in vals], ensure_ascii=False).encode()
+            for vals in values
+        )
+        digest = b"".join(hashlib.blake2b(k, digest_size=16).digest() for k in keys)
+        ids = np.array([rid(rows[i]) for i in idx], dtype=str)
+        return np.frombuffer(digest, dtype=">u8").reshape(-1, 2), ids
+
+    async def decide(self, blocks: Blocks, ctx: StepContext) -> Clusters:
+        """The first row of each normalised text, from every block's hashes."""
+        parts = await blocks.map(self._digests, self.mark_columns())
+        digests = np.concatenate([d for d, _ in parts]) if parts else np.empty((0, 2), ">u8")
+        n = len(digests)
+        order = np.lexsort((np.arange(n), digests[:, 1], digests[:, 0]))  # equal texts: in order
+        new = np.ones(n, dtype=bool)
+        new[1:] = (digests[order[1:]] != digests[order[:-1]]).any(axis=1)
+        starts = np.flatnonzero(new)
+        canonical = np.empty(n, dtype=np.int64)
+        canonical[order] = np.repeat(order[starts], np.diff(np.append(starts, n)))
+        ids = np.concatenate([i for _, i in parts]) if parts else np.empty(0, str)
+        return Clusters(offsets([len(d) for d, _ in parts]), canonical, np.ones(n), ids)
+
+    def mark(self, rows: list[dict], decision: Clusters, block: Block) -> StepOutput:
+        idx, _, failed = column_texts(rows, self.columns)
+        return outcome(rows, idx, decision, block.index, failed)
+
+    def mark_columns(self) -> list[str]:
+        return [*self.columns, f"{PROVENANCE}.id"]
 
 
-class MinHashDedupStep(StepBase):
+class MinHashDedupStep(GlobalStep):
     """Drop near-duplicates: rows whose estimated Jaccard similarity to a kept row is high.
 
     The columns' texts (joined by a newline) are cut into shingles: word n-grams of the
@@ -350,17 +202,58 @@ class MinHashDedupStep(StepBase):
                 return b, r
         return self.num_perm, 1
 
-    async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
-        ctx.set_total(len(rows))
-        idx, texts, order, failed = ranked_texts(rows, self.columns, self.keep, self.score_column)
-        ctx.advance(len(failed))
-        path = self.store_path(texts, ctx)
-        graph = stored(path, len(texts), lambda: self.neighbours(texts, ctx.advance), ctx.advance)
-        canonical, similarity = graph.clusters(order, self.threshold)
-        return outcome(rows, idx, canonical, similarity, failed)
+    def _summary(self, rows: list[dict], block: Block) -> tuple:
+        """Per comparable row of a block: its text's length, score, hash and row id."""
+        idx, texts, scores, _ = comparable(rows, self.columns, self.keep, self.score_column)
+        ids = np.array([rid(rows[i]) for i in idx], dtype=str)
+        return [len(t) for t in texts], scores, [text_digest(t) for t in texts], ids
 
-    def store_path(self, texts: Sequence[str], ctx: StepContext) -> Path | None:
-        """Where the neighbours of ``texts`` are stored in the run directory (None: none)."""
+    def _signed(self, rows: list[dict], block: Block) -> tuple[np.ndarray, np.ndarray]:
+        """The block's texts that have shingles (indices among its texts) and their signatures."""
+        texts = comparable(rows, self.columns, self.keep, self.score_column)[1]
+        hashes, counts = _shingle_hashes(texts, self.shingle, self.ngram)
+        has = np.flatnonzero(counts)
+        return has, _signatures(hashes, counts[has], self.num_perm, self.seed, lambda n: None)
+
+    async def decide(self, blocks: Blocks, ctx: StepContext) -> Clusters:
+        """Clusters of every block's texts: their stored neighbours, else signatures per block,
+        then LSH candidates, similarities and clusters over all of them."""
+        parts = await blocks.map(self._summary, self.mark_columns())
+        lengths = [n for p in parts for n in p[0]]
+        scores = [x for p in parts for x in p[1]]
+        order = preference(self.keep, lengths, scores)
+        starts = offsets([len(p[0]) for p in parts])
+        n = int(starts[-1])
+        path = self.store_path([d for p in parts for d in p[2]], ctx)
+
+        async def find() -> Neighbours:
+            signed = await blocks.map(self._signed, self.mark_columns())
+            has = np.concatenate([h + starts[b] for b, (h, _) in enumerate(signed)] or [[]])
+            sig = [s for _, s in signed if len(s)]
+            sig = np.concatenate(sig) if sig else np.empty((0, self.num_perm), np.uint32)
+            return self._graph(n, has.astype(np.int64), sig)
+
+        graph = Neighbours.load(path, n) if path else None
+        if graph is None:
+            graph = await find()
+            if path is not None:
+                graph.save(path)
+        canonical, similarity = graph.clusters(order, self.threshold)
+        ids = np.concatenate([p[3] for p in parts]) if parts else np.empty(0, str)
+        return Clusters(starts, canonical, similarity, ids)
+
+    def mark(self, rows: list[dict], decision: Clusters, block: Block) -> StepOutput:
+        idx, _, _, failed = comparable(rows, self.columns, self.keep, self.score_column)
+        return outcome(rows, idx, decision, block.index, failed)
+
+    def mark_columns(self) -> list[str]:
+        """The text columns, the score column with ``keep: score``, and the row id."""
+        score = [self.score_column] if self.score_column else []
+        return [*self.columns, *score, f"{PROVENANCE}.id"]
+
+    def store_path(self, digests: Sequence[bytes], ctx: StepContext) -> Path | None:
+        """Where the neighbours of the texts of `text_digest`s ``digests`` are stored in the run
+        directory (None: none)."""
         settings = {
             "type": self.type,
             "shingle": self.shingle,
@@ -370,7 +263,7 @@ class MinHashDedupStep(StepBase):
             "lsh": self.lsh_shape(),
             "floor": self.floor,
         }
-        return neighbours_path(ctx.run_dir, settings, texts)
+        return neighbours_path(ctx.run_dir, settings, texts_key(digests))
 
     def find(
         self,
@@ -400,25 +293,19 @@ class MinHashDedupStep(StepBase):
 
         Texts without a single shingle are in no pair.
         """
-        n = len(texts)
         hashes, counts = _shingle_hashes(texts, self.shingle, self.ngram)
-        advance(n - np.count_nonzero(counts))
+        advance(len(texts) - np.count_nonzero(counts))
         has = np.flatnonzero(counts)  # texts with shingles; the others are kept as they are
         sig = _signatures(hashes, counts[has], self.num_perm, self.seed, advance)
+        return self._graph(len(texts), has, sig)
+
+    def _graph(self, n: int, has: np.ndarray, sig: np.ndarray) -> Neighbours:
+        """The neighbours of ``n`` texts, of which those at ``has`` have signatures ``sig``."""
         pairs = _candidates(sig, *self.lsh_shape())
         sim = _similarity(sig, pairs)
         hit = sim >= self.floor
         return Neighbours.of(
             n, "jaccard", has[pairs[:, hit]], sim[hit], lambda m: sig[np.searchsorted(has, m)]
-        )
-
-
-def check_floor(threshold: float, floor: float) -> None:
-    """A near-duplicate step's threshold cannot be below the floor its pairs are found at."""
-    if threshold < floor:
-        raise ValueError(
-            f"threshold ({threshold}) is below floor ({floor}), the lowest similarity whose "
-            f"pairs are found and stored; lower floor to at most {threshold}"
         )
 
 
@@ -515,42 +402,3 @@ def _similarity(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
         for k in range(0, pairs.shape[1], step)
     ]
     return np.concatenate(out) if out else np.empty(0)
-
-
-def clusters(
-    n: int,
-    pairs: np.ndarray,
-    rank: np.ndarray,
-    threshold: float,
-    similar: Callable[[int, np.ndarray], np.ndarray],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split the connected groups of ``pairs`` into clusters around their best-ranked rows.
-
-    ``similar(best, rest)`` is the similarity of item ``best`` to each of the items ``rest``.
-    """
-    parent = list(range(n))
-
-    def root(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for i, j in zip(pairs[0].tolist(), pairs[1].tolist(), strict=True):
-        ri, rj = root(i), root(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    canonical, similarity = np.arange(n), np.ones(n)
-    members = np.unique(pairs)
-    group = np.array([root(m) for m in members.tolist()], dtype=np.int64)
-    by_group = np.lexsort((rank[members], group))  # by group, then best first
-    members, group = members[by_group], group[by_group]
-    for rest in np.split(members, np.flatnonzero(np.diff(group)) + 1):
-        while len(rest) > 1:
-            best, rest = rest[0], rest[1:]
-            sim = similar(best, rest)
-            hit = sim >= threshold
-            canonical[rest[hit]] = best
-            similarity[rest[hit]] = sim[hit]
-            rest = rest[~hit]
-    return canonical, similarity

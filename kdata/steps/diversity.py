@@ -45,8 +45,8 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from kdata.blocks import read_dataset, read_table, schema_of
 from kdata.errors import KdataError
 from kdata.steps.base import PROVENANCE, StepBase, StepContext, StepOutput, TeacherStep
 from kdata.steps.dedup import MinHashDedupStep
@@ -83,8 +83,10 @@ class DiversityStep(StepBase):
         return StepOutput(rows=rows, expected=len(rows))
 
 
-def final_report(recipe: Any, run_dir: Path, rows: list[dict]) -> dict:
-    """The report on a build's final rows, in ``<run_dir>/diversity/``."""
+def final_report(recipe: Any, run_dir: Path) -> dict:
+    """The report on a build's final rows (read from ``<run_dir>/data``), in
+    ``<run_dir>/diversity/``."""
+    rows = read_dataset(run_dir).to_pylist()
     column = next(
         (s.column for s in reversed(recipe.steps) if isinstance(s, DiversityStep) and s.column),
         None,
@@ -133,9 +135,7 @@ def write_report(
     elif first == 0:
         before = _Set.of_rows([])
     else:
-        before = _Set.of_table(
-            pq.read_table(run_dir / "steps" / steps[first - 1]["name"] / "rows.parquet")
-        )
+        before = _Set.of_table(read_table(run_dir / "steps" / steps[first - 1]["name"]))
     if column is None:
         column = _default_column(run_dir, steps, kinds, after, before)
     elif (after.n or before.n) and column not in after.columns | before.columns:
@@ -329,7 +329,7 @@ def _default_column(
 
 
 def _columns(run_dir: Path, step: dict) -> set[str]:
-    return set(pq.read_schema(run_dir / "steps" / step["name"] / "rows.parquet").names)
+    return set(schema_of(run_dir / "steps" / step["name"]).names)
 
 
 def _measure(texts: list[str | None], sample: np.ndarray) -> dict[str, Any]:
@@ -458,10 +458,10 @@ def _survivors(run_dir: Path, steps: list[dict], final_ids: list[str]) -> set[st
     """The final rows' ids and their ancestors' through ``steps`` (their parent ids)."""
     alive = set(final_ids)
     for s in reversed(steps):
-        path = run_dir / "steps" / s["name"] / "rows.parquet"
-        if PROVENANCE not in pq.read_schema(path).names:  # a step that kept no row
+        folder = run_dir / "steps" / s["name"]
+        if PROVENANCE not in schema_of(folder).names:  # a step that kept no row
             continue
-        prov = pq.read_table(path, columns=[PROVENANCE]).column(PROVENANCE).combine_chunks()
+        prov = read_table(folder, columns=[PROVENANCE]).column(PROVENANCE).combine_chunks()
         for rid, parents in zip(
             prov.field("id").to_pylist(), prov.field("parent_ids").to_pylist(), strict=True
         ):

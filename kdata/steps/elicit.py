@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -278,6 +278,7 @@ class ConsensusStep(StepBase):
     otherwise it is dropped as ``no_consensus``. A teacher whose call fails fails the row.
     """
 
+    kind: ClassVar[str] = "map"
     type: Literal["consensus"] = "consensus"
     teachers: list[str] = Field(min_length=2)
     system: Template | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from jinja2 import TemplateError
 from pydantic import BaseModel, Field, PrivateAttr, create_model, field_validator, model_validator
@@ -243,6 +243,7 @@ class JudgeStep(StepBase, Judge):
     ``response``, ``rubric`` (its text), ``min_score`` and ``max_score``.
     """
 
+    kind: ClassVar[str] = "map"
     type: Literal["judge"] = "judge"
     instruction_column: str = "instruction"
     response_column: str = "response"
@@ -307,6 +308,7 @@ class PreferencesStep(StepBase):
     ``rejected_teacher``; the row's own columns are kept (a ``prompt`` column is replaced).
     """
 
+    kind: ClassVar[str] = "map"
     type: Literal["preferences"] = "preferences"
     teachers: list[TeacherRef] = Field(min_length=1)
     n: int = Field(default=2, ge=1)

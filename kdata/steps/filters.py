@@ -2,7 +2,7 @@
 
 Every dropped row is recorded with its reason and the measured value behind the decision (a
 length, a ratio, a score, the matched pattern, the benchmark item and the overlap), so a threshold
-can be re-cut from ``dropped.parquet`` without recomputing anything or asking a teacher again.
+can be re-cut from the ``dropped`` parts without recomputing anything or asking a teacher again.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ class FilterStep(StepBase):
     """
 
     curates: ClassVar[bool] = True
+    kind: ClassVar[str] = "map"
     type: Literal["filter"] = "filter"
     column: str
     drop_empty: bool = False
@@ -303,6 +304,7 @@ class DecontaminateStep(StepBase):
     """
 
     curates: ClassVar[bool] = True
+    kind: ClassVar[str] = "map"
     type: Literal["decontaminate"] = "decontaminate"
     columns: list[str] = Field(min_length=1)
     benchmarks: list[Benchmark] = Field(min_length=1)
@@ -311,6 +313,8 @@ class DecontaminateStep(StepBase):
     min_overlap: int = Field(default=1, ge=1)
     threshold: float = Field(default=_SEMANTIC_THRESHOLD, gt=0, le=1)
     model: str = Field(default=DEFAULT_MODEL, min_length=1)
+
+    _index: Any = PrivateAttr(default=None)  # (base_dir, _Index) of the last build
 
     @field_validator("benchmarks")
     @classmethod
@@ -345,6 +349,15 @@ class DecontaminateStep(StepBase):
             h.update(b.name.encode() + b"\0" + (p.read_bytes() if p.is_file() else b"<missing>"))
         return h.hexdigest()
 
+    def index(self, base_dir: Path) -> _Index:
+        """The benchmarks' n-grams, read once per step (the step runs block by block)."""
+        if self._index is None or self._index[0] != base_dir:
+            index = _Index(self.ngram, self.min_overlap)
+            for b in self.benchmarks:
+                index.add(b, base_dir)
+            self._index = (base_dir, index)
+        return self._index[1]
+
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
         absent = [c for c in self.columns if rows and not any(c in r for r in rows)]
         if absent:
@@ -374,9 +387,7 @@ class DecontaminateStep(StepBase):
 
     def _ngram(self, rows: list[list[str]], ctx: StepContext) -> list[dict | None]:
         """Each row's match by shared n-grams (None: none), from the texts of its columns."""
-        index = _Index(self.ngram, self.min_overlap)
-        for b in self.benchmarks:
-            index.add(b, ctx.base_dir)
+        index = self.index(ctx.base_dir)
         hits = []
         for texts in rows:
             words = [normalise(t) for t in texts]

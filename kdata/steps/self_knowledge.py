@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -109,6 +109,7 @@ class SelfRefineStep(StepBase):
     under review) and, in ``refine_prompt``, ``feedback`` (the critique without its verdict).
     """
 
+    kind: ClassVar[str] = "map"
     type: Literal["self_refine"] = "self_refine"
     teacher: TeacherRef
     system: Template | None = None

@@ -17,15 +17,19 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from kdata.errors import KdataError
-from kdata.steps.base import StepBase, StepContext, StepOutput
-from kdata.steps.dedup import (
+from kdata.steps.base import StepBase, StepContext, StepOutput, rid
+from kdata.steps.clusters import (
     COSINE_DECIMALS,
+    Clusters,
     Neighbours,
     check_floor,
     neighbours_path,
+    offsets,
     outcome,
     ranked_texts,
     stored,
+    text_digest,
+    texts_key,
 )
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -99,21 +103,25 @@ class SemanticDedupStep(StepBase):
             cache = Path(ctx.run_dir) / "embeddings" if ctx.run_dir else None
             return self.neighbours(self.embed(texts, cache, ctx.advance, ctx.base_dir))
 
-        graph = stored(self.store_path(texts, ctx), len(texts), find, ctx.advance)
+        path = self.store_path([text_digest(t) for t in texts], ctx)
+        graph = stored(path, len(texts), find, ctx.advance)
         canonical, similarity = graph.clusters(order, self.threshold)
-        return outcome(rows, idx, canonical, similarity, failed)
+        ids = np.array([rid(rows[i]) for i in idx], dtype=str)
+        clusters = Clusters(offsets([len(idx)]), canonical, similarity, ids)
+        return outcome(rows, idx, clusters, 0, failed)
 
-    def store_path(self, texts: Sequence[str], ctx: StepContext) -> Path | None:
-        """Where the neighbours of ``texts`` are stored in the run directory (None: none)."""
+    def store_path(self, digests: Sequence[bytes], ctx: StepContext) -> Path | None:
+        """Where the neighbours of the texts of `text_digest`s ``digests`` are stored in the run
+        directory (None: none)."""
         settings = {
             "type": self.type,
             "model": self._where(ctx.base_dir),
             "k": self.k,
             "floor": self.floor,
-            "index": "hnsw" if len(texts) > self.approximate_above else "flat",
+            "index": "hnsw" if len(digests) > self.approximate_above else "flat",
             "hnsw": [HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH],
         }
-        return neighbours_path(ctx.run_dir, settings, texts)
+        return neighbours_path(ctx.run_dir, settings, texts_key(digests))
 
     def _where(self, base_dir: Path) -> str:
         """The model as loaded: a name, or the folder a relative path names."""

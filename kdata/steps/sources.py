@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import io
+import itertools
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, PrivateAttr
 
+from kdata.blocks import DEFAULT_BLOCK_ROWS, BadRecord, batched, dataset_records, table_records
 from kdata.errors import KdataError
 from kdata.steps.base import (
     PROVENANCE,
@@ -29,6 +31,7 @@ _FORMATS = {
     ".csv": "csv",
     ".parquet": "parquet",
 }
+_CHECKED = 10_000  # records whose column types `check_inputs` compares before a build
 
 
 class SeedsStep(StepBase):
@@ -39,6 +42,11 @@ class SeedsStep(StepBase):
     that is not UTF-8 or not a JSON object, a record holding a lone surrogate (``"\\ud800"``). A
     JSON or CSV file that is not UTF-8 is refused with the line of its first bad byte.
 
+    A source step over blocks: the rows in pass through, then the records read follow, read
+    lazily (JSONL line by line, CSV and Parquet in chunks, `datasets` in slices; a ``.json``
+    file is one document, parsed whole). CSV and Parquet values are typed by pandas chunk by
+    chunk: an integer column with a null in a chunk reads as floats in that chunk only.
+
     A Hub dataset (``path: owner/name``, when no such local path exists) is read at one commit:
     ``revision`` (a branch, tag or commit sha; default the main branch) resolved to its commit sha
     through the Hub's API when the build computes fingerprints. That sha is part of the step's
@@ -47,6 +55,7 @@ class SeedsStep(StepBase):
     dataset in the local cache builds offline.
     """
 
+    kind: ClassVar[str] = "source"
     type: Literal["seeds"] = "seeds"
     path: str
     limit: int | None = Field(default=None, ge=1)
@@ -102,93 +111,75 @@ class SeedsStep(StepBase):
         return h.hexdigest()
 
     def plan(self, n_rows: int, base_dir: Path) -> tuple[int, int]:
-        records, failed = self.read(base_dir)
-        return n_rows + len(records) + len(failed), 0
+        return n_rows + sum(1 for _ in self.records(base_dir)), 0
 
     def check_inputs(self, base_dir: Path) -> None:
-        """Read a seed file through, so that a missing path, an unknown format, a JSON or CSV file
-        that is not UTF-8, or a column of mixed types stops a build before it writes anything.
+        """Stop a build before it writes anything when the seed file is missing, of an unknown
+        format, a JSON or CSV file that is not UTF-8, or when its first records mix types in a
+        column (a later block that does is an error naming the step and block).
 
         `datasets` folders and Hub datasets are typed by Arrow; the build reads them.
         """
         p = self.resolve(base_dir)
-        if not (p.is_dir() or self.on_hub(base_dir)):
-            self.read(base_dir)
+        if p.is_dir() or self.on_hub(base_dir):
+            return
+        first = itertools.islice(self.records(base_dir), _CHECKED)
+        _check_types([(i, r) for i, r in enumerate(first) if not isinstance(r, BadRecord)], p.name)
 
-    async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
-        records, failed = self.read(ctx.base_dir)
-        made = []
-        for i, rec in records:
-            rec = {k: v for k, v in rec.items() if k != PROVENANCE}
-            key = row_id("seeds", self.path, str(i), json.dumps(rec, sort_keys=True, default=str))
-            made.append({**rec, PROVENANCE: provenance(key, [], ctx.name)})
-        ctx.advance(len(made) + len(failed))
-        return StepOutput(
-            rows=rows + made, expected=len(rows) + len(made) + len(failed), failed=failed
-        )
+    def blocks(self, ctx: StepContext, block_rows: int) -> Iterator[StepOutput]:
+        """The rows read, ``block_rows`` records (good or bad) per block, lazily."""
+        for chunk in batched(enumerate(self.records(ctx.base_dir)), block_rows):
+            out = StepOutput(rows=[], expected=len(chunk))
+            for i, rec in chunk:
+                if isinstance(rec, BadRecord):
+                    out.failed.append(failure(None, "bad_seed", rec.error, raw=rec.raw))
+                    continue
+                rec = {k: v for k, v in rec.items() if k != PROVENANCE}
+                blob = json.dumps(rec, sort_keys=True, default=str)
+                key = row_id("seeds", self.path, str(i), blob)
+                out.rows.append({**rec, PROVENANCE: provenance(key, [], ctx.name)})
+            yield out
 
-    def read(self, base_dir: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
-        """Of the first ``limit`` records (all without a limit), good or bad: (index, record)
-        pairs of the good ones and failed-table entries for the bad ones.
+    def records(self, base_dir: Path) -> Iterator[dict | BadRecord]:
+        """The records of the source, in order, read lazily; the first ``limit`` only (good or
+        bad)."""
+        it = self._records(base_dir)
+        return itertools.islice(it, self.limit) if self.limit is not None else it
 
-        Raises:
-            KdataError: no such path, an unknown format, a file that cannot be read, or a column
-                whose values Arrow cannot store together (the first such record is named).
-        """
+    def _records(self, base_dir: Path) -> Iterator[dict | BadRecord]:
         p = self.resolve(base_dir)
         if self.on_hub(base_dir):
-            records, failed = self._hub()
-        elif self.revision is not None:
+            import datasets
+
+            commit = self._commit or self.hub_commit()
+            ds = datasets.load_dataset(self.path, split=self.split, revision=commit)
+            return dataset_records(ds, DEFAULT_BLOCK_ROWS)
+        if not p.exists():
+            raise KdataError(f"seeds: no such file or folder: {p}")
+        if self.revision is not None:
             raise KdataError(
                 f"seeds: revision '{self.revision}' is set, but {p} is a local path; "
                 "revision applies to Hub datasets only"
             )
-        else:
-            records, failed = _read_path(p, self.split)
-        if self.limit is not None:  # the first `limit` records of the file, good or bad
-            records = [(i, r) for i, r in records if i < self.limit]
-            failed = [f for f in failed if f["_index"] < self.limit]
-        for f in failed:
-            f.pop("_index")
-        _check_types(records, p.name)
-        return records, failed
+        if p.is_dir():
+            import datasets
 
-    def _hub(self) -> tuple[list[tuple[int, dict]], list[dict]]:
-        import datasets
-
-        commit = self._commit or self.hub_commit()
-        ds = datasets.load_dataset(self.path, split=self.split, revision=commit)
-        return list(enumerate(ds.to_list())), []
-
-
-def _read_path(p: Path, split: str) -> tuple[list[tuple[int, dict]], list[dict]]:
-    """(index, record) pairs and failed-table entries (with ``_index``) of a local seed path."""
-    if not p.exists():
-        raise KdataError(f"seeds: no such file or folder: {p}")
-    if p.is_dir():
-        import datasets
-
-        ds = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[split]
-        return list(enumerate(ds.to_list())), []
-    fmt = _FORMATS.get(p.suffix.lower())
-    if fmt is None:
-        raise KdataError(
-            f"seeds: cannot tell the format of {p.name}; use one of {', '.join(_FORMATS)}"
-        )
-    if fmt == "jsonl":
-        return _read_jsonl(p)
-    if fmt == "json":
-        return _read_json(p)
-    import pandas as pd
-
-    if fmt == "csv":
-        df = pd.read_csv(io.StringIO(_text(p)))
-        df = df.astype(object).where(df.notna(), None)  # an empty cell is null, not NaN
-    else:
-        df = pd.read_parquet(p)
-    return list(enumerate(df.to_dict(orient="records"))), []
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[self.split]
+            return dataset_records(ds, DEFAULT_BLOCK_ROWS)
+        fmt = _FORMATS.get(p.suffix.lower())
+        if fmt is None:
+            raise KdataError(
+                f"seeds: cannot tell the format of {p.name}; use one of {', '.join(_FORMATS)}"
+            )
+        if fmt == "jsonl":
+            return _jsonl_records(p)
+        if fmt == "json":
+            return _json_records(p)
+        if fmt == "csv":
+            _check_utf8(p)
+        return table_records(p, fmt, DEFAULT_BLOCK_ROWS)
 
 
 def _check_types(records: list[tuple[int, dict]], source: str) -> None:
@@ -227,13 +218,13 @@ def _check_types(records: list[tuple[int, dict]], source: str) -> None:
         )
 
 
-def _read_jsonl(p: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
+def _jsonl_records(p: Path) -> Iterator[dict | BadRecord]:
     """Each non-blank line is a record; a line that is not UTF-8 or not a usable JSON object
-    fails as ``bad_seed`` with its line number, and the other lines are read on."""
-    good, bad = [], []
+    is a `BadRecord` naming its line, and the other lines are read on."""
     with p.open("rb") as fh:
-        lines = ((n, raw) for n, raw in enumerate(fh, 1) if raw.strip())
-        for i, (n, raw) in enumerate(lines):
+        for n, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -245,47 +236,37 @@ def _read_jsonl(p: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
                 except ValueError as e:
                     problem = str(e)
                 else:
-                    problem = _problem(rec)
+                    problem = _problem(rec, b"\\u" in raw)
             if problem is None:
-                good.append((i, rec))
+                yield rec
             else:
-                f = failure(
-                    None,
-                    "bad_seed",
-                    f"{p.name} line {n}: {problem}",
-                    raw=text.rstrip("\r\n")[:2000],
-                )
-                f["_index"] = i
-                bad.append(f)
-    return good, bad
+                yield BadRecord(f"{p.name} line {n}: {problem}", text.rstrip("\r\n")[:2000])
 
 
-def _read_json(p: Path) -> tuple[list[tuple[int, dict]], list[dict]]:
-    """A JSON list of records (or an object holding one); a bad record fails as ``bad_seed``."""
+def _json_records(p: Path) -> Iterator[dict | BadRecord]:
+    """A JSON list of records (or an object holding one), parsed whole; a bad record is a
+    `BadRecord` naming its number."""
     try:
-        data = json.loads(_text(p))
+        data = json.loads(_utf8(p))
     except json.JSONDecodeError as e:
         raise KdataError(f"seeds: {p}:{e.lineno}: not valid JSON: {e.msg}") from None
     if isinstance(data, dict):
         data = next((v for v in data.values() if isinstance(v, list)), [data])
-    good, bad = [], []
     for i, rec in enumerate(data):
-        problem = _problem(rec)
+        problem = _problem(rec, True)
         if problem is None:
-            good.append((i, rec))
+            yield rec
         else:
-            f = failure(
-                None, "bad_seed", f"{p.name} record {i + 1}: {problem}", raw=json.dumps(rec)[:2000]
-            )
-            f["_index"] = i
-            bad.append(f)
-    return good, bad
+            yield BadRecord(f"{p.name} record {i + 1}: {problem}", json.dumps(rec)[:2000])
 
 
-def _problem(rec: object) -> str | None:
-    """Why a parsed JSON value cannot be a seed row, or None when it can."""
+def _problem(rec: object, escapes: bool) -> str | None:
+    """Why a parsed JSON value cannot be a seed row, or None when it can (``escapes``: its text
+    holds ``\\u`` escapes, the only way JSON spells a lone surrogate)."""
     if not isinstance(rec, dict):
         return "not a JSON object"
+    if not escapes:
+        return None
     try:  # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 file can store
         json.dumps(rec, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as e:
@@ -294,7 +275,7 @@ def _problem(rec: object) -> str | None:
     return None
 
 
-def _text(p: Path) -> str:
+def _utf8(p: Path) -> str:
     """The file's text; a file that is not UTF-8 is refused with the line of its first bad byte."""
     raw = p.read_bytes()
     try:
@@ -305,3 +286,17 @@ def _text(p: Path) -> str:
             f"seeds: {p}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8, "
             "e.g. iconv -f latin1 -t utf-8"
         ) from None
+
+
+def _check_utf8(p: Path) -> None:
+    """Refuse a file that is not UTF-8, naming the line of its first bad byte (read line by
+    line, so a large file is not held in memory)."""
+    with p.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise KdataError(
+                    f"seeds: {p}:{n}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as "
+                    "UTF-8, e.g. iconv -f latin1 -t utf-8"
+                ) from None

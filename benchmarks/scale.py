@@ -1,0 +1,167 @@
+"""Scale: seeds -> exact_dedup -> minhash_dedup -> filter on synthetic short instructions.
+
+    python benchmarks/scale.py --rows 100000 1000000 [--old COMMIT] [--with-report]
+
+For each size, writes ``N`` short instructions (8 to 14 words from a synthetic vocabulary,
+seeded) of which 10% are planted near-duplicates of an earlier row (half of them the same text
+in capitals, which exact_dedup removes; half the text with one more word, which minhash_dedup
+removes), then builds the recipe with this checkout's runner ("new") and, side by side, with the
+runner of ``--old`` (default e5177bb, the commit before blocks), checked out as a git worktree.
+Each build is a child process; its wall time, per-step seconds (from the run's manifest) and peak
+RSS (``os.wait4``, the child's own ``ru_maxrss``) are reported and written to
+``benchmarks/results/scale_<N>.json`` (``scale_<N>_report.json`` with ``--with-report``).
+
+The final diversity report is left out by default in both (``kdata.steps.diversity.
+final_report`` replaced by a no-op in the child): its cost is measured and fixed elsewhere, and
+it would hide what this benchmark is about. ``--with-report`` keeps it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+OLD = "e5177bb"
+RECIPE = """\
+name: scale
+execution: {{block_rows: {block_rows}}}
+steps:
+  - {{type: seeds, path: seeds.jsonl}}
+  - {{type: exact_dedup, columns: [instruction]}}
+  - {{type: minhash_dedup, columns: [instruction]}}
+  - {{type: filter, column: instruction, min_words: 3}}
+"""
+CHILD = """\
+import sys, kdata
+if sys.argv[3] == "0":
+    import kdata.steps.diversity as d
+    d.final_report = lambda *a, **k: {}
+kdata.build(kdata.load_recipe(sys.argv[1]), run_dir=sys.argv[2])
+"""
+
+
+def write_seeds(path: Path, n: int, seed: int = 0) -> int:
+    """``n`` instructions, 10% planted near-duplicates; returns how many were planted."""
+    rng = random.Random(seed)
+    vocab = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+        for _ in range(5000)
+    ]
+    texts: list[str] = []
+    planted = 0
+    with path.open("w", encoding="utf-8") as fh:
+        for i in range(n):
+            if texts and rng.random() < 0.1:
+                base = texts[rng.randrange(len(texts))]
+                text = base.upper() if planted % 2 else f"{base} {rng.choice(vocab)}"
+                planted += 1
+            else:
+                words = rng.choices(vocab, k=rng.randint(8, 14))
+                text = "Explain " + " ".join(words)
+                texts.append(text)
+            fh.write(json.dumps({"id": i, "instruction": text}) + "\n")
+    return planted
+
+
+def run(code: Path, recipe: Path, run_dir: Path, report: bool) -> dict:
+    """Build ``recipe`` with the kdata at ``code`` in a child process: wall time, peak RSS."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh build, nothing reused
+    env = {**os.environ, "PYTHONPATH": str(code), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    args = [sys.executable, "-c", CHILD, str(recipe), str(run_dir), "1" if report else "0"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(args, env=env, cwd=recipe.parent)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        return {"ok": False, "exit": proc.returncode, "seconds": round(wall, 1)}
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    steps = {s["name"]: s["stats"] for s in manifest["steps"]}
+    return {
+        "ok": True,
+        "seconds": round(wall, 1),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024),  # Linux: kilobytes
+        "steps": {
+            n: {"seconds": s["seconds"], "rows_out": s["rows_out"]} for n, s in steps.items()
+        },
+        "rows_out": list(steps.values())[-1]["rows_out"],
+    }
+
+
+def final_ids(run_dir: Path) -> list[str]:
+    """The row ids of a run's final dataset, in order (every shard)."""
+    import pyarrow.parquet as pq
+
+    ids: list[str] = []
+    for shard in sorted((run_dir / "data").glob("train-*.parquet")):
+        prov = pq.read_table(shard, columns=["_kdata"]).column("_kdata").combine_chunks()
+        ids += prov.field("id").to_pylist()
+    return ids
+
+
+def old_checkout(commit: str) -> Path:
+    """A git worktree of ``commit`` (made once, under /tmp)."""
+    path = Path(f"/tmp/kdata-{commit}")
+    if not path.exists():
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(path), commit], cwd=REPO, check=True
+        )
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[100_000])
+    ap.add_argument("--block-rows", type=int, default=10_000)
+    ap.add_argument("--old", default=OLD, help="commit of the baseline runner ('' for none)")
+    ap.add_argument("--with-report", action="store_true", help="keep the diversity report")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/kdata-scale"))
+    a = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for n in a.rows:
+        work = a.work / str(n)
+        work.mkdir(parents=True, exist_ok=True)
+        planted = write_seeds(work / "seeds.jsonl", n)
+        recipe = RECIPE.format(block_rows=a.block_rows)
+        (work / "recipe.yaml").write_text(recipe)
+        old_recipe = [line for line in recipe.splitlines() if not line.startswith("execution")]
+        (work / "recipe_old.yaml").write_text("\n".join(old_recipe) + "\n")
+        result = {
+            "rows": n,
+            "planted_near_duplicates": planted,
+            "block_rows": a.block_rows,
+            "diversity_report": a.with_report,
+            "cores": os.cpu_count(),
+        }
+        result["new"] = run(REPO, work / "recipe.yaml", work / "run_new", a.with_report)
+        print(n, "new", json.dumps(result["new"]), flush=True)
+        if a.old:
+            old = run(
+                old_checkout(a.old), work / "recipe_old.yaml", work / "run_old", a.with_report
+            )
+            result["old"] = old
+            print(n, "old", json.dumps(old), flush=True)
+            if old["ok"] and result["new"]["ok"]:
+                result["ratio"] = {
+                    "seconds_new_over_old": round(result["new"]["seconds"] / old["seconds"], 3),
+                    "cpu_new_over_old": round(result["new"]["cpu_seconds"] / old["cpu_seconds"], 3),
+                    "rss_new_over_old": round(result["new"]["peak_rss_mb"] / old["peak_rss_mb"], 3),
+                    "same_ids_in_order": final_ids(work / "run_new") == final_ids(work / "run_old"),
+                }
+        out = RESULTS / f"scale_{n}{'_report' if a.with_report else ''}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print("written", out, flush=True)
+
+
+if __name__ == "__main__":
+    main()

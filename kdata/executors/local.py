@@ -1,0 +1,309 @@
+"""The local executor: one process, an event loop for teacher calls, threads for CPU work.
+
+The runner hands it a step, the step's input blocks and the step's folder; it decides how the
+blocks are scheduled and writes the step's parts (see `kdata.blocks`). By the step's ``kind``:
+
+- ``map``: each block is run on its own (``step.run(rows, ctx)`` on the block's rows). Teacher
+  steps keep two blocks in flight, so the teacher pool stays full across a block's tail; other
+  steps one. A block already finished by an earlier build of the same step is not run again.
+- ``global``: ``step.decide`` sees every block through `Blocks.map` (compact per-row summaries,
+  computed block by block in the thread pool), then each block is marked
+  (``step.mark(rows, decision, block)``) and written, as map steps are.
+- ``source``: the input blocks pass through, then the blocks the step reads (``step.blocks``).
+- ``whole``: the step gets every input row in one list and writes one part (steps not yet
+  written over blocks: ``semantic_dedup``, the expansion rounds, ``curate``, ``diversity``).
+
+Parquet encoding and decoding, and a global step's summaries, run in a thread pool sized to the
+cores, off the event loop, so teacher calls and CPU work overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyarrow as pa
+
+from kdata.blocks import Block, input_blocks, read_json, to_table, write_parts
+from kdata.errors import KdataError
+from kdata.steps.base import PROVENANCE, StepContext, StepOutput
+
+T = TypeVar("T")
+
+
+@dataclass
+class Counts:
+    """Row accounting of a step, summed over its blocks: expected = rows + dropped + failed."""
+
+    expected: int = 0
+    rows: int = 0
+    dropped: int = 0
+    failed: int = 0
+    drop_reasons: Counter = field(default_factory=Counter)
+    failure_classes: Counter = field(default_factory=Counter)
+
+    def add(self, block: dict) -> None:
+        """Add one block's counts (as its JSON holds them)."""
+        for k in ("expected", "rows", "dropped", "failed"):
+            setattr(self, k, getattr(self, k) + block[k])
+        self.drop_reasons.update(block["drop_reasons"])
+        self.failure_classes.update(block["failure_classes"])
+
+
+class Blocks:
+    """A global step's view of its input: passes over the blocks, each block in the pool."""
+
+    def __init__(self, executor: LocalExecutor, blocks: Callable[..., Iterator[Block]]) -> None:
+        self._executor, self._blocks = executor, blocks
+
+    async def map(
+        self, fn: Callable[[list[dict], Block], T], columns: list[str] | None = None
+    ) -> list[T]:
+        """``fn(rows, block)`` of every block, in block order, computed in the thread pool.
+
+        ``columns``: read only these (``a``, or ``a.b`` of a struct) of the rows.
+        """
+        loop, pool = asyncio.get_running_loop(), self._executor.pool
+        it = self._blocks(columns)
+        out = []
+        while (block := await loop.run_in_executor(pool, next, it, None)) is not None:
+            out.append(await loop.run_in_executor(pool, lambda b=block: fn(b.rows(), b)))
+        return out
+
+
+class OneBlock(Blocks):
+    """Every row as one block: how a global step runs outside a build (``step.run(rows)``)."""
+
+    BLOCK = Block(0, 0, to_table([]))
+
+    def __init__(self, rows: list[dict]) -> None:
+        self._rows = rows
+
+    async def map(
+        self, fn: Callable[[list[dict], Block], T], columns: list[str] | None = None
+    ) -> list[T]:
+        return [fn(self._rows, self.BLOCK)]
+
+
+class LocalExecutor:
+    """Runs steps over blocks in this process (see the module doc)."""
+
+    def __init__(self, block_rows: int, workers: int | None = None) -> None:
+        self.block_rows = block_rows
+        self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2)
+
+    def close(self) -> None:
+        """Stop the thread pool."""
+        self.pool.shutdown(wait=True)
+
+    async def run(
+        self, step: Any, source: Path | None, folder: Path, ctx: StepContext, fingerprint: str
+    ) -> Counts:
+        """Run ``step`` over the rows of the step folder ``source`` and write its parts.
+
+        Blocks an earlier build of the same step (same fingerprint and block size) finished
+        are kept; any other content of ``folder`` is removed first.
+        """
+        stamp = {"fingerprint": fingerprint, "block_rows": self.block_rows}
+        target = _Target(folder, stamp, _finished(folder, stamp), ctx, step.curates)
+        (folder / "blocks").mkdir(parents=True, exist_ok=True)  # there even for no block
+        (folder / "stats.json").unlink(missing_ok=True)
+
+        def blocks(columns: list[str] | None = None) -> Iterator[Block]:
+            return input_blocks(source, self.block_rows, columns)
+
+        if step.kind == "whole":
+            rows = [r for b in blocks() for r in b.rows()]
+            out = await step.run(rows, ctx)
+            target.results[0] = await self._write(target, Block(0, 0, to_table([])), rows, out)
+        elif step.kind == "source":
+            await self._blocks(target, _chain(blocks(), step.blocks(ctx, self.block_rows)))
+        elif step.kind == "global":
+            decision = await step.decide(Blocks(self, blocks), ctx)
+            await self._blocks(target, ((b, _Marked(step, decision)) for b in blocks()))
+        else:  # map: teacher steps keep a second block in flight to keep the pool full
+            in_flight = 2 if step.teacher_names() else 1
+            await self._blocks(target, ((b, _Mapped(step)) for b in blocks()), in_flight)
+        counts = Counts()
+        for index in sorted(target.results):
+            counts.add(target.results[index])
+        return counts
+
+    async def _blocks(self, target: _Target, work: Iterator, in_flight: int = 1) -> None:
+        """Run each ``(block, make)`` of ``work``, at most ``in_flight`` at once, skipping the
+        blocks already finished. After a failure no block starts; those in flight finish."""
+        loop = asyncio.get_running_loop()
+        running: set[asyncio.Task] = set()
+        error: BaseException | None = None
+
+        async def one(block: Block, make) -> None:
+            rows = await loop.run_in_executor(self.pool, block.rows, make.columns)
+            out = await make(rows, block, target.ctx)
+            target.results[block.index] = await self._write(target, block, rows, out, make.columns)
+
+        try:
+            while error is None:
+                unit = await loop.run_in_executor(self.pool, next, work, None)
+                if unit is None:
+                    break
+                block, make = unit
+                if block.id in target.done:
+                    target.results[block.index] = target.done[block.id]
+                    target.ctx.advance(target.done[block.id]["expected"])
+                    continue
+                running.add(asyncio.create_task(one(block, make)))
+                while len(running) >= in_flight:
+                    finished, running = await asyncio.wait(running, return_when="FIRST_COMPLETED")
+                    error = error or _first_error(finished)
+        finally:
+            if running:
+                finished, _ = await asyncio.wait(running)
+                error = error or _first_error(finished)
+        if error is not None:
+            raise error
+
+    async def _write(
+        self,
+        target: _Target,
+        block: Block,
+        rows: list[dict],
+        out: StepOutput,
+        columns: list[str] | None = None,
+    ) -> dict:
+        """Check a block's accounting and write its parts and counts (in the thread pool).
+
+        ``columns``: the step saw only these of its rows (a global step's mark); its kept rows
+        are then taken from the block's table and its failed rows' copies made from it.
+        """
+        name = block.id
+        got = len(out.rows) + len(out.dropped) + len(out.failed)
+        if got != out.expected:
+            raise KdataError(
+                f"step {target.folder.name}, block {name}: row accounting broken: "
+                f"{out.expected} expected, {len(out.rows)} out + {len(out.dropped)} dropped + "
+                f"{len(out.failed)} failed; this is a kdata bug, please report it"
+            )
+        counts = {
+            **target.stamp,
+            "block": name,
+            "start": block.start,
+            "rows_in": len(rows),
+            "expected": out.expected,
+            "rows": len(out.rows),
+            "dropped": len(out.dropped),
+            "failed": len(out.failed),
+            "drop_reasons": dict(Counter(d["reason"] for d in out.dropped)),
+            "failure_classes": dict(Counter(f["error_class"] for f in out.failed)),
+        }
+        given = {r[PROVENANCE]["id"]: i for i, r in enumerate(rows)}
+        # a dropped input row is in the input parts already: its id stands for it
+        dropped = [{**d, "row": None} if d["row_id"] in given else d for d in out.dropped]
+        failed = out.failed
+        if columns is not None and failed:
+            full = block.table.take(pa.array([given[f["row_id"]] for f in failed], pa.int64()))
+            copies = [json.dumps(r, default=str, ensure_ascii=False) for r in full.to_pylist()]
+            failed = [{**f, "row": c} for f, c in zip(failed, copies, strict=True)]
+        tables = {"rows": _kept(target, block, rows, out), "dropped": dropped, "failed": failed}
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.pool, write_parts, target.folder, name, tables, counts)
+        return counts
+
+
+@dataclass
+class _Target:
+    """Where a step's blocks go: its folder, the blocks finished before, the counts so far."""
+
+    folder: Path
+    stamp: dict
+    done: dict[str, dict]
+    ctx: StepContext
+    curates: bool  # the step's kept rows are its input rows, unchanged
+    results: dict[int, dict] = field(default_factory=dict)
+
+
+def _kept(target: _Target, block: Block, rows: list[dict], out: StepOutput) -> list[dict] | Any:
+    """The kept rows; a curation step's as a slice of the block's own table, which saves
+    converting them back to Arrow (its rows are the block's dicts, kept or not)."""
+    if not target.curates or len(block) != len(rows):
+        return out.rows
+    at = {id(r): i for i, r in enumerate(rows)}
+    index = [at.get(id(r)) for r in out.rows]
+    return out.rows if None in index else block.table.take(pa.array(index, type=pa.int64()))
+
+
+def _finished(folder: Path, stamp: dict) -> dict[str, dict]:
+    """The blocks of ``folder`` an earlier build finished with ``stamp``; clears it otherwise.
+
+    A block with ``not_cached`` failures (a cache-only build) is not finished: it runs again.
+    """
+    found = {p.stem: read_json(p) for p in (folder / "blocks").glob("*.json")}
+    if any(c is None or {k: c.get(k) for k in stamp} != stamp for c in found.values()):
+        shutil.rmtree(folder)
+        return {}
+    return {b: c for b, c in found.items() if "not_cached" not in c["failure_classes"]}
+
+
+def _first_error(tasks: set[asyncio.Task]) -> BaseException | None:
+    return next((t.exception() for t in tasks if t.exception() is not None), None)
+
+
+class _Make:
+    """How a block's output is made from its rows; ``columns``: the rows' columns it reads."""
+
+    columns: list[str] | None = None
+
+
+class _Mapped(_Make):
+    def __init__(self, step: Any) -> None:
+        self.step = step
+
+    async def __call__(self, rows: list[dict], block: Block, ctx: StepContext) -> StepOutput:
+        return await self.step.run(rows, ctx)
+
+
+class _Marked(_Make):
+    def __init__(self, step: Any, decision: Any) -> None:
+        self.step, self.decision, self.columns = step, decision, step.mark_columns()
+
+    async def __call__(self, rows: list[dict], block: Block, ctx: StepContext) -> StepOutput:
+        out = self.step.mark(rows, self.decision, block)
+        ctx.advance(len(rows))
+        return out
+
+
+class _Same(_Make):
+    """An input block that a source step passes through unchanged."""
+
+    async def __call__(self, rows: list[dict], block: Block, ctx: StepContext) -> StepOutput:
+        ctx.advance(len(rows))
+        return StepOutput(rows=rows, expected=len(rows))
+
+
+class _Read(_Make):
+    """A block a source step read."""
+
+    def __init__(self, out: StepOutput) -> None:
+        self.out = out
+
+    async def __call__(self, rows: list[dict], block: Block, ctx: StepContext) -> StepOutput:
+        ctx.advance(self.out.expected)
+        return self.out
+
+
+def _chain(passed: Iterator[Block], made: Iterator[StepOutput]) -> Iterator[tuple[Block, _Make]]:
+    """The passed-through blocks, then the source's own, numbered on from them."""
+    index = start = 0
+    for block in passed:
+        yield block, _Same()
+        index, start = block.index + 1, block.start + len(block)
+    for out in made:
+        yield Block(index, start, to_table([])), _Read(out)
+        index, start = index + 1, start + len(out.rows)

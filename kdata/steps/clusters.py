@@ -1,0 +1,307 @@
+"""What the dedup steps share: comparable texts, clusters, and stored neighbours.
+
+A dedup step reads the text of one or more columns (`comparable`), orders the texts by its
+``keep`` rule (`preference`), and decides per text which kept text it duplicates
+(`Clusters`), from which `outcome` makes a block's kept and dropped rows. The near-duplicate
+steps find every pair of texts at least ``floor`` similar and keep them, with what clustering
+needs, as `Neighbours`, stored in the run directory (`neighbours_path`) for re-cutting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from kdata.steps.base import StepOutput, dropped, failure
+
+COSINE_DECIMALS = 6  # cosine similarities are rounded, so identical texts are exactly 1.0
+
+
+def column_texts(
+    rows: list[dict], columns: list[str]
+) -> tuple[list[int], list[list[str]], list[dict]]:
+    """The string values of ``columns`` in each row; rows lacking one become failures."""
+    idx, values, failed = [], [], []
+    for i, row in enumerate(rows):
+        vals, bad = [row.get(c) for c in columns], None
+        for c, v in zip(columns, vals, strict=True):  # a plain loop: it runs for every row
+            if not isinstance(v, str):
+                bad = c
+                break
+        if bad is None:
+            idx.append(i)
+            values.append(vals)
+        elif row.get(bad) is None:
+            why = f"column '{bad}' is missing or null; drop or fill such rows before this step"
+            failed.append(failure(row, "missing_column", why))
+        else:
+            why = f"column '{bad}' holds {type(row[bad]).__name__}, not text"
+            failed.append(failure(row, "wrong_type", why))
+    return idx, values, failed
+
+
+def ranked_texts(
+    rows: list[dict], columns: list[str], keep: str, score_column: str | None
+) -> tuple[list[int], list[str], np.ndarray, list[dict]]:
+    """The rows that can be compared, their texts, their order of preference, and failures.
+
+    Returns ``idx`` (positions in ``rows``), ``texts`` (the columns joined by a newline),
+    ``order`` (indices of ``texts``, the one to keep first by ``keep``; ties go to the earliest)
+    and ``failed`` (rows lacking a column, or a finite number in ``score_column``).
+    """
+    idx, texts, scores, failed = comparable(rows, columns, keep, score_column)
+    return idx, texts, preference(keep, [len(t) for t in texts], scores), failed
+
+
+def comparable(
+    rows: list[dict], columns: list[str], keep: str, score_column: str | None
+) -> tuple[list[int], list[str], list[float], list[dict]]:
+    """``idx``, ``texts`` and ``failed`` as `ranked_texts` gives them, and the texts' scores
+    (``keep: score``; else empty)."""
+    idx, values, failed = column_texts(rows, columns)
+    scores: list[float] = []
+    if keep == "score":
+        kept_idx, kept_values = [], []
+        for i, vals in zip(idx, values, strict=True):
+            s = rows[i].get(score_column)
+            if s is None:
+                why = (
+                    f"score column '{score_column}' is missing or null; "
+                    "keep: score needs it in every row"
+                )
+                failed.append(failure(rows[i], "missing_column", why))
+            elif isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s):
+                why = f"score column '{score_column}' is {s!r}"
+                failed.append(failure(rows[i], "wrong_type", why))
+            else:
+                kept_idx.append(i)
+                kept_values.append(vals)
+                scores.append(s)
+        idx, values = kept_idx, kept_values
+    return idx, ["\n".join(v) for v in values], scores, failed
+
+
+def preference(keep: str, lengths: Sequence[int], scores: Sequence[float]) -> np.ndarray:
+    """Indices of texts, the one to keep first by ``keep`` first; ties go to the earliest."""
+    first = np.arange(len(lengths))
+    if keep == "first":
+        return first
+    if keep == "longest":
+        return np.lexsort((first, -np.asarray(lengths, dtype=np.int64)))
+    return np.lexsort((first, -np.asarray(scores, dtype=float)))
+
+
+@dataclass
+class Clusters:
+    """A dedup step's decision over all its blocks, indexed by comparable text in row order.
+
+    ``offsets[b]``: the index of block ``b``'s first text; ``canonical``: each text's kept
+    text (its own index when kept); ``similarity``: to that text; ``ids``: each text's row id.
+    """
+
+    offsets: np.ndarray
+    canonical: np.ndarray
+    similarity: np.ndarray
+    ids: np.ndarray
+
+
+def outcome(rows: list[dict], idx: list[int], decision: Clusters, block: int, failed: list[dict]):
+    """Kept rows (their own canonical) and dropped duplicates naming their kept row."""
+    out = StepOutput(rows=[], expected=len(rows), failed=failed)
+    base = int(decision.offsets[block])
+    for k, i in enumerate(idx):
+        g = base + k
+        keeper = int(decision.canonical[g])
+        if keeper == g:
+            out.rows.append(rows[i])
+            continue
+        sim = float(decision.similarity[g])
+        dup = dropped(rows[i], "duplicate", duplicate_of=str(decision.ids[keeper]), similarity=sim)
+        out.dropped.append(dup)
+    return out
+
+
+def offsets(counts: Sequence[int]) -> np.ndarray:
+    """The index of each block's first text, from each block's number of texts."""
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+
+
+def texts_key(digests: Sequence[bytes]) -> bytes:
+    """A key of texts in order, from each text's `text_digest`."""
+    return hashlib.sha256(b"".join(digests)).digest()
+
+
+def text_digest(text: str) -> bytes:
+    """A 16-byte hash of one text."""
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+@dataclass
+class Neighbours:
+    """Every pair of texts found at least ``floor`` similar, and what clustering needs of them.
+
+    ``pairs`` (2, m) holds indices of texts, first < second, each pair once, and ``similarity``
+    (m,) their similarity; ``members`` are the sorted indices of the texts in a pair, ``vectors``
+    their MinHash signatures (``metric`` ``jaccard``) or normalised embeddings (``cosine``). Only
+    texts in a pair can share a cluster, so the clusters at any threshold at or above the floor
+    follow from these alone.
+    """
+
+    n: int
+    metric: Literal["jaccard", "cosine"]
+    pairs: np.ndarray
+    similarity: np.ndarray
+    members: np.ndarray
+    vectors: np.ndarray
+
+    @classmethod
+    def of(
+        cls,
+        n: int,
+        metric: Literal["jaccard", "cosine"],
+        pairs: np.ndarray,
+        similarity: np.ndarray,
+        vectors_of: Callable[[np.ndarray], np.ndarray],
+    ) -> Neighbours:
+        """Neighbours of ``n`` texts; ``vectors_of(indices)`` gives those texts' vectors."""
+        members = np.unique(pairs)
+        return cls(n, metric, pairs, similarity, members, vectors_of(members))
+
+    def similar(self, best: int, rest: np.ndarray) -> np.ndarray:
+        """The similarity of text ``best`` to each of the texts ``rest`` (all members)."""
+        b = self.vectors[np.searchsorted(self.members, best)]
+        v = self.vectors[np.searchsorted(self.members, rest)]
+        if self.metric == "jaccard":
+            return (v == b).mean(axis=1)
+        return np.minimum(np.round(v @ b, COSINE_DECIMALS), 1.0)
+
+    def clusters(self, order: np.ndarray | None, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """Cluster at ``threshold`` (at least the floor the pairs were found at).
+
+        Args:
+            order: indices of texts, most preferred first (None: input order); the first of a
+                cluster in this order is the one kept.
+            threshold: the lowest similarity of a duplicate to its kept text.
+
+        Returns:
+            ``canonical``: for each text, the index of the text it duplicates, or its own index
+            when it is kept; ``similarity``: each text's similarity to its canonical text (1.0
+            for kept texts).
+        """
+        rank = np.empty(self.n, dtype=np.int64)
+        rank[np.arange(self.n) if order is None else np.asarray(order)] = np.arange(self.n)
+        pairs = self.pairs[:, self.similarity >= threshold]
+        return clusters(self.n, pairs, rank, threshold, self.similar)
+
+    def save(self, path: Path) -> None:
+        """Write to ``path`` (.npz), atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            np.savez(
+                f,
+                n=self.n,
+                metric=self.metric,
+                pairs=self.pairs,
+                similarity=self.similarity,
+                members=self.members,
+                vectors=self.vectors,
+            )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, n: int) -> Neighbours | None:
+        """The neighbours stored at ``path`` if they are of ``n`` texts, else None."""
+        try:
+            with np.load(path) as z:
+                found = cls(
+                    int(z["n"]),
+                    str(z["metric"]),
+                    z["pairs"],
+                    z["similarity"],
+                    z["members"],
+                    z["vectors"],
+                )
+        except (OSError, ValueError, KeyError):  # not there, or unreadable: find them again
+            return None
+        return found if found.n == n else None
+
+
+def neighbours_path(run_dir: Path | None, settings: dict, key: bytes) -> Path | None:
+    """Where the neighbours of the texts of `texts_key` ``key``, found with ``settings``, are
+    stored (None: no run dir)."""
+    if run_dir is None:
+        return None
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update(key)
+    return Path(run_dir) / "neighbours" / f"{h.hexdigest()[:32]}.npz"
+
+
+def stored(
+    path: Path | None, n: int, find: Callable[[], Neighbours], advance: Callable[[int], None]
+) -> Neighbours:
+    """The neighbours of ``n`` texts stored at ``path``; else ``find()``, stored there."""
+    graph = Neighbours.load(path, n) if path else None
+    if graph is not None:
+        advance(n)
+        return graph
+    graph = find()
+    if path is not None:
+        graph.save(path)
+    return graph
+
+
+def check_floor(threshold: float, floor: float) -> None:
+    """A near-duplicate step's threshold cannot be below the floor its pairs are found at."""
+    if threshold < floor:
+        raise ValueError(
+            f"threshold ({threshold}) is below floor ({floor}), the lowest similarity whose "
+            f"pairs are found and stored; lower floor to at most {threshold}"
+        )
+
+
+def clusters(
+    n: int,
+    pairs: np.ndarray,
+    rank: np.ndarray,
+    threshold: float,
+    similar: Callable[[int, np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split the connected groups of ``pairs`` into clusters around their best-ranked rows.
+
+    ``similar(best, rest)`` is the similarity of item ``best`` to each of the items ``rest``.
+    """
+    parent = list(range(n))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, j in zip(pairs[0].tolist(), pairs[1].tolist(), strict=True):
+        ri, rj = root(i), root(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    canonical, similarity = np.arange(n), np.ones(n)
+    members = np.unique(pairs)
+    group = np.array([root(m) for m in members.tolist()], dtype=np.int64)
+    by_group = np.lexsort((rank[members], group))  # by group, then best first
+    members, group = members[by_group], group[by_group]
+    for rest in np.split(members, np.flatnonzero(np.diff(group)) + 1):
+        while len(rest) > 1:
+            best, rest = rest[0], rest[1:]
+            sim = similar(best, rest)
+            hit = sim >= threshold
+            canonical[rest[hit]] = best
+            similarity[rest[hit]] = sim[hit]
+            rest = rest[~hit]
+    return canonical, similarity

@@ -1,0 +1,262 @@
+"""Blocks: the same rows, order and ids whatever ``block_rows``; resume by block after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from openai_standin import body_hash, last_user_message
+from scripted import teachers_yaml
+
+import kdata
+from kdata.blocks import block_id, parts, read_dropped, read_table
+from kdata.steps.dedup import MinHashDedupStep
+
+REPO = Path(__file__).resolve().parent.parent
+KINDS = ("rows", "dropped", "failed")
+
+
+def seeds(n: int) -> list[dict]:
+    """Short instructions with exact repeats, near-duplicates and nulls."""
+    out = []
+    for i in range(n):
+        text = f"Explain how step {i % 17} of recipe {i % 11} works in detail please"
+        if i % 9 == 4:
+            text = text.upper() + "  "  # an exact duplicate once normalised
+        elif i % 7 == 3:
+            text = text.replace("in detail", "in great detail")  # a near-duplicate, longer
+        out.append({"id": i, "text": text if i % 23 != 5 else None})
+    return out
+
+
+def write_seeds(folder: Path, rows: list[dict], bad_line: bool = True) -> None:
+    lines = [json.dumps(r) for r in rows]
+    if bad_line:
+        lines.insert(len(lines) // 2, "not json")
+    (folder / "seeds.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+CURATION = """\
+  - {type: seeds, path: seeds.jsonl}
+  - {type: exact_dedup, columns: [text]}
+  - {type: minhash_dedup, columns: [text], keep: longest, threshold: 0.6, floor: 0.5}
+  - {type: filter, column: text, min_words: 5, max_chars: 200}
+"""
+
+
+def step_tables(run: kdata.Run) -> dict[str, dict[str, list[dict]]]:
+    return {
+        s.name: {k: read_table(run.dir / "steps" / s.name, k).to_pylist() for k in KINDS}
+        for s in run.steps
+    }
+
+
+def build(folder: Path, steps: str, block_rows: int, name: str) -> kdata.Run:
+    text = f"name: t\nexecution: {{block_rows: {block_rows}}}\nsteps:\n{steps}"
+    return kdata.build(kdata.recipe_from_yaml(text, folder), run_dir=folder / name)
+
+
+def test_curation_gives_the_same_tables_with_blocks_of_seven(tmp_path: Path) -> None:
+    write_seeds(tmp_path, seeds(200))
+    small, large = build(tmp_path, CURATION, 7, "small"), build(tmp_path, CURATION, 100_000, "one")
+    blocks = -(-small.steps[2].rows_in // 7)  # the rows exact_dedup kept, 7 a block
+    assert blocks > 20 and len(parts(small.dir / "steps" / "02_minhash_dedup")) == blocks
+    assert len(parts(large.dir / "steps" / "02_minhash_dedup")) == 1
+    final = small.rows()
+    assert final == large.rows()  # same rows, same order, same ids
+    assert len({r["_kdata"]["id"] for r in final}) == len(final)
+    stats = [(s.rows_in, s.rows_out, s.dropped, s.failed) for s in small.steps]
+    assert stats == [(s.rows_in, s.rows_out, s.dropped, s.failed) for s in large.steps]
+    assert small.steps[0].failed == 1 and small.steps[1].failed == 9  # a bad line, 9 nulls
+    assert small.steps[1].dropped > 0 and small.steps[2].dropped > 0
+    assert step_tables(small) == step_tables(large)
+    # each block accounts for its rows, and the blocks of a step for the step's
+    folder = small.dir / "steps" / "02_minhash_dedup"
+    counts = [json.loads(p.read_text()) for p in sorted((folder / "blocks").glob("*.json"))]
+    assert all(c["expected"] == c["rows"] + c["dropped"] + c["failed"] for c in counts)
+    assert sum(c["rows_in"] for c in counts) == small.steps[2].rows_in
+    assert [c["start"] for c in counts] == [7 * i for i in range(len(counts))]
+
+
+def test_teacher_steps_give_the_same_rows_with_blocks_of_three(tmp_path: Path, standin) -> None:
+    def reply(body: dict) -> str:  # the second sample of every row gives one repeated answer
+        return (
+            "the same answer" if body.get("seed") == 1 else f"answer to {last_user_message(body)}"
+        )
+
+    standin.config.reply = reply
+    write_seeds(tmp_path, [{"id": i, "q": f"question {i}"} for i in range(20)], bad_line=False)
+    steps = (
+        teachers_yaml(standin.port, "t")
+        + "steps:\n"
+        + """\
+  - {type: seeds, path: seeds.jsonl}
+  - {type: label, teacher: t, prompt: "{{ q }}", n: 2}
+  - {type: exact_dedup, columns: [response]}
+  - {type: filter, column: response, min_words: 3}
+"""
+    )
+    runs = []
+    for br in (3, 1000):
+        text = f"name: t\nexecution: {{block_rows: {br}}}\n{steps}"
+        runs.append(kdata.build(kdata.recipe_from_yaml(text, tmp_path), run_dir=tmp_path / str(br)))
+    small, large = runs
+    assert small.rows() == large.rows()
+    assert len(small.rows()) == 21  # 20 first samples and the first repeated answer
+    assert step_tables(small) == step_tables(large)
+    assert small.steps[1].requests == 40 and large.steps[1].requests == 40
+
+
+def test_resume_after_kill_9_skips_finished_blocks(tmp_path: Path, standin) -> None:
+    n_rows, block_rows = 60, 5
+    standin.config.latency = 0.05
+    (tmp_path / "seeds.jsonl").write_text(
+        "".join(json.dumps({"id": i, "q": f"what is {i} plus {i}?"}) + "\n" for i in range(n_rows))
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"name: resume\nexecution: {{block_rows: {block_rows}}}\nteachers:\n  t:\n"
+        f"    model: openai/m\n    api_base: http://127.0.0.1:{standin.port}/v1\n"
+        "    api_key: ${KDATA_TEST_KEY}\n    max_concurrency: 4\n"
+        "steps:\n  - {type: seeds, path: seeds.jsonl}\n"
+        "  - {type: label, name: answer, teacher: t, prompt: '{{ q }}'}\n"
+    )
+    run_dir = tmp_path / "run"
+    folder = run_dir / "steps" / "answer"
+    proc = cli(recipe, run_dir)
+    deadline = time.monotonic() + 60
+    while len(list((folder / "blocks").glob("*.json"))) < 4:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the build finished too few blocks"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    finished = sorted(p.stem for p in (folder / "blocks").glob("*.json"))
+    assert 4 <= len(finished) < n_rows // block_rows
+    assert not (folder / "stats.json").exists()
+    mtimes = {p: p.stat().st_mtime_ns for k in KINDS for p in parts(folder, k)}
+    mtimes.update({p: p.stat().st_mtime_ns for p in (folder / "blocks").glob("*.json")})
+    stored = set(cached_bodies(run_dir))
+    boundary = len(standin.records)
+
+    proc = cli(recipe, run_dir)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    for p, t in mtimes.items():  # the finished blocks were not written again
+        assert p.stat().st_mtime_ns == t, p
+    sent_again = {r.body_hash for r in standin.records[boundary:]}
+    assert not sent_again & stored  # nothing stored is requested again
+    ids = [r["id"] for r in kdata.Run(run_dir, "complete", [], {}).rows()]
+    assert sorted(ids) == list(range(n_rows))  # every row once
+    assert ids == list(range(n_rows))  # in order
+    stats = json.loads((folder / "stats.json").read_text())
+    assert stats["rows_in"] == n_rows and stats["expected"] == stats["rows_out"] == n_rows
+    assert [block_id(i) for i in range(len(finished))] == finished
+
+
+def test_mixed_types_name_the_step_and_block(tmp_path: Path) -> None:
+    rows = [{"id": i, "x": i} for i in range(9)] + [{"id": 9, "x": "ten"}]
+    write_seeds(tmp_path, rows, bad_line=False)
+    steps = "  - {type: seeds, path: seeds.jsonl}\n"
+    with pytest.raises(kdata.KdataError, match=r"step 00_seeds, block 000001: cannot store"):
+        build(tmp_path, steps, 5, "mixed_in_block")
+    with pytest.raises(kdata.KdataError, match=r"step 00_seeds: blocks type a column differently"):
+        build(tmp_path, steps, 9, "mixed_across_blocks")  # each block is fine on its own
+
+
+def cached_bodies(run_dir: Path) -> list[str]:
+    """The stand-in's body hashes of the requests stored in the run's cache."""
+    db = sqlite3.connect(run_dir / "cache.sqlite")
+    try:
+        requests = [json.loads(r) for (r,) in db.execute("SELECT request FROM responses")]
+    finally:
+        db.close()
+    return [body_hash({"model": "m", "messages": r["messages"], **r["params"]}) for r in requests]
+
+
+def cli(recipe: Path, run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdata.cli", "build", str(recipe), "-o", str(run_dir)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_minhash_resumes_at_its_first_unfinished_block(tmp_path: Path, monkeypatch) -> None:
+    write_seeds(tmp_path, seeds(120), bad_line=False)
+    whole = build(tmp_path, CURATION, 10, "run")
+    folder = whole.dir / "steps" / "02_minhash_dedup"
+    counts = sorted((folder / "blocks").glob("*.json"))
+    for p in counts[len(counts) // 2 :]:  # as a kill in the middle of marking leaves it
+        p.unlink()
+    (folder / "stats.json").unlink()
+    kept = {p: p.stat().st_mtime_ns for k in KINDS for p in parts(folder, k)}
+    kept = {p: t for p, t in kept.items() if (folder / "blocks" / f"{p.stem}.json").exists()}
+
+    def no_signing(*args):  # the neighbours were stored: nothing is signed again
+        raise AssertionError("signatures computed again")
+
+    monkeypatch.setattr(MinHashDedupStep, "_signed", no_signing)
+    again = build(tmp_path, CURATION, 10, "run")
+    assert [s.reused for s in again.steps] == [True, True, False, True]  # filter: same input
+    assert len(kept) == 3 * (len(counts) // 2) and len(counts) > 4
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    assert len(list((folder / "blocks").glob("*.json"))) == len(counts)
+    monkeypatch.undo()
+    assert again.rows() == build(tmp_path, CURATION, 10, "fresh").rows()
+
+
+def test_the_final_dataset_is_sharded_in_the_hub_layout(tmp_path: Path, monkeypatch) -> None:
+    import datasets
+
+    import kdata.blocks
+
+    write_seeds(tmp_path, seeds(120), bad_line=False)
+    monkeypatch.setattr(kdata.blocks, "MAX_SHARD_BYTES", 1)  # a shard per part
+    run = build(tmp_path, CURATION, 50, "run")
+    names = [p.name for p in run.dataset_files]
+    assert len(names) == len(parts(run.dir / "steps" / "03_filter")) == 3
+    assert names == [f"train-{k:05d}-of-00003.parquet" for k in range(3)]
+    ds = datasets.load_dataset("parquet", data_dir=str(run.dataset_path), split="train")
+    assert ds.to_list() == run.rows() and len(ds) == run.steps[-1].rows_out
+    monkeypatch.undo()
+    again = build(tmp_path, CURATION, 50, "run")  # one shard now: the stale ones go
+    assert [p.name for p in again.dataset_files] == ["train-00000-of-00001.parquet"]
+    assert again.rows() == run.rows()
+
+
+def test_a_block_that_cannot_be_written_names_it_and_the_rerun_continues(tmp_path: Path) -> None:
+    write_seeds(tmp_path, seeds(60), bad_line=False)
+    steps = "  - {type: seeds, path: seeds.jsonl}\n  - {type: filter, column: text, min_words: 5}\n"
+    folder = tmp_path / "run" / "steps" / "01_filter"
+    (folder / "rows" / f"{block_id(2)}.parquet").mkdir(parents=True)  # os.replace onto it fails
+    with pytest.raises(kdata.KdataError, match=r"step 01_filter, block 000002: cannot write"):
+        build(tmp_path, steps, 10, "run")
+    written = {p: p.stat().st_mtime_ns for p in (folder / "blocks").glob("*.json")}
+    assert sorted(p.stem for p in written) == [block_id(0), block_id(1)]  # no block after it
+    (folder / "rows" / f"{block_id(2)}.parquet").rmdir()  # the disk is writable again
+    run = build(tmp_path, steps, 10, "run")
+    assert all(p.stat().st_mtime_ns == t for p, t in written.items())
+    assert run.rows() == build(tmp_path, steps, 10, "fresh").rows()
+    assert len(list((folder / "blocks").glob("*.json"))) == 6
+
+
+def test_a_row_of_a_megabyte_goes_through_blocks_unchanged(tmp_path: Path) -> None:
+    big = "Explain " + "word " * 200_000  # about 1 MB
+    write_seeds(tmp_path, [*seeds(20), {"id": 20, "text": big}], bad_line=False)
+    run = build(tmp_path, CURATION, 3, "run")
+    folder = run.dir / "steps" / "03_filter"  # its max_chars drops the row: it is too long
+    stored = read_table(folder, "dropped").to_pylist()
+    assert [d["row"] for d in stored if d["reason"] == "too_long"] == [None]  # no copy kept
+    joined = [json.loads(d["row"]) for d in read_dropped(folder) if d["reason"] == "too_long"]
+    assert [(r["id"], r["text"]) for r in joined] == [(20, big)]
