@@ -28,7 +28,7 @@ from kdata.steps.base import (
     dropped,
     failure,
 )
-from kdata.steps.dedup import COSINE_DECIMALS
+from kdata.steps.clusters import COSINE_DECIMALS
 from kdata.steps.semantic import DEFAULT_MODEL, SemanticDedupStep
 
 # Built-in refusal and apology patterns, searched in the lowercased text at word starts. Apologies
