@@ -483,6 +483,11 @@ class TeacherPool:
                         )
                         error = None
                     except Exception as e:  # classified below; anything unknown is not retried
+                        task = asyncio.current_task()
+                        if task is not None and task.cancelling():
+                            # The build is stopping and litellm turned the cancel into an
+                            # error: stop, rather than retry past the cache's closing.
+                            raise asyncio.CancelledError from e
                         error = e
                     finally:
                         self.in_flight -= 1
