@@ -302,7 +302,6 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
         for m in manifest["steps"]:
             m["stats"] = done.get(m["name"])
         write_json(run_dir / "manifest.json", manifest)
-        await _stop_tasks()
         cache.close()
         executor.close()
     if recipe.publish and recipe.publish.dir:  # last: the folder reads everything above
@@ -310,17 +309,6 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
 
         write_folder(run_dir, recipe.publish.dir, cfg=recipe.publish)
     return run
-
-
-async def _stop_tasks() -> None:
-    """Wait until the build's other tasks (requests of blocks stopped by Ctrl+C or an error)
-    are done, through further cancellations, so that none outlives the cache."""
-    others = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
-    while others:
-        try:
-            _, others = await asyncio.wait(others)
-        except asyncio.CancelledError:
-            continue
 
 
 def _stored_responses(run_dir: Path) -> int:

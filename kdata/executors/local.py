@@ -163,16 +163,21 @@ class LocalExecutor:
                 while len(running) >= in_flight:
                     finished, running = await asyncio.wait(running, return_when="FIRST_COMPLETED")
                     error = error or _first_error(finished)
+            if running:
+                finished, running = await asyncio.wait(running)
+                error = error or _first_error(finished)
         except (asyncio.CancelledError, KeyboardInterrupt):
             # Interrupted: the blocks in flight stop too (every response received is stored
-            # already), and are waited for, so nothing runs on once the build closes its cache.
+            # already) and are waited for, so that none runs on once the build closes its cache.
             for task in running:
                 task.cancel()
-            raise
-        finally:
             if running:
-                finished, _ = await asyncio.wait(running)
-                error = error or _first_error(finished)
+                await asyncio.wait(running)
+            raise
+        except BaseException:  # reading the next block failed: those in flight finish first
+            if running:
+                await asyncio.wait(running)
+            raise
         if error is not None:
             raise error
 
