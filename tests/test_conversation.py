@@ -140,7 +140,10 @@ def test_re_answering_keeps_the_user_turns_and_answers_each_afresh(tmp_path, sta
         ("assistant: t", "either prompt"),
         ("assistant: t, prompt: x, regenerate: c", "either prompt"),
         ("assistant: t, prompt: x", "self-chat needs user"),
-        ("assistant: t, user: t, prompt: x, stop: '('", "stop is not a valid regular"),
+        (
+            "assistant: t, user: t, prompt: x, stop: '('",
+            "field 'stop': not a valid regular expression",
+        ),
     ],
 )
 def test_bad_conversation_is_a_recipe_error(fields, message):

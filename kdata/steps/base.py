@@ -11,6 +11,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,18 @@ def _schema_valid(value: dict) -> dict:
 JsonSchema = Annotated[
     dict[str, Any], BeforeValidator(_schema_source), AfterValidator(_schema_valid)
 ]
+
+
+def _regex_compiles(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ValueError(f"not a valid regular expression: {e}") from None
+    return value
+
+
+# A regular expression field, checked when the recipe loads.
+Regex = Annotated[str, AfterValidator(_regex_compiles)]
 
 # A Jinja template field: inline text, or ``{path: prompts/mine.jinja}`` relative to the recipe.
 # Method steps default such fields to their packaged template (`kdata.prompts.load`).

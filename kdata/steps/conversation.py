@@ -18,12 +18,13 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from kdata import prompts
 from kdata.steps.base import (
     PROVENANCE,
     Outcome,
+    Regex,
     StepBase,
     StepContext,
     StepOutput,
@@ -62,18 +63,8 @@ class ConversationStep(StepBase):
     user_prompt: Template = prompts.load("conversation.user")
     regenerate: str | None = None  # re-answering: a column of existing conversations
     turns: int = Field(default=3, ge=1, le=50)  # assistant turns (self-chat)
-    stop: str | None = None  # a regex: a user turn matching it ends the conversation
+    stop: Regex | None = None  # a regex: a user turn matching it ends the conversation
     output: str = "messages"
-
-    @field_validator("stop")
-    @classmethod
-    def _compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as e:
-                raise ValueError(f"stop is not a valid regular expression: {e}") from None
-        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> ConversationStep:

@@ -19,6 +19,7 @@ from kdata.steps.base import (
     PROVENANCE,
     JsonSchema,
     ParseError,
+    Regex,
     StepBase,
     StepContext,
     StepOutput,
@@ -77,20 +78,10 @@ class Verify(StrictModel):
     reference: str | None = None  # the column holding the reference answer
     extract_reference: bool = False  # the reference is that column's final answer (last number)
     tolerance: float = Field(default=1e-6, ge=0)  # numeric answers: absolute or relative
-    pattern: str | None = None  # a regex the whole final answer must match
+    pattern: Regex | None = None  # a regex the whole final answer must match
     tests: str | None = None  # a column of Python tests that the response's code must pass
     entry_point: str | None = None  # a column naming the function the tests' check() takes
     timeout_s: float = Field(default=10.0, gt=0)  # tests: wall clock and CPU seconds per run
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as e:
-                raise ValueError(f"pattern is not a valid regular expression: {e}") from None
-        return v
 
     @model_validator(mode="after")
     def _one_check(self) -> Verify:

@@ -92,15 +92,7 @@ def json_object(text: str | None, model: type[BaseModel]) -> BaseModel:
     Raises:
         ParseError: not JSON, not an object, or not valid against the model's schema.
     """
-    body = (text or "").strip()
-    if m := _FENCE.match(body):
-        body = m.group(1).strip()
-    try:
-        data = json.loads(body)
-    except ValueError as e:
-        raise ParseError(f"not JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ParseError(f"expected a JSON object, got {type(data).__name__}")
+    data = _json_dict(text)
     try:
         return model.model_validate(data, strict=True)
     except ValidationError as e:
@@ -119,6 +111,22 @@ def schema_object(text: str | None, schema: dict[str, Any]) -> dict[str, Any]:
     """
     import jsonschema
 
+    data = _json_dict(text)
+    problems = [
+        f"{'.'.join(str(p) for p in e.absolute_path) or 'object'}: {e.message}"
+        for e in jsonschema.Draft202012Validator(schema).iter_errors(data)
+    ]
+    if problems:
+        raise ParseError(f"JSON does not match the schema: {'; '.join(problems)}")
+    return data
+
+
+def _json_dict(text: str | None) -> dict[str, Any]:
+    """The whole reply as a JSON object (one markdown code fence around it allowed).
+
+    Raises:
+        ParseError: not JSON, or not an object.
+    """
     body = (text or "").strip()
     if m := _FENCE.match(body):
         body = m.group(1).strip()
@@ -128,10 +136,4 @@ def schema_object(text: str | None, schema: dict[str, Any]) -> dict[str, Any]:
         raise ParseError(f"not JSON: {e}") from None
     if not isinstance(data, dict):
         raise ParseError(f"expected a JSON object, got {type(data).__name__}")
-    problems = [
-        f"{'.'.join(str(p) for p in e.absolute_path) or 'object'}: {e.message}"
-        for e in jsonschema.Draft202012Validator(schema).iter_errors(data)
-    ]
-    if problems:
-        raise ParseError(f"JSON does not match the schema: {'; '.join(problems)}")
     return data
