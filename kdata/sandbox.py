@@ -153,12 +153,16 @@ def _process_cap(processes: int):
 
 def _isolation(workdir: Path) -> list[str]:
     args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    hidden = [Path("/tmp")]
     home = Path.home().resolve()
     if home != Path("/"):
         args += ["--tmpfs", str(home)]
-        for prefix in sorted({Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}):
-            if prefix.is_relative_to(home):
-                args += ["--ro-bind", str(prefix), str(prefix)]
+        hidden.append(home)
+    # The Python installation is mounted back, read-only, where a tmpfs hid it (a venv under
+    # /tmp, say, and the interpreter it links to under the home folder).
+    for prefix in sorted({Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}):
+        if any(prefix.is_relative_to(h) for h in hidden):
+            args += ["--ro-bind", str(prefix), str(prefix)]
     return [
         *args,
         "--bind", str(workdir), str(workdir),
