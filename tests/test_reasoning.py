@@ -73,6 +73,8 @@ def test_think_tags_split_what_no_one_split_before():
     split = response.read(entry, think_tags=True)
     assert (split.text, split.reasoning) == ("4", "2 and 2")
     assert (split.prompt_tokens, split.completion_tokens) == (5, 9)
+    # The server counted no reasoning tokens: the trace's share of the characters (26 of 27).
+    assert split.reasoning_tokens == round(9 * 26 / 27)
 
 
 def test_a_cache_of_the_old_format_is_read_as_it_is(tmp_path, standin):
@@ -101,3 +103,70 @@ def test_a_cache_of_the_old_format_is_read_as_it_is(tmp_path, standin):
     # The step ran again on the stored entries, read in their old format.
     assert sorted(r["response"] for r in t.rows) == ["old answer 0", "old answer 1", "old answer 2"]
     assert all(last_user_message(r.body).startswith("Q") for r in standin.records)
+
+
+TRACES = {
+    0: "I add 0 and 0. The answer is 0.",  # agrees
+    1: "I add 1 and 1. The answer is 3.",  # concludes one thing, answers another
+    2: "Складываю 2 и 2. The answer is 4.",  # drifts into Cyrillic
+    3: "I add three and three.",  # states no answer, no number: nothing to disagree with
+}
+
+
+def test_trace_filters_and_the_messages_column(tmp_path, standin):
+    standin.config.reply = lambda body: f"The answer is {2 * qid(body)}."
+    standin.config.reasoning = lambda body: TRACES[qid(body)]
+    teachers = (
+        f"  t:\n    model: deepseek/reasoner\n    api_base: http://127.0.0.1:{standin.port}/v1\n"
+        f"    api_key: ${{{KEY_VAR}}}\n    max_retries: 0\n    params: {{temperature: 0}}\n"
+    )
+    steps = (
+        "  - {name: a, type: label, teacher: t, system: Be brief., messages_column: messages,"
+        " prompt: 'Q{{ id }}: {{ question }}'}\n"
+        "  - name: s\n    type: filter\n    column: response\n    answer_agreement: true\n"
+        "    language_mixing: {scripts: [latin], max_share: 0.05}\n"
+        f"    max_reasoning_tokens: {standin.config.reasoning_tokens}\n"
+    )
+    seeds = [{"id": i, "question": f"What is {i} + {i}?"} for i in range(4)]
+    t = build(tmp_path, seeds, teachers, steps)
+    drops = {json.loads(d["row"])["id"]: (d["reason"], json.loads(d["detail"])) for d in t.dropped}
+    assert sorted(r["id"] for r in t.rows) == [0, 3]
+    assert drops[1] == ("answer_disagrees", {"trace_answer": "3", "answer": "2"})
+    assert drops[2][0] == "language_mixing"
+    assert drops[2][1]["where"] == "reasoning" and drops[2][1]["score"] == round(10 / 21, 4)
+    # The chat messages: what was sent, then the answer with its trace in its own field.
+    row = next(r for r in t.rows if r["id"] == 0)
+    msgs = row["messages"]
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
+    assert msgs[0]["content"] == "Be brief." and msgs[1]["content"] == "Q0: What is 0 + 0?"
+    assert msgs[2]["content"] == "The answer is 0."
+    assert msgs[2]["reasoning_content"] == TRACES[0]
+    assert row["_kdata"]["reasoning_tokens"] == standin.config.reasoning_tokens
+
+
+def _row(text: str, trace: str | None = None, reasoning_tokens: int = 0) -> dict:
+    row = {"response": text, "_kdata": {"id": "r", "reasoning_tokens": reasoning_tokens}}
+    if trace is not None:
+        row["response_reasoning"] = trace
+    return row
+
+
+def test_reasoning_token_limit_and_mixing_in_the_answer():
+    from kdata.steps.filters import FilterStep
+
+    f = FilterStep(column="response", max_reasoning_tokens=100)
+    assert f.check(_row("4", "short", 100)) is None
+    assert f.check(_row("4", "long", 101))["reason"] == "reasoning_too_long"
+    mixing = FilterStep(
+        column="response", language_mixing={"scripts": ["Latin"], "max_share": 0.05}
+    )
+    # Digits, punctuation and spaces count for no script; accented Latin letters are Latin.
+    assert mixing.check(_row("Café au lait: 4,50 €.")) is None
+    drop = mixing.check(_row("The answer is 四 (four)."))
+    assert drop["reason"] == "language_mixing" and json.loads(drop["detail"])["where"] == "text"
+    japanese = FilterStep(
+        column="response", language_mixing={"scripts": ["cjk", "hiragana"], "max_share": 0}
+    )
+    assert japanese.check(_row("答えは四です")) is None
+    with pytest.raises(ValueError, match="max_share"):
+        FilterStep(column="response", language_mixing={"scripts": ["latin"], "max_share": 1})

@@ -155,6 +155,7 @@ def provenance(
         "request_hash": c.request_hash if c else None,
         "prompt_tokens": c.prompt_tokens if c else 0,
         "completion_tokens": c.completion_tokens if c else 0,
+        "reasoning_tokens": c.reasoning_tokens if c else 0,
         "cost_usd": c.cost_usd if c else 0.0,
         "finish_reason": c.finish_reason if c else None,
     }
@@ -166,6 +167,16 @@ def reasoning_column(step: Any, c: Completion) -> dict[str, str]:
     if c.reasoning is None or not isinstance(output, str):
         return {}
     return {f"{output}_reasoning": c.reasoning}
+
+
+def chat_messages(request: list[dict[str, str]], c: Completion) -> list[dict[str, str]]:
+    """The ``messages`` a teacher step can emit: the turns it sent, then the teacher's answer,
+    whose reasoning trace (when there is one) goes under ``reasoning_content``, the key that
+    chat templates of reasoning models read."""
+    answer = {"role": "assistant", "content": c.text or ""}
+    if c.reasoning is not None:
+        answer["reasoning_content"] = c.reasoning
+    return [*request, answer]
 
 
 def rid(row: dict) -> str:
@@ -433,7 +444,8 @@ class TeacherStep(StepBase):
 
     Each of the ``n`` samples of a row is one unit of work: it becomes a row, a dropped record
     (when `reject` gives a reason) or a failure with its error class and the raw text, never a
-    ``None``.
+    ``None``. With ``messages_column`` the row also gets the exchange as chat messages (what
+    was sent, then the answer: `chat_messages`), the format trl's SFTTrainer trains on.
     """
 
     kind: ClassVar[str] = "map"
@@ -441,6 +453,7 @@ class TeacherStep(StepBase):
     system: Template | None = None
     prompt: Template
     n: int = Field(default=1, ge=1)
+    messages_column: str | None = None  # also write the exchange as chat messages there
 
     def teacher_names(self) -> set[str]:
         return teacher_names(self.teacher)
@@ -476,14 +489,15 @@ class TeacherStep(StepBase):
         )
 
     async def _one(self, row: dict, sample: int, ctx: StepContext) -> dict:
-        c = await ask(
-            ctx, self.teacher, self.messages(row), row, sample=sample, params=self.request_params()
-        )
+        request = self.messages(row)
+        c = await ask(ctx, self.teacher, request, row, sample=sample, params=self.request_params())
         try:
             new = self.parse(row, c)
         except ParseError as e:
             return failure(row, "parse", str(e), attempts=c.attempts, raw=c.text)
         child = {**row, **new, **reasoning_column(self, c)}
+        if self.messages_column is not None:
+            child[self.messages_column] = chat_messages(request, c)
         child[PROVENANCE] = provenance(
             row_id(rid(row), ctx.name, str(sample)), [rid(row)], ctx.name, c
         )

@@ -48,9 +48,11 @@ class ConversationStep(StepBase):
     """Conversations of a user and an assistant; the ``messages`` column holds each one.
 
     ``messages`` is a list of ``{role, content}`` (the assistant's ``system`` prompt first when
-    set), as trl's SFTTrainer takes it; ``<output>_turns`` counts the assistant turns. The user
-    simulator sees the seed and the conversation so far through ``user_prompt`` (variables:
-    the row's columns, ``seed``, and ``history``: the user and assistant turns so far). An
+    set), as trl's SFTTrainer takes it; an assistant turn whose teacher returned a reasoning
+    trace keeps it under ``reasoning_content`` (it is not sent back in later turns);
+    ``<output>_turns`` counts the assistant turns. The user simulator sees the seed and the
+    conversation so far through ``user_prompt`` (variables: the row's columns, ``seed``, and
+    ``history``: the user and assistant turns so far). An
     empty turn fails the row (``parse``), its text kept.
     """
 
@@ -129,9 +131,12 @@ class ConversationStep(StepBase):
     async def _answer(
         self, row: dict, ctx: StepContext, history: list[dict], used: list[Completion]
     ) -> dict[str, str]:
-        c = await ask(ctx, self.assistant, list(history), row)
+        c = await ask(ctx, self.assistant, [_sent(m) for m in history], row)
         used.append(c)
-        return {"role": "assistant", "content": self._text(row, c, "assistant")}
+        answer = {"role": "assistant", "content": self._text(row, c, "assistant")}
+        if c.reasoning is not None:  # kept with its turn, never sent back to the teacher
+            answer["reasoning_content"] = c.reasoning
+        return answer
 
     def _system(self, row: dict) -> list[dict[str, str]]:
         return [{"role": "system", "content": render(self.system, row)}] if self.system else []
@@ -145,6 +150,7 @@ class ConversationStep(StepBase):
         p = provenance(row_id(rid(row), ctx.name), [rid(row)], ctx.name, used[-1])
         p["prompt_tokens"] = sum(c.prompt_tokens for c in used)
         p["completion_tokens"] = sum(c.completion_tokens for c in used)
+        p["reasoning_tokens"] = sum(c.reasoning_tokens for c in used)
         p["cost_usd"] = sum(c.cost_usd for c in used)
         child[PROVENANCE] = p
         return child
@@ -156,3 +162,8 @@ class ConversationStep(StepBase):
             error = f"empty {role} turn (finish_reason={c.finish_reason})"
             raise Outcome(failure(row, "parse", error, attempts=c.attempts, raw=c.text))
         return text
+
+
+def _sent(message: dict[str, str]) -> dict[str, str]:
+    """A turn as it is sent again: role and content (an earlier turn's trace stays out)."""
+    return {"role": message["role"], "content": message["content"]}

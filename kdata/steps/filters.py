@@ -30,6 +30,7 @@ from kdata.steps.base import (
 )
 from kdata.steps.clusters import COSINE_DECIMALS
 from kdata.steps.semantic import DEFAULT_MODEL, SemanticDedupStep
+from kdata.steps.traces import ScriptBound, disagreement, foreign_share
 
 # Built-in refusal and apology patterns, searched in the lowercased text at word starts. Apologies
 # count only at the start of the text ("I'm sorry to hear that" inside a helpful answer is not a
@@ -103,7 +104,15 @@ class FilterStep(StepBase):
        with the pattern and the matched text.
     6. ``max_repetition``: the `repetition` ratio of ``repetition_ngram``-word n-grams is above
        it -> ``repetition``.
-    7. ``min_score``: the score column is below ``value`` -> ``low_score``.
+    7. ``max_reasoning_tokens``: the row's reasoning tokens (``_kdata.reasoning_tokens``, as
+       the provider counted them, or estimated from the share of characters when a
+       ``think_tags`` teacher inlined the trace) are above it -> ``reasoning_too_long``.
+    8. ``language_mixing``: in the text or its trace (the ``<column>_reasoning`` column, when
+       the row has one), the share of letters outside ``scripts`` is above ``max_share`` ->
+       ``language_mixing``, with ``where`` (``text`` or ``reasoning``).
+    9. ``answer_agreement``: the trace's final answer differs from the text's ->
+       ``answer_disagrees``, with both answers (a row where either states none is kept).
+    10. ``min_score``: the score column is below ``value`` -> ``low_score``.
 
     Drop details hold ``score`` (the measured value), ``threshold`` and, for lengths, ``bound``
     (the field that dropped it). A row whose ``column`` is absent or null fails with
@@ -126,6 +135,9 @@ class FilterStep(StepBase):
     refusal_patterns: list[str] = []
     max_repetition: float | None = Field(default=None, ge=0, lt=1)
     repetition_ngram: int = Field(default=_REPETITION_NGRAM, ge=1)
+    max_reasoning_tokens: int | None = Field(default=None, ge=0)
+    language_mixing: ScriptBound | None = None
+    answer_agreement: bool = False
     min_score: ScoreBound | None = None
 
     _patterns: tuple[re.Pattern, ...] = PrivateAttr(default=())
@@ -143,13 +155,15 @@ class FilterStep(StepBase):
     @model_validator(mode="after")
     def _consistent(self) -> FilterStep:
         optional = (self.min_chars, self.max_chars, self.min_words, self.max_words)
-        optional += (self.max_repetition, self.min_score)
+        optional += (self.max_repetition, self.max_reasoning_tokens, self.language_mixing)
+        optional += (self.min_score,)
         flags = (self.drop_empty, self.drop_truncated, self.refusal, self.refusal_patterns)
+        flags += (self.answer_agreement,)
         if not any(flags) and all(v is None for v in optional):
             raise ValueError(
                 "a filter needs at least one check: drop_empty, drop_truncated, min_chars, "
-                "max_chars, min_words, max_words, refusal, refusal_patterns, max_repetition "
-                "or min_score"
+                "max_chars, min_words, max_words, refusal, refusal_patterns, max_repetition, "
+                "max_reasoning_tokens, language_mixing, answer_agreement or min_score"
             )
         for lo, hi in (("min_chars", "max_chars"), ("min_words", "max_words")):
             low, high = getattr(self, lo), getattr(self, hi)
@@ -224,8 +238,38 @@ class FilterStep(StepBase):
                     threshold=self.max_repetition,
                     ngram=self.repetition_ngram,
                 )
+        verdict = self._trace(row, text)
+        if verdict is not None:
+            return verdict
         if self.min_score is not None:
             return self._score(row, self.min_score)
+        return None
+
+    def _trace(self, row: dict, text: str) -> dict | None:
+        """The checks of reasoning traces (7 to 9 in the class docstring)."""
+        if self.max_reasoning_tokens is not None:
+            used = row[PROVENANCE].get("reasoning_tokens") or 0
+            if used > self.max_reasoning_tokens:
+                return dropped(
+                    row, "reasoning_too_long", score=used, threshold=self.max_reasoning_tokens
+                )
+        trace = row.get(f"{self.column}_reasoning")
+        trace = trace if isinstance(trace, str) else None
+        if self.language_mixing is not None:
+            bound = self.language_mixing
+            for where, value in (("text", text), ("reasoning", trace)):
+                share = foreign_share(value, bound.scripts) if value else 0.0
+                if share > bound.max_share:
+                    return dropped(
+                        row,
+                        "language_mixing",
+                        score=round(share, 4),
+                        threshold=bound.max_share,
+                        scripts=bound.scripts,
+                        where=where,
+                    )
+        if self.answer_agreement and trace and (found := disagreement(trace, text)):
+            return dropped(row, "answer_disagrees", trace_answer=found[0], answer=found[1])
         return None
 
     @staticmethod

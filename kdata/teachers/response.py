@@ -46,7 +46,9 @@ def read(data: dict[str, Any], *, think_tags: bool = False) -> Reply:
     Args:
         data: what the cache stored.
         think_tags: split an inline ``<think>...</think>`` at the start of the content into
-            the reasoning (for servers that do not separate it themselves).
+            the reasoning (for servers that do not separate it themselves). Such a server
+            counts no reasoning tokens; they are estimated as the trace's share of the
+            content's characters times the completion tokens.
     """
     if data.get("format") == 2:
         reply = _read_v2(data["response"])
@@ -68,7 +70,15 @@ def read(data: dict[str, Any], *, think_tags: bool = False) -> Reply:
     if think_tags and reply.text and reply.reasoning is None:
         m = _THINK.match(reply.text)
         if m:
-            return replace(reply, text=reply.text[m.end() :], reasoning=m.group(1).strip())
+            tokens = reply.reasoning_tokens
+            if not tokens:  # the server counted none: the trace's share of the characters
+                tokens = round(reply.completion_tokens * m.end() / len(reply.text))
+            return replace(
+                reply,
+                text=reply.text[m.end() :],
+                reasoning=m.group(1).strip(),
+                reasoning_tokens=tokens,
+            )
     return reply
 
 
