@@ -195,7 +195,7 @@ def train(model, tokenizer, pairs: list[Pair], config: ValidationConfig) -> dict
     data = Dataset.from_list(
         [
             {
-                "prompt": [{"role": "user", "content": p.prompt}],
+                "prompt": p.chat(),
                 "completion": [{"role": "assistant", "content": p.response}],
             }
             for p in pairs
@@ -300,14 +300,12 @@ def evaluate(model, tokenizer, eval_items: list[Pair], config: ValidationConfig)
     """The per-item reference losses and the greedy answers on ``eval_items``."""
     return {
         "eval_losses": reference_losses(model, tokenizer, eval_items),
-        "answers": generate(model, tokenizer, [it.prompt for it in eval_items], config),
+        "answers": generate(model, tokenizer, [it.chat() for it in eval_items], config),
     }
 
 
-def _chat(tokenizer, prompt: str) -> str:
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+def _chat(tokenizer, messages: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 @torch.no_grad()
@@ -316,14 +314,9 @@ def reference_losses(model, tokenizer, items: list[Pair]) -> list[float]:
     device = next(model.parameters()).device
     out = []
     for item in items:
-        full = tokenizer.apply_chat_template(
-            [
-                {"role": "user", "content": item.prompt},
-                {"role": "assistant", "content": item.response},
-            ],
-            tokenize=False,
-        )
-        n_prompt = len(tokenizer(_chat(tokenizer, item.prompt), add_special_tokens=False).input_ids)
+        answer = {"role": "assistant", "content": item.response}
+        full = tokenizer.apply_chat_template([*item.chat(), answer], tokenize=False)
+        n_prompt = len(tokenizer(_chat(tokenizer, item.chat()), add_special_tokens=False).input_ids)
         ids = tokenizer(full, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
         labels = ids.clone()
         labels[:, :n_prompt] = -100
@@ -334,7 +327,9 @@ def reference_losses(model, tokenizer, items: list[Pair]) -> list[float]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], config: ValidationConfig) -> list[str]:
+def generate(
+    model, tokenizer, prompts: list[list[dict[str, str]]], config: ValidationConfig
+) -> list[str]:
     """Greedy answers, in batches, left-padded."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"

@@ -22,7 +22,7 @@ import json
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +78,7 @@ class ValidationConfig(StrictModel):
     student: str = TINY
     prompt: Template = "{{ instruction }}"
     response: Template = "{{ response }}"
+    messages: str | None = None  # a column of chat messages, trained on instead of the two above
     eval: EvalSet
     baseline: Literal["sample", "first"] = "sample"
     baseline_step: str | None = None
@@ -95,10 +96,16 @@ class ValidationConfig(StrictModel):
 
 @dataclass
 class Pair:
-    """One training or eval item: a prompt and its response (or reference answer)."""
+    """One training or eval item: a prompt and its response (or reference answer), after the
+    ``context`` turns of a conversation (a system prompt, earlier turns) when it has any."""
 
     prompt: str
     response: str
+    context: list[dict[str, str]] = field(default_factory=list)
+
+    def chat(self) -> list[dict[str, str]]:
+        """The messages the student answers: the context, then the prompt as the user's turn."""
+        return [*self.context, {"role": "user", "content": self.prompt}]
 
 
 def validate_run(
@@ -129,8 +136,12 @@ def validate_run(
     step = config.baseline_step or _baseline_step(manifest)
     pool_rows = _generated_rows(run_dir / "steps" / step)
 
-    curated, skipped_c = _pairs(curated_rows, config.prompt, config.response)
-    pool, skipped_p = _pairs(pool_rows, config.prompt, config.response)
+    if config.messages is not None:
+        curated, skipped_c = _conversations(curated_rows, config.messages)
+        pool, skipped_p = _conversations(pool_rows, config.messages)
+    else:
+        curated, skipped_c = _pairs(curated_rows, config.prompt, config.response)
+        pool, skipped_p = _pairs(pool_rows, config.prompt, config.response)
     prefs, pref_step = [], None
     if config.dpo:
         prefs, pref_step = _preference_pairs(run_dir, manifest, config.dpo)
@@ -296,6 +307,25 @@ def _pairs(rows: list[dict], prompt: str, response: str) -> tuple[list[Pair], in
             out.append(pair)
         else:
             skipped += 1
+    return out, skipped
+
+
+def _conversations(rows: list[dict], column: str) -> tuple[list[Pair], int]:
+    """One pair per row of chat messages: its last assistant turn, given the turns before it
+    (role and content; a turn's reasoning trace is left out). Skipped: rows without such a
+    column or without a user turn before their last assistant turn."""
+    out, skipped = [], 0
+    for row in rows:
+        turns = [
+            {"role": m.get("role"), "content": str(m.get("content") or "").strip()}
+            for m in (row.get(column) or [])
+            if isinstance(m, dict)
+        ]
+        last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=0)
+        if last == 0 or turns[last - 1]["role"] != "user" or not turns[last]["content"]:
+            skipped += 1
+            continue
+        out.append(Pair(turns[last - 1]["content"], turns[last]["content"], turns[: last - 1]))
     return out, skipped
 
 

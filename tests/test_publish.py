@@ -585,3 +585,18 @@ def test_a_refused_create_repo_is_a_clear_error_not_a_raw_hub_exception(
     res = push(curated_b.dir, repo_id="alice/ds", endpoint=hub.url)
     assert res.commit == hub.commits("alice/ds")[-1].oid
     assert "create_repo" not in {s for s, *_ in hub.log[n_requests:]}
+
+
+def test_the_card_says_which_columns_hold_chat_messages(tmp_path) -> None:
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    rows = [{"topic": f"t{i}", "messages": chat} for i in range(3)]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = (
+        "name: chats\nsteps:\n  - {type: seeds, path: s.jsonl}\n"
+        f"publish: {{dir: {tmp_path / 'pub'}}}\n"
+    )
+    (tmp_path / "r.yaml").write_text(recipe)
+    kdata.build(kdata.load_recipe(tmp_path / "r.yaml"), run_dir=tmp_path / "run")
+    text = (tmp_path / "pub" / "README.md").read_text()
+    assert "\n`messages` holds chat messages (`role`, `content`;" in text
+    assert card_metadata_errors(text) == []

@@ -335,3 +335,38 @@ def test_holdout_prompts_leave_the_preference_pairs_too(dpo_run) -> None:
     assert report["data"]["eval_items"] == 2
     assert report["data"]["curated_rows"] == report["data"]["baseline_rows"] == 10
     assert report["arms"]["dpo"]["rows"] == 10 and "judge" not in report
+
+
+def test_conversations_train_on_their_last_assistant_turn(tmp_path: Path) -> None:
+    from kdata.validation import _conversations
+
+    def chat(i: int) -> list[dict]:
+        return [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": f"Hello {i}"},
+            {"role": "assistant", "content": f"Hi {i}", "reasoning_content": "a greeting"},
+            {"role": "user", "content": f"What is {i} + {i}?"},
+            {"role": "assistant", "content": f"It is {2 * i}.", "reasoning_content": None},
+        ]
+
+    rows = [{"topic": f"sum {i}", "messages": chat(i)} for i in range(24)]
+    rows += [{"messages": [{"role": "user", "content": "no answer"}]}, {"messages": None}]
+    pairs, skipped = _conversations(rows, "messages")
+    assert skipped == 2 and len(pairs) == 24
+    assert pairs[3].prompt == "What is 3 + 3?" and pairs[3].response == "It is 6."
+    assert [m["role"] for m in pairs[3].chat()] == ["system", "user", "assistant", "user"]
+    assert "reasoning_content" not in pairs[3].chat()[2]
+    # End to end: a run whose rows are conversations, validated on them with a held-out eval.
+    seeds = rows[:24] + rows[:6]  # planted duplicates, which exact_dedup drops
+    (tmp_path / "seeds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in seeds))
+    (tmp_path / "recipe.yaml").write_text(
+        "name: chats\nsteps:\n  - {type: seeds, path: seeds.jsonl}\n"
+        "  - {type: exact_dedup, columns: [topic]}\n"
+        "validate:\n  messages: messages\n  eval: {holdout: 4}\n  max_steps: 2\n"
+        "  batch_size: 4\n  max_length: 128\n  max_new_tokens: 4\n"
+    )
+    run = kdata.build(kdata.load_recipe(tmp_path / "recipe.yaml"), run_dir=tmp_path / "run")
+    report = validate_run(run.dir, student="tiny")
+    # 4 prompts held out of the 30 seed rows; the curated arm keeps the other 20 distinct ones.
+    assert report["data"]["curated_rows"] == 20 and report["data"]["eval_items"] == 4
+    assert report["arms"]["curated"]["train_tokens"] > 0

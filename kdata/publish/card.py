@@ -264,6 +264,11 @@ def _samples(data_files: list[Path]) -> list[dict[str, str]]:
     return out
 
 
+def _is_chat(arrow_type: str) -> bool:
+    """Whether a column's Arrow type is a list of chat messages (``role`` and ``content``)."""
+    return arrow_type.startswith("list<") and "role:" in arrow_type and "content:" in arrow_type
+
+
 def card_context(
     run_dir: Path,
     manifest: dict,
@@ -368,6 +373,7 @@ def card_context(
         "split": cfg.split,
         "rows": f"{rows:,}",
         "columns": [{"name": cell(k), "type": cell(v)} for k, v in columns.items()],
+        "chat_columns": [k for k, v in columns.items() if _is_chat(v)],
         "data_files": [f"data/{p.name}" for p in data_files],
         "kdata_version": manifest.get("kdata_version", "?"),
         "teachers": teachers,
