@@ -142,6 +142,48 @@ def test_verify_with_tests_runs_the_code_in_the_sandbox(tmp_path, standin):
     assert ended[3]["ended"] in {"timeout", "cpu_limit"}
 
 
+MATH_SEEDS = [
+    {"id": 0, "question": "Half of one?", "answer": "0.5"},
+    {"id": 1, "question": "The set of roots of x^2 - 3x + 2?", "answer": "\\{1, 2\\}"},
+    {"id": 2, "question": "Ten percent, as a number of percent?", "answer": "10\\%"},
+    {"id": 3, "question": "Two plus two?", "answer": "4"},
+    {"id": 4, "question": "One third?", "answer": "\\frac{1}{3}"},
+]
+MATH_REPLIES = {
+    0: "Half of 1 is $\\boxed{\\frac{1}{2}}$.",  # a fraction for a decimal
+    1: "Factor: (x-1)(x-2), so the roots are $\\boxed{\\{2, 1\\}}$.",  # a set, reordered
+    2: "The answer is $\\boxed{10}$.",  # the percent sign stripped
+    3: "It is $\\boxed{5}$.",  # wrong
+    4: "About $\\boxed{0.3}$.",  # close is not equal
+}
+
+
+def test_verify_math_compares_answers_as_mathematics(tmp_path, standin):
+    pytest.importorskip("math_verify")
+    standin.config.reply = lambda body: MATH_REPLIES[qid(body)]
+    step = (
+        "  - {name: s, type: label, teacher: t, prompt: 'Q{{ id }}: {{ question }}',"
+        " verify: {reference: answer, math: true}}\n"
+    )
+    t = build(tmp_path, MATH_SEEDS, teacher("t", standin.port), step)
+    assert sorted(r["id"] for r in t.rows) == [0, 1, 2] and t.failed == []
+    wrong = {json.loads(d["row"])["id"]: json.loads(d["detail"]) for d in t.dropped}
+    assert set(wrong) == {3, 4} and wrong[3]["answer"] == "5" and not wrong[3]["timed_out"]
+    # Plain comparison would have kept neither the fraction nor the set.
+    assert not answers_match(extract_answer(MATH_REPLIES[0]), "0.5")
+
+
+def test_a_math_check_out_of_time_drops_the_sample_and_the_next_check_runs():
+    pytest.importorskip("math_verify")
+    from kdata import mathcheck
+
+    # sympy takes seconds over a 400-term sum (math-verify's own limit is 5 s per parse).
+    slow = "$\\boxed{" + "+".join(f"x^{{{i}}}" for i in range(400)) + "}$"
+    assert mathcheck.equivalent(slow, "2", timeout_s=0.5) == (None, None)
+    # The stuck worker was replaced: the next check answers.
+    assert mathcheck.equivalent("$\\boxed{2}$", "2", timeout_s=60) == (True, "2")
+
+
 @pytest.mark.parametrize(
     ("verify", "message"),
     [
@@ -150,6 +192,7 @@ def test_verify_with_tests_runs_the_code_in_the_sandbox(tmp_path, standin):
         ("{entry_point: e, pattern: x}", "entry_point needs tests"),
         ("{pattern: '[a-'}", "not a valid regular expression"),
         ("{extract_reference: true, pattern: x}", "extract_reference needs reference"),
+        ("{pattern: x, math: true}", "math needs reference"),
     ],
 )
 def test_bad_verify_is_a_recipe_error_naming_the_line(tmp_path, verify, message):

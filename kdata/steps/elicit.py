@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kdata import prompts, sandbox
+from kdata import mathcheck, prompts, sandbox
 from kdata.answers import answers_match, extract_answer, group_answers, split_final_answer
 from kdata.steps.base import (
     PROVENANCE,
@@ -72,16 +72,18 @@ def with_instruction(messages: list[dict[str, str]], instruction: str) -> list[d
 
 
 class Verify(StrictModel):
-    """A check of each response: its final answer against a reference column or a regex, or
-    its code against the row's tests, run in `kdata.sandbox`."""
+    """A check of each response: its final answer against a reference column (as text or a
+    number, or with ``math`` as mathematics: `kdata.mathcheck`) or a regex, or its code
+    against the row's tests, run in `kdata.sandbox`."""
 
     reference: str | None = None  # the column holding the reference answer
     extract_reference: bool = False  # the reference is that column's final answer (last number)
     tolerance: float = Field(default=1e-6, ge=0)  # numeric answers: absolute or relative
+    math: bool = False  # reference: equal as mathematics (math-verify), not as text or number
     pattern: Regex | None = None  # a regex the whole final answer must match
     tests: str | None = None  # a column of Python tests that the response's code must pass
     entry_point: str | None = None  # a column naming the function the tests' check() takes
-    timeout_s: float = Field(default=10.0, gt=0)  # tests: wall clock and CPU seconds per run
+    timeout_s: float = Field(default=10.0, gt=0)  # tests, math: seconds per check
 
     @model_validator(mode="after")
     def _one_check(self) -> Verify:
@@ -93,6 +95,8 @@ class Verify(StrictModel):
             raise ValueError("extract_reference needs reference: the column to extract from")
         if self.entry_point is not None and self.tests is None:
             raise ValueError("entry_point needs tests: the column of tests that call check()")
+        if self.math and self.reference is None:
+            raise ValueError("math needs reference: the column of reference answers")
         return self
 
     def reference_of(self, row: dict) -> str:
@@ -135,7 +139,9 @@ class LabelStep(TeacherStep):
     With ``n`` > 1 each row gives ``n`` rows, one per sample. ``cot`` appends ``cot_prompt``
     (reason step by step, then ``Final answer: ...``) and splits the response into rationale
     and answer columns; a response without a final-answer marker is a ``parse`` failure.
-    ``verify`` checks each sample's final answer and drops a wrong one as ``wrong_answer``;
+    ``verify`` checks each sample's final answer and drops a wrong one as ``wrong_answer``
+    (with ``verify.math`` the whole response goes to math-verify, which reads a boxed or last
+    LaTeX answer; a check that runs out of ``timeout_s`` drops it with ``timed_out``);
     with ``verify.tests`` the response's code (its first fenced block, else all of it) goes to
     ``<output>_code`` and runs against the row's tests in `kdata.sandbox`, and a sample that
     fails them is dropped as ``tests_failed`` with how it ended and its output.
@@ -200,6 +206,8 @@ class LabelStep(TeacherStep):
         step whose tests this machine cannot sandbox."""
         if self.verify is not None and self.verify.tests is not None:
             sandbox.require()
+        if self.verify is not None and self.verify.math:
+            mathcheck.available()
         if self.verify is None or self.verify.pattern is not None:
             return await super().run(rows, ctx)
         good, bad = [], []
@@ -232,7 +240,7 @@ class LabelStep(TeacherStep):
             new[f"{self.output}_code"] = extract_code(text)
         elif self.verify is not None:
             answer = new.get(f"{self.output}_answer") or extract_answer(text)
-            if answer is None:
+            if answer is None and not self.verify.math:  # math-verify reads LaTeX answers too
                 raise ParseError("no final answer in the response to verify")
             new[f"{self.output}_answer"] = answer
             if self.verify.reference is not None:
@@ -250,6 +258,12 @@ class LabelStep(TeacherStep):
                 return None
             return "tests_failed", {"ended": outcome.reason, "output": outcome.output[-4000:]}
         answer, reference = row[f"{self.output}_answer"], row.get(f"{self.output}_reference")
+        if self.verify.math:
+            ok, read = mathcheck.equivalent(row[self.output], reference, self.verify.timeout_s)
+            if ok:
+                return None
+            detail = {"answer": read, "reference": reference, "timed_out": ok is None}
+            return "wrong_answer", {**detail, "rationale": row[self.output]}
         if self.verify.passes(answer, reference):
             return None
         detail = {
