@@ -28,6 +28,7 @@ from kdata.steps.diversity import DiversityStep
 from kdata.steps.elicit import ConsensusStep, LabelStep
 from kdata.steps.expand import EvolInstructStep, SelfInstructStep
 from kdata.steps.features import FeaturesStep
+from kdata.steps.magpie import MagpieStep
 from kdata.steps.feedback import JudgeStep, PreferencesStep
 from kdata.steps.filters import DecontaminateStep, FilterStep
 from kdata.steps.self_knowledge import SelfConsistencyStep, SelfRefineStep
@@ -52,6 +53,7 @@ STEP_CLASSES = (
     SelfInstructStep,
     EvolInstructStep,
     CurateStep,
+    MagpieStep,
     JudgeStep,
     PreferencesStep,
     DiversityStep,
@@ -205,6 +207,10 @@ class Recipe(StrictModel):
                 raise ValueError(f"{where}: step name '{step.name}' is used twice")
             names.add(step.name or "")
             self._check_teachers(where, step.teacher_names())
+            try:
+                step.check_teachers({n: t.model for n, t in self.teachers.items()})
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
         if self.validation and self.validation.judge:
             self._check_teachers("validate.judge", self.validation.judge.judge_teachers())
         return self

@@ -2,7 +2,8 @@
 
 This is a fake written to the protocol's contract (``POST /v1/chat/completions`` with a JSON
 body; a ``chat.completion`` object or an ``{"error": {"message", "type", "code"}}`` body with the
-matching HTTP status), not a copy of any real server. It exists so tests can drive kdata's
+matching HTTP status; and ``POST /v1/completions``, raw ``prompt`` text answered by a
+``text_completion``), not a copy of any real server. It exists so tests can drive kdata's
 teacher pool through real HTTP and inject faults deterministically: rate limits with
 ``Retry-After``, server errors, connection resets, hangs past the client's timeout, and requests
 that always fail (400, 401, context window exceeded).
@@ -93,7 +94,7 @@ def count_prompt_tokens(body: dict) -> int:
 
     A rough count that stays at or below a tiktoken count of the same messages.
     """
-    n = 0
+    n = len(str(body.get("prompt") or "").split())  # a text completion's raw prompt
     for m in body.get("messages") or []:
         n += 3 + len(str(m.get("content", "")).split())
     return n
@@ -310,7 +311,7 @@ class _Conn(asyncio.Protocol):
         if path == "/_standin/stats" and method == "GET":
             self._write(200, srv.stats(), close=close)
             return
-        if path not in ("/v1/chat/completions", "/chat/completions"):
+        if path not in ("/v1/chat/completions", "/chat/completions", "/v1/completions"):
             self._write(
                 404,
                 _error(
@@ -463,6 +464,22 @@ class _Conn(asyncio.Protocol):
             "content": cfg.reply(body) if cfg.reply else expected_answer(last_user_message(body)),
         }
         usage = {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}
+        if "prompt" in body:  # POST /v1/completions: raw text in, text out
+            return {
+                "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+                "object": "text_completion",
+                "created": self.server.created,
+                "model": body.get("model", "standin-model"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": message["content"],
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": usage,
+            }
         if cfg.reasoning is not None:
             message["reasoning_content"] = cfg.reasoning(body)
             usage["completion_tokens_details"] = {"reasoning_tokens": cfg.reasoning_tokens}

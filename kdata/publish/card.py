@@ -45,6 +45,13 @@ METHODS: dict[str, dict[str, str]] = {
         "title": "WizardLM: Empowering Large Language Models to Follow Complex Instructions",
         "url": "https://arxiv.org/abs/2304.12244",
     },
+    "magpie": {
+        "method": "Magpie",
+        "cite": "Xu et al. 2024",
+        "title": "Magpie: Alignment Data Synthesis from Scratch by Prompting Aligned LLMs "
+        "with Nothing",
+        "url": "https://arxiv.org/abs/2406.08464",
+    },
     "self_consistency": {
         "method": "Self-consistency",
         "cite": "Wang et al. 2022",

@@ -383,6 +383,13 @@ class StepBase(StrictModel):
         """A hash of the files the step reads, part of its fingerprint."""
         return ""
 
+    def check_teachers(self, models: dict[str, str]) -> None:
+        """Check the step against the models its teachers are bound to (name -> model).
+
+        Raises:
+            ValueError: saying what the step cannot do with them.
+        """
+
     def check_inputs(self, base_dir: Path) -> None:
         """Check the step's inputs before a build writes anything (a source reads its files).
 

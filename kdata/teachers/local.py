@@ -161,6 +161,50 @@ def generate(model: str, messages: list[dict], params: dict[str, Any]) -> dict[s
     return out
 
 
+_SENTINEL = "\x00kdata-user-turn\x00"
+
+
+@functools.cache
+def pre_query(model: str, system: str | None = None) -> tuple[str, str | None]:
+    """What Magpie sends a local model: its chat template rendered up to where the user's
+    turn begins, and the text that ends that turn (a stop sequence), or None when the template
+    puts nothing after the user's text.
+
+    Raises:
+        KdataError: the GGUF has no chat template.
+    """
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    template = gguf_metadata(model_path(model)).get("tokenizer.chat_template")
+    if not isinstance(template, str):
+        raise KdataError(f"{model}: the GGUF has no chat template (tokenizer.chat_template)")
+    turns = [{"role": "system", "content": system}] if system else []
+    rendered = (
+        ImmutableSandboxedEnvironment()
+        .from_string(template)
+        .render(
+            messages=[*turns, {"role": "user", "content": _SENTINEL}],
+            add_generation_prompt=False,
+            bos_token="",
+            eos_token="",
+        )
+    )
+    prefix, _, after = rendered.partition(_SENTINEL)
+    return prefix, after.strip() or None
+
+
+def generate_text(model: str, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Continue raw ``prompt`` text on a local GGUF (no chat template applied); returns an
+    OpenAI-format text completion dict."""
+    kwargs = {k: v for k, v in params.items() if k in _SUPPORTED and v is not None}
+    with _lock:
+        llm = _llama(model_path(model), bool(kwargs.get("logprobs")))
+        llm.reset()
+        out = llm.create_completion(prompt=prompt, **kwargs)
+    out["model"] = f"local/{model.removeprefix('local/')}"
+    return out
+
+
 def register(litellm: Any) -> None:
     """Make ``local/...`` a litellm provider."""
     from litellm import CustomLLM, ModelResponse

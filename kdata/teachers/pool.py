@@ -269,6 +269,10 @@ class TeacherPool:
         self.in_flight = 0
         self.budget_hit = False
 
+    def model(self, name: str) -> str:
+        """The model a teacher name is bound to."""
+        return self._teachers[name].cfg.model
+
     @property
     def ledgers(self) -> dict[str, Ledger]:
         """Ledger of each teacher."""
@@ -304,7 +308,7 @@ class TeacherPool:
     async def complete(
         self,
         ref: TeacherRef,
-        messages: list[dict],
+        messages: list[dict] | str,
         *,
         route_key: str,
         sample: int = 0,
@@ -314,7 +318,8 @@ class TeacherPool:
 
         Args:
             ref: a teacher name or a `TeacherMix`.
-            messages: chat messages.
+            messages: chat messages; or raw text for a text completion, which no chat
+                template wraps (Magpie's pre-query prompt).
             route_key: what routes the request within a mix (the row id), so reruns route alike.
             sample: index of the sample for the same messages (part of the cache key).
             params: generation parameters of this request over the teacher's own (part of the
@@ -335,7 +340,7 @@ class TeacherPool:
         raise last
 
     async def _complete_one(
-        self, name: str, messages: list[dict], sample: int, extra: dict[str, Any] | None
+        self, name: str, messages: list[dict] | str, sample: int, extra: dict[str, Any] | None
     ) -> Completion:
         st = self._teachers[name]
         params = {**st.cfg.params.sent(), **(extra or {})}
@@ -396,7 +401,9 @@ class TeacherPool:
             reasoning_tokens=r.reasoning_tokens,
         )
 
-    async def _reserve(self, st: _TeacherState, messages: list[dict], params: dict) -> float | None:
+    async def _reserve(
+        self, st: _TeacherState, messages: list[dict] | str, params: dict
+    ) -> float | None:
         """Reserve the most this request could cost; wait while calls in flight may free room.
 
         The prompt is bounded by its UTF-8 bytes (a byte-level BPE token is at least one byte)
@@ -408,7 +415,7 @@ class TeacherPool:
         if self.budget_usd is None:
             return None
         p_in, p_out = st.prices
-        prompt = sum(len(str(m.get("content", "")).encode()) + 8 for m in messages) + 8
+        prompt = _prompt_bytes(messages) + 8
         worst = prompt * p_in + params.get("max_tokens", DEFAULT_MAX_TOKENS_ESTIMATE) * p_out
         async with self._budget:
             while True:
@@ -453,13 +460,12 @@ class TeacherPool:
         return text
 
     async def _send(
-        self, st: _TeacherState, messages: list[dict], params: dict, key: str
+        self, st: _TeacherState, messages: list[dict] | str, params: dict, key: str
     ) -> tuple[dict, int]:
         litellm = _litellm()
         cfg = st.cfg
         api_key = self._api_key(st)
-        est_tokens = sum(len(str(m.get("content", ""))) for m in messages) / 4
-        est_tokens += params.get("max_tokens", 256)
+        est_tokens = _prompt_bytes(messages) / 4 + params.get("max_tokens", 256)
         attempts, reserved = 0, None
         try:
             while True:
@@ -483,16 +489,7 @@ class TeacherPool:
                     st.ledger.requests += 1
                     try:
                         resp = await asyncio.wait_for(
-                            litellm.acompletion(
-                                model=cfg.model,
-                                messages=messages,
-                                api_base=cfg.api_base,
-                                api_key=api_key,
-                                timeout=cfg.timeout,
-                                num_retries=0,  # one retry loop only: this one
-                                max_retries=0,
-                                **params,
-                            ),
+                            _call(litellm, cfg, messages, api_key, params),
                             timeout=cfg.timeout + 5,
                         )
                         error = None
@@ -528,19 +525,16 @@ class TeacherPool:
             await self._release(reserved)
 
     def _record(
-        self, st: _TeacherState, resp: Any, messages: list[dict], params: dict, key: str
+        self, st: _TeacherState, resp: Any, messages: list[dict] | str, params: dict, key: str
     ) -> dict:
         """Store the whole response durably, then account for it."""
-        usage = getattr(resp, "usage", None)
-        p_tok = getattr(usage, "prompt_tokens", 0) or 0
-        c_tok = getattr(usage, "completion_tokens", 0) or 0
+        data = response.stored(resp, 0.0)
+        reply = response.read(data)
         p_in, p_out = st.prices
-        cost = p_tok * p_in + c_tok * p_out
-        data = response.stored(resp, cost)
+        cost = data["cost_usd"] = reply.prompt_tokens * p_in + reply.completion_tokens * p_out
         self.cache.put(
             key, st.name, st.cfg.model, {"messages": messages, "params": params}, data, cost
         )
-        reply = response.read(data)
         led = st.ledger
         led.responses += 1
         led.prompt_tokens += reply.prompt_tokens
@@ -548,6 +542,28 @@ class TeacherPool:
         led.reasoning_tokens += reply.reasoning_tokens
         led.cost_usd += cost
         return data
+
+
+def _prompt_bytes(messages: list[dict] | str) -> int:
+    """UTF-8 bytes of a request's text, plus 8 per chat message for its template's tokens."""
+    if isinstance(messages, str):
+        return len(messages.encode())
+    return sum(len(str(m.get("content", "")).encode()) + 8 for m in messages)
+
+
+def _call(litellm: Any, cfg: Teacher, messages: list[dict] | str, api_key, params: dict):
+    """The coroutine of one request: a chat completion, or a text completion of raw text (a
+    local model's directly, any other through litellm's ``atext_completion``)."""
+    common = {"api_base": cfg.api_base, "api_key": api_key, "timeout": cfg.timeout}
+    # One retry loop only: the pool's.
+    common |= {"num_retries": 0, "max_retries": 0}
+    if not isinstance(messages, str):
+        return litellm.acompletion(model=cfg.model, messages=messages, **common, **params)
+    if cfg.model.startswith("local/"):
+        from kdata.teachers.local import generate_text
+
+        return asyncio.to_thread(generate_text, cfg.model, messages, params)
+    return litellm.atext_completion(model=cfg.model, prompt=messages, **common, **params)
 
 
 def prices(cfg: Teacher) -> tuple[float, float] | None:

@@ -89,7 +89,7 @@ def _read_v2(resp: dict[str, Any]) -> Reply:
     details = usage.get("completion_tokens_details") or {}
     prompt_details = usage.get("prompt_tokens_details") or {}
     return Reply(
-        text=message.get("content"),
+        text=message.get("content") if message else choice.get("text"),  # chat, else text
         reasoning=_reasoning(message),
         finish_reason=choice.get("finish_reason"),
         prompt_tokens=usage.get("prompt_tokens") or 0,

@@ -1,0 +1,142 @@
+"""`magpie`: instructions an aligned model writes itself, then answers (Xu et al., 2024).
+
+An instruction-tuned model that is sent only its chat template's opening of a user turn (the
+"pre-query" text) writes a user query, drawn from what it was aligned on; asked that query
+through the chat API, it answers. No seed data and no prompt engineering.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field
+
+from kdata.errors import KdataError, TeacherError
+from kdata.steps.base import (
+    StepBase,
+    StepContext,
+    StepOutput,
+    dropped,
+    failure,
+    gather_requests,
+    provenance,
+    row_id,
+)
+
+_SPACE = re.compile(r"\s+")
+
+
+class MagpieStep(StepBase):
+    """``rows`` instructions written by ``teacher`` from its pre-query prompt, each answered
+    by ``response_teacher`` (default: the same teacher).
+
+    The pre-query text is the teacher's chat template rendered up to where a user turn's text
+    begins (with ``system`` as the system prompt when set), read from the GGUF of a ``local/``
+    teacher; for a server (its ``/v1/completions`` endpoint) give it as ``pre_query``, with
+    ``end_of_turn``, the text that ends a user turn in that template. Each instruction request
+    is a sample of its own (``temperature`` overrides the teacher's: a greedy teacher writes one
+    instruction over and over). An instruction already written (compared without regard to case
+    and spacing) is dropped as ``duplicate`` before it is answered, an empty one as ``empty``.
+    Rows out: ``instruction``, ``response``; the rows in pass through first.
+    """
+
+    type: Literal["magpie"] = "magpie"
+    teacher: str
+    response_teacher: str | None = None
+    rows: int = Field(ge=1)
+    system: str | None = None
+    pre_query: str | None = None
+    end_of_turn: str | None = None
+    temperature: float = Field(default=1.0, ge=0)
+    max_instruction_tokens: int = Field(default=128, ge=1)
+
+    def teacher_names(self) -> set[str]:
+        return {self.teacher, self.response_teacher or self.teacher}
+
+    def check_teachers(self, models: dict[str, str]) -> None:
+        """Raise ValueError when the step cannot know its teacher's pre-query text."""
+        model = models.get(self.teacher, "")
+        if self.pre_query is None and not model.startswith("local/"):
+            raise ValueError(
+                f"magpie: teacher '{self.teacher}' ({model}) is not a local GGUF, whose chat "
+                "template kdata reads; give pre_query: its template's text before a user turn"
+            )
+
+    def plan(self, n_rows: int, base_dir: Any) -> tuple[int, int]:
+        return n_rows + self.rows, 2 * self.rows
+
+    def _prompt(self, model: str) -> tuple[str, str | None]:
+        if self.pre_query is not None:
+            return self.pre_query, self.end_of_turn
+        from kdata.teachers.local import pre_query
+
+        return pre_query(model, self.system)
+
+    async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
+        assert ctx.pool is not None
+        prefix, end = self._prompt(ctx.pool.model(self.teacher))
+        if not prefix:
+            raise KdataError(f"magpie: the pre-query text of teacher '{self.teacher}' is empty")
+        params: dict[str, Any] = {
+            "temperature": self.temperature,
+            "max_tokens": self.max_instruction_tokens,
+        }
+        if end:
+            params["stop"] = [end]
+        out = StepOutput(rows=list(rows), expected=len(rows) + self.rows)
+        ctx.advance(len(rows))
+
+        async def write(i: int):
+            try:
+                return await ctx.pool.complete(
+                    self.teacher, prefix, route_key=f"magpie:{i}", sample=i, params=params
+                )
+            except TeacherError as e:
+                return e
+
+        written = await gather_requests(write(i) for i in range(self.rows))
+        seen: set[str] = set()
+        todo = []
+        for i, c in enumerate(written):
+            rid_ = row_id("magpie", ctx.name, str(i))
+            if isinstance(c, TeacherError):
+                out.failed.append(failure(None, c.error_class, str(c), attempts=c.attempts))
+                continue
+            text = (c.text or "").strip()
+            row = {"instruction": text, "_kdata": provenance(rid_, [], ctx.name, c)}
+            key = _SPACE.sub(" ", text.lower())
+            if not text:
+                out.dropped.append(dropped(row, "empty", finish_reason=c.finish_reason))
+            elif key in seen:
+                out.dropped.append(dropped(row, "duplicate"))
+            else:
+                seen.add(key)
+                todo.append((row, c))
+        ctx.advance(len(written) - len(todo))
+        answerer = self.response_teacher or self.teacher
+        chat = [{"role": "system", "content": self.system}] if self.system else []
+
+        async def answer(row: dict, asked) -> dict:
+            try:
+                c = await ctx.pool.complete(
+                    answerer,
+                    [*chat, {"role": "user", "content": row["instruction"]}],
+                    route_key=row["_kdata"]["id"],
+                )
+            except TeacherError as e:
+                return failure(row, e.error_class, str(e), attempts=e.attempts)
+            finally:
+                ctx.advance(1)
+            text = (c.text or "").strip()
+            if not text:
+                error = f"empty response (finish_reason={c.finish_reason})"
+                return failure(row, "parse", error, attempts=c.attempts, raw=c.text)
+            p = provenance(row["_kdata"]["id"], [], ctx.name, c)
+            for k in ("prompt_tokens", "completion_tokens", "reasoning_tokens", "cost_usd"):
+                p[k] += getattr(asked, k)  # both requests of the row
+            return {**row, "response": text, "_kdata": p}
+
+        for r in await gather_requests(answer(row, c) for row, c in todo):
+            (out.failed if "error_class" in r else out.rows).append(r)
+        return out
