@@ -28,9 +28,9 @@ from kdata.steps.diversity import DiversityStep
 from kdata.steps.elicit import ConsensusStep, LabelStep
 from kdata.steps.expand import EvolInstructStep, SelfInstructStep
 from kdata.steps.features import FeaturesStep
-from kdata.steps.magpie import MagpieStep
 from kdata.steps.feedback import JudgeStep, PreferencesStep
 from kdata.steps.filters import DecontaminateStep, FilterStep
+from kdata.steps.magpie import MagpieStep
 from kdata.steps.self_knowledge import SelfConsistencyStep, SelfRefineStep
 from kdata.steps.semantic import SemanticDedupStep
 from kdata.steps.sources import SeedsStep

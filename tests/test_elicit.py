@@ -420,3 +420,33 @@ def test_bad_schema_is_a_recipe_error(fields, message):
     )
     with pytest.raises(kdata.RecipeError, match=message):
         kdata.recipe_from_yaml(text)
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (CI installs it)")
+def test_the_code_verified_recipe_runs_humaneval_tests(tmp_path, standin, monkeypatch):
+    """recipes/code_verified.yaml against the stand-in: HumanEval's canonical solutions pass,
+    a wrong one fails, and a solution without its imports passes thanks to ``setup``."""
+    root = Path(__file__).resolve().parents[1]
+    problems = [json.loads(line) for line in (root / "recipes/data/humaneval.jsonl").open()][:3]
+
+    def reply(body: dict) -> str:
+        p = next(p for p in problems if f"def {p['entry_point']}(" in last_user_message(body))
+        i = problems.index(p)
+        stub = p["prompt"][p["prompt"].index("def ") :]  # no imports: setup brings them
+        body_ = p["canonical_solution"] if i != 1 else "    return None\n"
+        return f"```python\n{stub}{body_}```"
+
+    standin.config.reply = reply
+    text = (root / "recipes/code_verified.yaml").read_text()
+    text = text.replace(
+        "    model: local/smollm2-135m-instruct\n",
+        f"    model: openai/coder\n    api_base: http://127.0.0.1:{standin.port}/v1\n"
+        "    api_key: ${KDATA_TEST_KEY}\n",
+    )
+    monkeypatch.setenv("KDATA_HUMANEVAL_LIMIT", "3")
+    run = kdata.build(kdata.recipe_from_yaml(text, root / "recipes"), run_dir=tmp_path / "run")
+    t = tables(run.dir / "steps" / "solutions")
+    assert sorted(r["task_id"] for r in t.rows) == ["HumanEval/0"] * 2 + ["HumanEval/2"] * 2
+    assert t.stats["drop_reasons"] == {"tests_failed": 2}
+    assert all("AssertionError" in json.loads(d["detail"])["output"] for d in t.dropped)
+    assert problems[0]["prompt"].startswith("from typing import List")  # what setup supplied

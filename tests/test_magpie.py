@@ -62,7 +62,7 @@ def test_magpie_through_a_servers_completions_endpoint(tmp_path, monkeypatch):
             f"    api_base: http://127.0.0.1:{s.port}/v1\n    api_key: ${{{KEY_VAR}}}\n"
             "    max_retries: 0\n    params: {seed: 0}\n"
             "steps:\n  - name: m\n    type: magpie\n    teacher: t\n    rows: 4\n"
-            "    pre_query: \"<|user|>\\n\"\n    end_of_turn: \"</s>\"\n"
+            '    pre_query: "<|user|>\\n"\n    end_of_turn: "</s>"\n'
         )
         (tmp_path / "r.yaml").write_text(recipe)
         run = kdata.build(kdata.load_recipe(tmp_path / "r.yaml"), run_dir=tmp_path / "run")

@@ -170,3 +170,58 @@ def test_reasoning_token_limit_and_mixing_in_the_answer():
     assert japanese.check(_row("答えは四です")) is None
     with pytest.raises(ValueError, match="max_share"):
         FilterStep(column="response", language_mixing={"scripts": ["latin"], "max_share": 1})
+
+
+def test_the_r1_distill_recipe_on_a_reasoning_server(tmp_path, standin, monkeypatch):
+    """recipes/r1_distill.yaml with its teacher pointed at the stand-in answering as DeepSeek's
+    reasoner does: traces, math-verified answers, trace filters and messages, end to end."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    import kdata
+
+    root = Path(__file__).resolve().parents[1]
+    problems = [json.loads(line) for line in (root / "recipes/data/gsm8k_200.jsonl").open()][:4]
+    from kdata.answers import extract_answer, parse_number
+
+    # The reference is the last number of GSM8K's worked solution: 72, $10, $5, 42.
+    answers = {p["question"]: f"{parse_number(extract_answer(p['answer'])):g}" for p in problems}
+
+    def asked(body: dict) -> str:
+        return answers[last_user_message(body)]
+
+    # Problem 0 right, 1 wrong, 2 right but its trace concludes otherwise, 3 right as a decimal.
+    def reply(body: dict) -> str:
+        i = list(answers).index(last_user_message(body))
+        value = asked(body) if i != 1 else "1"
+        return f"So the answer is $\\boxed{{{value}}}$" if i != 3 else f"$\\boxed{{{value}.0}}$"
+
+    def reasoning(body: dict) -> str:
+        i = list(answers).index(last_user_message(body))
+        return f"Let me work it out. The answer is {asked(body) if i != 2 else 999999}."
+
+    standin.config.reply, standin.config.reasoning = reply, reasoning
+    text = (root / "recipes/r1_distill.yaml").read_text()
+    text = text.replace(
+        "    model: local/smollm2-135m-instruct\n",
+        f"    model: deepseek/deepseek-reasoner\n    api_base: http://127.0.0.1:{standin.port}/v1\n"
+        f"    api_key: ${{{KEY_VAR}}}\n",
+    )
+    monkeypatch.setenv("KDATA_R1_LIMIT", "4")
+    recipe = kdata.recipe_from_yaml(text, root / "recipes")
+    run = kdata.build(recipe, run_dir=tmp_path / "run")
+    rows = pq.read_table(run.dir / "data").to_pylist()
+    # n: 2 samples of problems 0 and 3 pass; their two samples are the same request text, so
+    # exact_dedup keeps one of each.
+    assert sorted(answers[r["question"]] for r in rows) == sorted(
+        [answers[problems[0]["question"]], answers[problems[3]["question"]]]
+    )
+    stats = {s.name: s for s in run.steps}
+    assert stats["traces"].drop_reasons == {"wrong_answer": 2}
+    assert stats["trace_quality"].drop_reasons == {"answer_disagrees": 2}
+    for r in rows:
+        assert r["response_reasoning"].startswith("Let me work it out.")
+        roles = [m["role"] for m in r["messages"]]
+        assert roles == ["system", "user", "assistant"]
+        assert r["messages"][2]["reasoning_content"] == r["response_reasoning"]

@@ -83,6 +83,7 @@ class Verify(StrictModel):
     pattern: Regex | None = None  # a regex the whole final answer must match
     tests: str | None = None  # a column of Python tests that the response's code must pass
     entry_point: str | None = None  # a column naming the function the tests' check() takes
+    setup: str | None = None  # a column of code run before the response's (imports, say)
     timeout_s: float = Field(default=10.0, gt=0)  # tests, math: seconds per check
 
     @model_validator(mode="after")
@@ -95,6 +96,8 @@ class Verify(StrictModel):
             raise ValueError("extract_reference needs reference: the column to extract from")
         if self.entry_point is not None and self.tests is None:
             raise ValueError("entry_point needs tests: the column of tests that call check()")
+        if self.setup is not None and self.tests is None:
+            raise ValueError("setup needs tests: it is code run before the response's code")
         if self.math and self.reference is None:
             raise ValueError("math needs reference: the column of reference answers")
         return self
@@ -120,8 +123,11 @@ class Verify(StrictModel):
 
     def program(self, row: dict, code: str) -> str:
         """The program that runs ``code`` against the row's tests (HumanEval's shape: the
-        solution, the tests, then ``check(<entry point>)`` when ``entry_point`` is set)."""
+        ``setup`` column's code when set, the solution, the tests, then
+        ``check(<entry point>)`` when ``entry_point`` is set)."""
         program = f"{code}\n\n{self.reference_of(row)}\n"
+        if self.setup is not None:
+            program = f"{row.get(self.setup) or ''}\n\n{program}"
         if self.entry_point is not None:
             program += f"\ncheck({row[self.entry_point]})\n"
         return program

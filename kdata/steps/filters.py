@@ -110,8 +110,9 @@ class FilterStep(StepBase):
     8. ``language_mixing``: in the text or its trace (the ``<column>_reasoning`` column, when
        the row has one), the share of letters outside ``scripts`` is above ``max_share`` ->
        ``language_mixing``, with ``where`` (``text`` or ``reasoning``).
-    9. ``answer_agreement``: the trace's final answer differs from the text's ->
-       ``answer_disagrees``, with both answers (a row where either states none is kept).
+    9. ``answer_agreement``: the trace's final answer differs from the text's (numbers within
+       1e-6, anything else as normalised text) -> ``answer_disagrees``, with both answers (a
+       row where either states none is kept).
     10. ``min_score``: the score column is below ``value`` -> ``low_score``.
 
     Drop details hold ``score`` (the measured value), ``threshold`` and, for lengths, ``bound``
