@@ -124,7 +124,15 @@ def test_publish_snippet_validates() -> None:
     assert recipe.publish.repo_id == "alice/seed-answers" and recipe.publish.license == "apache-2.0"
 
 
-ELICITATION = ("label", "consensus", "self_consistency", "self_refine", "conversation", "features")
+ELICITATION = (
+    "label",
+    "consensus",
+    "self_consistency",
+    "self_refine",
+    "conversation",
+    "magpie",
+    "features",
+)
 
 
 @pytest.mark.parametrize("step_type", ELICITATION)
@@ -149,6 +157,19 @@ def test_code_verification_snippet_validates() -> None:
     teachers = "  smol: {model: local/smollm2-135m-instruct}\n"
     (step,) = kdata.recipe_from_yaml(f"name: t\nteachers:\n{teachers}" + snippet).steps
     assert (step.verify.tests, step.verify.entry_point) == ("test", "entry_point")
+    assert step.verify.setup == "prompt"
+
+
+def test_trace_filter_lines_of_the_curation_snippet_validate() -> None:
+    snippet = next(b for b in blocks("yaml") if b.startswith("steps:") and "language_mixing" in b)
+    names = ("max_reasoning_tokens", "language_mixing", "answer_agreement")
+    found = re.findall(rf"# ((?:{'|'.join(names)}): .*?)(?:   #|$)", snippet, flags=re.M)
+    assert len(found) == 3, found
+    fields = "".join(f"    {line.strip()}\n" for line in found)
+    step = "steps:\n  - type: filter\n    column: response\n" + fields
+    (f,) = kdata.recipe_from_yaml("name: t\n" + step).steps
+    assert f.max_reasoning_tokens == 4096 and f.answer_agreement
+    assert f.language_mixing.scripts == ["latin"] and f.language_mixing.max_share == 0.02
 
 
 def test_reasoning_teachers_snippet_validates() -> None:
