@@ -34,7 +34,10 @@ def vote_reply(body: dict) -> str:
 
 def test_self_consistency_votes_and_keeps_a_sample_that_reached_the_majority(tmp_path, standin):
     standin.config.reply = vote_reply
-    step = f"  - {{name: s, type: self_consistency, teacher: t, n: 5, prompt: {PROMPT}}}\n"
+    step = (
+        f"  - {{name: s, type: self_consistency, teacher: t, n: 5, prompt: {PROMPT},"
+        " messages_column: chat}\n"
+    )
     t = build(tmp_path, [{"id": i, "q": "?"} for i in VOTES], teacher("t", standin.port), step)
 
     got = {r["id"]: r for r in t.rows}
@@ -47,6 +50,9 @@ def test_self_consistency_votes_and_keeps_a_sample_that_reached_the_majority(tmp
     for r in t.rows:
         assert r["response"] == f"{r['response_rationale']}\nFinal answer: {r['response_answer']}"
         assert r["_kdata"]["parent_ids"] and r["_kdata"]["teacher"] == "t"
+        # The chat messages end with the kept sample's response.
+        assert [m["role"] for m in r["chat"]] == ["user", "assistant"]
+        assert r["chat"][1]["content"] == r["response"]
     (f,) = t.failed
     assert f["error_class"] == "no_answer" and json.loads(f["row"])["id"] == 2
     assert json.loads(f["raw"]) == [f"Sample {s} rambles on" for s in range(5)]

@@ -28,6 +28,7 @@ from kdata.steps.base import (
     ask,
     ask_all,
     chat,
+    chat_messages,
     failure,
     provenance,
     reasoning_column,
@@ -90,6 +91,8 @@ class SelfConsistencyStep(TeacherStep):
             **reasoning_column(self, completions[top[0]]),
             f"{self.output}_agreement": len(top) / self.n,
         }
+        if self.messages_column is not None:
+            child[self.messages_column] = chat_messages(msgs, completions[top[0]])
         child[PROVENANCE] = provenance(
             row_id(rid(row), ctx.name), [rid(row)], ctx.name, completions[top[0]]
         )
