@@ -450,3 +450,20 @@ def test_the_code_verified_recipe_runs_humaneval_tests(tmp_path, standin, monkey
     assert t.stats["drop_reasons"] == {"tests_failed": 2}
     assert all("AssertionError" in json.loads(d["detail"])["output"] for d in t.dropped)
     assert problems[0]["prompt"].startswith("from typing import List")  # what setup supplied
+
+
+def test_a_pydantic_model_is_a_schema_in_python():
+    from pydantic import BaseModel
+
+    from kdata.steps.elicit import LabelStep
+    from kdata.steps.replies import schema_object
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    step = LabelStep(teacher="t", prompt="Describe {{ who }}.", schema=Person)
+    assert step.schema_ == Person.model_json_schema()
+    assert schema_object('{"name": "Ada", "age": 36}', step.schema_) == {"name": "Ada", "age": 36}
+    with pytest.raises(ValueError, match="age"):
+        schema_object('{"name": "Ada"}', step.schema_)

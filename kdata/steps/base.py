@@ -65,7 +65,10 @@ def _template_compiles(value: str) -> str:
 
 
 def _schema_source(value: Any, info: ValidationInfo) -> Any:
-    """``{path: file.json}`` becomes the JSON schema in the file, read relative to the recipe."""
+    """``{path: file.json}`` becomes the JSON schema in the file, read relative to the recipe;
+    a pydantic model class (from Python) becomes its JSON schema."""
+    if isinstance(value, type) and issubclass(value, BaseModel):
+        return value.model_json_schema()
     if isinstance(value, dict) and set(value) == {"path"}:
         path = Path((info.context or {}).get("base_dir", ".")) / str(value["path"])
         try:
@@ -89,7 +92,8 @@ def _schema_valid(value: dict) -> dict:
     return value
 
 
-# A JSON schema of an object: inline, or ``{path: schemas/mine.json}`` relative to the recipe.
+# A JSON schema of an object: inline, ``{path: schemas/mine.json}`` relative to the recipe, or
+# (in Python) a pydantic model class.
 JsonSchema = Annotated[
     dict[str, Any], BeforeValidator(_schema_source), AfterValidator(_schema_valid)
 ]
