@@ -77,7 +77,9 @@ def endpoint(cfg: Teacher, litellm: Any) -> Endpoint | None:
         model, provider, _, _ = litellm.get_llm_provider(cfg.model, api_base=cfg.api_base)
         from litellm.utils import ProviderConfigManager
 
-        config = ProviderConfigManager.get_provider_chat_config(model, litellm.LlmProviders(provider))
+        config = ProviderConfigManager.get_provider_chat_config(
+            model, litellm.LlmProviders(provider)
+        )
     except Exception:  # litellm does not know the model: it says why when the request is made
         return None
     if type(config).__name__ not in _PLAIN_CONFIGS.get(provider, ()):
@@ -101,30 +103,49 @@ def body(ep: Endpoint, messages: list[dict], params: dict[str, Any]) -> bytes:
 
 
 class Sessions:
-    """One pooled aiohttp session per endpoint URL, opened on first use on the running loop."""
+    """One pooled aiohttp session per endpoint URL, opened on first use on the running loop.
+
+    The proxy (``HTTPS_PROXY``, ``NO_PROXY``... as the OpenAI SDK honours them) is looked up once
+    per endpoint: aiohttp's ``trust_env`` would look it up, in a thread, for every request.
+    """
 
     def __init__(self) -> None:
-        self._open: dict[str, aiohttp.ClientSession] = {}
+        self._open: dict[str, tuple[aiohttp.ClientSession, dict[str, Any]]] = {}
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+
+    def _session(self, url: str) -> tuple[aiohttp.ClientSession, dict[str, Any]]:
+        import aiohttp
+        from aiohttp.helpers import get_env_proxy_for_url
+        from yarl import URL
+
+        try:
+            proxy, auth = get_env_proxy_for_url(URL(url))
+            via = {"proxy": proxy, "proxy_auth": auth}
+        except LookupError:  # no proxy for this host
+            via = {}
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),  # the pool's semaphores bound it
+            headers={"Content-Type": "application/json", "User-Agent": "kdata"},
+        )
+        self._open[url] = session, via
+        return session, via
 
     async def post(
         self, ep: Endpoint, messages: list[dict], params: dict, api_key: str | None, timeout: float
     ) -> dict:
         """Send one request; the parsed answer, or `StatusError` / aiohttp's error."""
-        import aiohttp
-
-        session = self._open.get(ep.url)
-        if session is None:
-            session = self._open[ep.url] = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0),  # the pool's semaphores bound it
-                headers={"Content-Type": "application/json", "User-Agent": "kdata"},
-                trust_env=True,  # HTTPS_PROXY / NO_PROXY, as the OpenAI SDK honours them
-            )
+        session, via = self._open.get(ep.url) or self._session(ep.url)
         if timeout not in self._timeouts:
+            import aiohttp
+
             self._timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         async with session.post(
-            ep.url, data=body(ep, messages, params), headers=headers, timeout=self._timeouts[timeout]
+            ep.url,
+            data=body(ep, messages, params),
+            headers=headers,
+            timeout=self._timeouts[timeout],
+            **via,
         ) as r:
             raw = await r.read()
             status, resp_headers = r.status, r.headers
@@ -136,8 +157,8 @@ class Sessions:
     async def aclose(self) -> None:
         """Close every session (and its connections)."""
         sessions, self._open = list(self._open.values()), {}
-        for s in sessions:
-            await s.close()
+        for session, _ in sessions:
+            await session.close()
 
 
 def _json(raw: bytes) -> Any:
@@ -157,7 +178,9 @@ def _status_error(status: int, raw: bytes, data: Any, headers: Any) -> StatusErr
         message = str(error) if error else raw.decode("utf-8", "replace")[:2000] or "no body"
         code = ""
     if status == 200:  # an answer that is no completion: the server failed to give one
-        return StatusError(status, f"not a chat completion: {message}", headers, "server_error", True)
+        return StatusError(
+            status, f"not a chat completion: {message}", headers, "server_error", True
+        )
     if code == "context_length_exceeded" or ExceptionCheckers.is_error_str_context_window_exceeded(
         message
     ):
@@ -166,5 +189,7 @@ def _status_error(status: int, raw: bytes, data: Any, headers: Any) -> StatusErr
         return StatusError(status, message, headers, "not_found", False)
     if code == "content_policy_violation" or "violating our usage policy" in message:
         return StatusError(status, message, headers, "content_policy", False)
-    error_class, retryable = _STATUS.get(status, ("server_error", True) if status >= 500 else ("bad_request", False))
+    error_class, retryable = _STATUS.get(
+        status, ("server_error", True) if status >= 500 else ("bad_request", False)
+    )
     return StatusError(status, message, headers, error_class, retryable)

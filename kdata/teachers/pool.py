@@ -65,8 +65,12 @@ _TIMEOUT = {"Timeout", "TimeoutError", "TimeoutException", "APITimeoutError"}
 
 
 def _litellm():
-    """Import litellm configured for kdata: offline price map, quiet, local provider on."""
+    """Import litellm configured for kdata: offline price map, quiet, local provider on, and no
+    connection cap of its own (it caps aiohttp at 500 per host; the pool's semaphores bound
+    what is in flight). The variables are read when litellm is first imported."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("AIOHTTP_CONNECTOR_LIMIT", "1000000")
+    os.environ.setdefault("AIOHTTP_CONNECTOR_LIMIT_PER_HOST", "0")  # 0: no limit per host
     import litellm
 
     if not getattr(litellm, "_kdata_ready", False):
