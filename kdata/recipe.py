@@ -114,6 +114,11 @@ class Teacher(StrictModel):
     answer (a reasoning model behind a server without a reasoning parser); kdata splits it off
     into the reasoning column. It changes how stored responses are read, not what is sent, so
     toggling it re-reads the cache and pays for nothing.
+
+    ``client``: ``auto`` sends the requests of a teacher that speaks OpenAI's chat completions
+    (``openai/...``, ``hosted_vllm/...``) over kdata's own HTTP client, every other through
+    litellm (see `kdata.teachers.openai_http`); ``litellm`` sends them all through litellm. Either
+    way the requests, the cache and the ledger are the same.
     """
 
     model: str = Field(min_length=1)
@@ -128,6 +133,7 @@ class Teacher(StrictModel):
     timeout: float = Field(default=120.0, gt=0)
     structured_output: bool | None = None
     think_tags: bool = False  # split an inline <think>...</think> off the answer as reasoning
+    client: Literal["auto", "litellm"] = "auto"
 
     @field_validator("api_base")
     @classmethod

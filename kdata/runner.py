@@ -302,6 +302,7 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
         for m in manifest["steps"]:
             m["stats"] = done.get(m["name"])
         write_json(run_dir / "manifest.json", manifest)
+        await pool.aclose()
         cache.close()
         executor.close()
     if recipe.publish and recipe.publish.dir:  # last: the folder reads everything above

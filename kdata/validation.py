@@ -468,7 +468,10 @@ def judge_win_rates(
 
     async def run_all() -> list[list[float | str]]:
         units = [[one(a, b, i) for i in range(len(items))] for a, b in comparisons]
-        return await gather_requests(gather_requests(u) for u in units)
+        try:
+            return await gather_requests(gather_requests(u) for u in units)
+        finally:
+            await pool.aclose()
 
     try:
         results = asyncio.run(run_all())

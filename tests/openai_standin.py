@@ -16,9 +16,9 @@ second on one core.
 
 Every request is recorded (`Record`): the body hash (sha256 of the canonical JSON of the body,
 that is model, messages and parameters), the attempt number (how many requests with that body
-hash came before it), arrival and answer times on ``time.monotonic``, the Authorization header,
-and what was answered. Faults are decided from the body hash and the attempt number only, so a
-rerun meets the same faults.
+hash came before it), arrival and answer times on ``time.monotonic``, the Authorization and
+User-Agent headers, and what was answered. Faults are decided from the body hash and the attempt
+number only, so a rerun meets the same faults.
 """
 
 from __future__ import annotations
@@ -187,6 +187,7 @@ class Record:
     status: int | None = None  # HTTP status answered; None for reset / hang
     answered_at: float | None = None  # when the answer (or the reset) was written
     retry_after: float | None = None  # Retry-After sent with a 429
+    user_agent: str | None = None  # which client sent it
 
 
 class _Server:
@@ -351,6 +352,7 @@ class _Conn(asyncio.Protocol):
             time.monotonic(),
             headers.get("authorization"),
             body if srv.keep_bodies else None,
+            user_agent=headers.get("user-agent"),
         )
         srv.records.append(rec)
         srv.in_flight += 1

@@ -4,7 +4,8 @@ The stand-in (tests/openai_standin.py) speaks the OpenAI chat-completions contra
 faults decided from each request's body hash and attempt number, so every run meets the same
 faults. These tests check what the pool promises: retries only what retrying can fix, honours
 Retry-After, loses no row, never spends past the budget, resumes after ``kill -9`` without
-paying twice, and never writes an API key anywhere.
+paying twice, and never writes an API key anywhere. Every test runs twice: on the fast path
+(kdata's own HTTP client, ``client: auto``) and through litellm (``client: litellm``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,18 @@ MODEL = "standin-model"
 STEP = "answer"
 PROMPT = "Question {{ id }}: {{ question }}"
 CLOCK_SLACK_S = 0.005
+CLIENT = "auto"  # set for each test by the `client` fixture
+
+
+@pytest.fixture(autouse=True, params=["auto", "litellm"])
+def client(request, monkeypatch):
+    """The path every teacher of the test takes: kdata's HTTP client (auto) or litellm."""
+    monkeypatch.setattr(sys.modules[__name__], "CLIENT", request.param)
+    server = request.getfixturevalue("standin") if "standin" in request.fixturenames else None
+    yield request.param
+    if server is not None:  # every request really took that path
+        agents = {r.user_agent for r in server.records}
+        assert agents and (agents == {"kdata"}) == (request.param == "auto"), agents
 
 
 @pytest.fixture(autouse=True)
@@ -78,6 +91,7 @@ def recipe_yaml(
 ) -> str:
     lines = [
         "name: faults",
+        "report: {diversity: false}",  # the pool is under test, not the report
         "teachers:",
         "  t:",
         f"    model: openai/{MODEL}",
@@ -86,6 +100,7 @@ def recipe_yaml(
         f"    timeout: {timeout}",
         f"    max_retries: {max_retries}",
         f"    max_concurrency: {max_concurrency}",
+        f"    client: {CLIENT}",
         f"    params: {{temperature: 0.0, max_tokens: {max_tokens}}}",
     ]
     if price is not None:
@@ -269,7 +284,8 @@ def test_auth_failure_stops_calling_the_teacher_and_the_mix_falls_back(tmp_path,
         "teachers:\n  t:",
         f"teachers:\n  bad:\n    model: openai/bad\n"
         f"    api_base: http://127.0.0.1:{standin.port}/v1\n"
-        f"    api_key: ${{KDATA_TEST_KEY}}\n    max_concurrency: {concurrency}\n  t:",
+        f"    api_key: ${{KDATA_TEST_KEY}}\n    max_concurrency: {concurrency}\n"
+        f"    client: {CLIENT}\n  t:",
     )
     bad = bad.replace("    teacher: t\n", "    teacher: {mix: {bad: 1}, fallbacks: [t]}\n")
     run = kdata.build(recipe_from_yaml(bad, tmp_path), run_dir=tmp_path / "run")
@@ -444,6 +460,7 @@ def test_api_key_is_written_nowhere(tmp_path, standin, monkeypatch):
         "  bad:\n    model: openai/bad\n"
         f"    api_base: http://127.0.0.1:{standin.port}/v1\n"
         "    api_key: ${KDATA_TEST_KEY}\n"
+        f"    client: {CLIENT}\n"
     )
     text = recipe_yaml(standin.port).replace("teachers:\n", "teachers:\n" + bad_teacher)
     text = text.replace("    teacher: t\n", "    teacher: {mix: {bad: 1, t: 1}}\n")

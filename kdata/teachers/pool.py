@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kdata.errors import BudgetExceeded, TeacherError
-from kdata.teachers import response
+from kdata.teachers import openai_http, response
 from kdata.teachers.cache import RequestCache, request_key
 
 if TYPE_CHECKING:
@@ -65,8 +65,12 @@ _TIMEOUT = {"Timeout", "TimeoutError", "TimeoutException", "APITimeoutError"}
 
 
 def _litellm():
-    """Import litellm configured for kdata: offline price map, quiet, local provider on."""
+    """Import litellm configured for kdata: offline price map, quiet, local provider on, and no
+    connection cap of its own (it caps aiohttp at 500 per host; the pool's semaphores bound
+    what is in flight). The variables are read when litellm is first imported."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("AIOHTTP_CONNECTOR_LIMIT", "1000000")
+    os.environ.setdefault("AIOHTTP_CONNECTOR_LIMIT_PER_HOST", "0")  # 0: no limit per host
     import litellm
 
     if not getattr(litellm, "_kdata_ready", False):
@@ -211,6 +215,7 @@ class _TeacherState:
         self.dead: TeacherError | None = None  # set by an auth/permission/not-found failure
         self._prices: tuple[float, float] | None = None
         self._schemas: bool | None = cfg.structured_output
+        self._endpoint: openai_http.Endpoint | None | bool = False  # False: not decided yet
 
     @property
     def takes_schema(self) -> bool:
@@ -220,6 +225,13 @@ class _TeacherState:
                 _litellm().supports_response_schema(model=self.cfg.model)
             )
         return self._schemas
+
+    @property
+    def endpoint(self) -> openai_http.Endpoint | None:
+        """Where the fast path sends this teacher's requests; None: through litellm."""
+        if self._endpoint is False:
+            self._endpoint = openai_http.endpoint(self.cfg, _litellm())
+        return self._endpoint
 
     @property
     def prices(self) -> tuple[float, float]:
@@ -266,12 +278,17 @@ class TeacherPool:
         self._budget = asyncio.Condition()
         self._pending: dict[str, asyncio.Future] = {}
         self._secrets: set[str] = set()
+        self._http = openai_http.Sessions()
         self.in_flight = 0
         self.budget_hit = False
 
     def model(self, name: str) -> str:
         """The model a teacher name is bound to."""
         return self._teachers[name].cfg.model
+
+    async def aclose(self) -> None:
+        """Close the fast path's HTTP connections (on the loop that made the requests)."""
+        await self._http.aclose()
 
     @property
     def ledgers(self) -> dict[str, Ledger]:
@@ -444,8 +461,11 @@ class TeacherPool:
 
     def _api_key(self, st: _TeacherState) -> str | None:
         var = st.cfg.api_key_var
-        if var is None:
-            return None
+        if var is None:  # the fast path reads the provider's variable, as litellm would
+            key = os.environ.get(st.endpoint.key_var) if st.endpoint else None
+            if key:
+                self._secrets.add(key)
+            return key
         key = os.environ.get(var)
         if key is None:
             raise TeacherError("auth", f"environment variable {var} is not set", retryable=False)
@@ -462,8 +482,8 @@ class TeacherPool:
     async def _send(
         self, st: _TeacherState, messages: list[dict] | str, params: dict, key: str
     ) -> tuple[dict, int]:
-        litellm = _litellm()
         cfg = st.cfg
+        ep = st.endpoint
         api_key = self._api_key(st)
         est_tokens = _prompt_bytes(messages) / 4 + params.get("max_tokens", 256)
         attempts, reserved = 0, None
@@ -488,10 +508,14 @@ class TeacherPool:
                     self.in_flight += 1
                     st.ledger.requests += 1
                     try:
-                        resp = await asyncio.wait_for(
-                            _call(litellm, cfg, messages, api_key, params),
-                            timeout=cfg.timeout + 5,
-                        )
+                        if ep is not None and not isinstance(messages, str):
+                            raw = await self._http.post(ep, messages, params, api_key, cfg.timeout)
+                        else:  # litellm, or a raw text completion (see _call)
+                            resp = await asyncio.wait_for(
+                                _call(_litellm(), cfg, messages, api_key, params),
+                                timeout=cfg.timeout + 5,
+                            )
+                            raw = resp if isinstance(resp, dict) else resp.model_dump()
                         error = None
                     except Exception as e:  # classified below; anything unknown is not retried
                         task = asyncio.current_task()
@@ -503,7 +527,7 @@ class TeacherPool:
                     finally:
                         self.in_flight -= 1
                 if error is None:
-                    return self._record(st, resp, messages, params, key), attempts
+                    return self._record(st, raw, messages, params, key), attempts
                 error_class, retryable = classify(error)
                 st.ledger.failures[error_class] += 1
                 wait = retry_after(error)
@@ -525,10 +549,10 @@ class TeacherPool:
             await self._release(reserved)
 
     def _record(
-        self, st: _TeacherState, resp: Any, messages: list[dict] | str, params: dict, key: str
+        self, st: _TeacherState, raw: dict, messages: list[dict] | str, params: dict, key: str
     ) -> dict:
-        """Store the whole response durably, then account for it."""
-        data = response.stored(resp, 0.0)
+        """Store the whole response (its JSON form) durably, then account for it."""
+        data = response.stored(raw, 0.0)
         reply = response.read(data)
         p_in, p_out = st.prices
         cost = data["cost_usd"] = reply.prompt_tokens * p_in + reply.completion_tokens * p_out
@@ -583,6 +607,8 @@ def prices(cfg: Teacher) -> tuple[float, float] | None:
 
 def classify(error: BaseException) -> tuple[str, bool]:
     """The error class of a failed call and whether retrying could help."""
+    if isinstance(error, openai_http.StatusError):
+        return error.error_class, error.retryable
     if isinstance(error, asyncio.TimeoutError):
         return "timeout", True
     if _lost_connection(error):
@@ -617,6 +643,8 @@ def _lost_connection(error: BaseException) -> bool:
 def retry_after(error: BaseException) -> float | None:
     """Seconds the server asked us to wait (``Retry-After`` or ``retry-after-ms``), if any."""
     headers = getattr(error, "litellm_response_headers", None)
+    if headers is None:
+        headers = getattr(error, "headers", None)  # the fast path's StatusError
     if headers is None:
         headers = getattr(getattr(error, "response", None), "headers", None)
     if not headers:

@@ -1,6 +1,7 @@
 """What a stored teacher response says: one reader for every format the cache has held.
 
-The cache keeps the provider's whole response as litellm returned it (``{"format": 2,
+The cache keeps the provider's whole response as litellm returned it, or as an OpenAI-compatible
+server sent it on the fast path (the same shape: ``{"format": 2,
 "response": ..., "cost_usd": ...}``): content, reasoning (``reasoning_content``, Anthropic's
 thinking blocks, vLLM's ``reasoning``), tool calls, refusal, finish reason and the full usage
 (reasoning and cached tokens included). A new parser or column reads it again; nothing is paid
@@ -34,10 +35,10 @@ class Reply:
     refusal: str | None
 
 
-def stored(response: Any, cost_usd: float) -> dict[str, Any]:
-    """The cache entry of a response object (litellm's ``ModelResponse``)."""
-    raw = response.model_dump() if hasattr(response, "model_dump") else dict(response)
-    return {"format": 2, "response": raw, "cost_usd": cost_usd}
+def stored(response: dict[str, Any], cost_usd: float) -> dict[str, Any]:
+    """The cache entry of a response in JSON form: litellm's ``ModelResponse`` dumped, or the
+    fast path's chat completion as the server sent it (the same shape)."""
+    return {"format": 2, "response": response, "cost_usd": cost_usd}
 
 
 def read(data: dict[str, Any], *, think_tags: bool = False) -> Reply:
