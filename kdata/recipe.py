@@ -261,8 +261,8 @@ class Recipe(StrictModel):
             RecipeError: naming the teacher or step, its line and the fix.
         """
         from kdata.errors import KdataError
+        from kdata.teachers.batch_api import provider
         from kdata.teachers.local import model_path
-        from kdata.teachers.batch import provider
         from kdata.teachers.pool import prices
 
         for name in self.used_teachers():

@@ -53,6 +53,8 @@ class Config:
             error of that status (partial errors).
         completion_tokens: completion tokens of each answer, capped by ``max_tokens``.
         api_key: the key a request must carry (``Authorization: Bearer`` or ``x-api-key``).
+        lost_creates: how many creates make their batch and then answer 500, as when the
+            answer to a create is lost on its way.
     """
 
     complete_after_s: float = 0.2
@@ -62,6 +64,7 @@ class Config:
     error: Callable[[str, dict], int | None] = lambda custom_id, body: None
     completion_tokens: int = 12
     api_key: str | None = None
+    lost_creates: int = 0
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Batch:
     requests: list[dict]  # OpenAI: lines of the input file; Anthropic: {custom_id, params}
     created: float
     input_file_id: str | None = None
+    created_at: int = field(default_factory=lambda: int(time.time()))
     cancelled_at: float | None = None
     finalizing: bool = False
     ended: str | None = None  # OpenAI's final status, or "ended"
@@ -86,7 +90,9 @@ class Batch:
 def _answer(body: dict, cfg: Config, anthropic: bool) -> dict:
     """A chat completion (or an Anthropic message) for a request body."""
     text = expected_answer(last_user_message(body))
-    prompt = count_prompt_tokens(body) + (len(str(body.get("system", "")).split()) if anthropic else 0)
+    prompt = count_prompt_tokens(body) + (
+        len(str(body.get("system", "")).split()) if anthropic else 0
+    )
     completion = min(cfg.completion_tokens, body.get("max_tokens") or cfg.completion_tokens)
     if anthropic:
         return {
@@ -209,7 +215,7 @@ class _State:
             "status": status,
             "output_file_id": b.output_file_id,
             "error_file_id": b.error_file_id,
-            "created_at": int(time.time()),
+            "created_at": b.created_at,
             "request_counts": {"total": n, "completed": done, "failed": failed},
             "metadata": None,
         }
@@ -332,13 +338,16 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "POST" and not rest:
             head = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
             msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-            fields = {p.get_param("name", header="content-disposition"): p for p in msg.iter_parts()}
+            fields = {
+                p.get_param("name", header="content-disposition"): p for p in msg.iter_parts()
+            }
             if fields.get("purpose") is None or fields["purpose"].get_content() != "batch":
                 return self._error(400, "purpose must be batch")
             fid = "file-" + uuid.uuid4().hex[:24]
             st.files[fid] = fields["file"].get_payload(decode=True)
-            return self._send(200, {"id": fid, "object": "file", "purpose": "batch",
-                                    "bytes": len(st.files[fid])})  # fmt: skip
+            return self._send(
+                200, {"id": fid, "object": "file", "purpose": "batch", "bytes": len(st.files[fid])}
+            )
         if method == "GET" and len(rest) == 2 and rest[1] == "content" and rest[0] in st.files:
             return self._send(200, None, raw=st.files[rest[0]])
         self._error(404, "no such file")
@@ -353,11 +362,16 @@ class _Handler(BaseHTTPRequestHandler):
             lines = [json.loads(x) for x in data.decode().splitlines() if x.strip()]
             b = self._create("openai", lines)
             b.input_file_id = req["input_file_id"]
+            if st.config.lost_creates > 0:
+                st.config.lost_creates -= 1
+                return self._error(500, "the answer to this create was lost")
             return self._send(200, st.openai_batch(b))
         if method == "GET" and not rest:
             mine = [b for b in st.batches.values() if b.kind == "openai"][::-1]
-            return self._send(200, {"object": "list", "data": [st.openai_batch(b) for b in mine],
-                                    "has_more": False})  # fmt: skip
+            return self._send(
+                200,
+                {"object": "list", "data": [st.openai_batch(b) for b in mine], "has_more": False},
+            )
         b = st.batches.get(rest[0]) if rest else None
         if b is None or b.kind != "openai":
             return self._error(404, "no such batch")
@@ -372,6 +386,9 @@ class _Handler(BaseHTTPRequestHandler):
         st = self.state
         if method == "POST" and not rest:
             b = self._create("anthropic", json.loads(body)["requests"])
+            if st.config.lost_creates > 0:
+                st.config.lost_creates -= 1
+                return self._error(500, "the answer to this create was lost")
             return self._send(200, st.anthropic_batch(b))
         b = st.batches.get(rest[0]) if rest else None
         if b is None or b.kind != "anthropic":

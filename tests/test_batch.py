@@ -151,7 +151,9 @@ def test_openai_batches_answer_every_row_once_at_half_price(tmp_path, standin):
     db = run.dir / "cache.sqlite"
     import sqlite3
 
-    stored = [json.loads(x) for (x,) in sqlite3.connect(db).execute("SELECT response FROM responses")]
+    stored = [
+        json.loads(x) for (x,) in sqlite3.connect(db).execute("SELECT response FROM responses")
+    ]
     assert all(s["format"] == 2 and response.read(s).completion_tokens == 12 for s in stored)
 
     again = kdata.build(recipe_from_yaml(recipe_yaml(standin), tmp_path), run_dir=tmp_path / "r2")
@@ -211,6 +213,18 @@ def test_kill_9_after_submit_resumes_the_same_batches(tmp_path, standin):
     assert len(ids) == n == len(set(ids))  # no request submitted twice
     assert len(standin.creates) == 3  # the two resumed, and the third block's
     assert submitted <= {b.id for b in standin.creates}
+
+
+def test_a_create_whose_answer_was_lost_is_not_submitted_twice(tmp_path, standin):
+    n = 6
+    standin.config.lost_creates = 1  # kdata retries the create: it finds the batch made
+    write_seeds(tmp_path, n)
+    run = kdata.build(recipe_from_yaml(recipe_yaml(standin), tmp_path), run_dir=tmp_path / "run")
+    check_rows(read_step(run.dir)[0], n)
+    assert len(standin.creates) == 1
+    assert [e["batch_id"] for e in journal(run.dir) if e["event"] == "submitted"] == [
+        standin.creates[0].id
+    ]
 
 
 def test_an_expired_batch_falls_back_online(tmp_path, standin):
@@ -290,22 +304,26 @@ def test_anthropic_expired_requests_go_into_a_new_batch(tmp_path, standin):
 def test_the_budget_reserves_batch_prices_before_submitting(tmp_path, standin):
     n = 20
     write_seeds(tmp_path, n)
-    worst = [  # what the pool reserves for a request: bytes of the prompt, max_tokens
+    worst = [  # what the pool reserves for a request online: prompt bytes, max_tokens
         ((len(prompt(i).encode()) + 16) * PRICE[0] + MAX_TOKENS * PRICE[1]) / 1000 for i in range(n)
     ]
-    budget = sum(worst) * 0.5 * 0.99  # all of them fit at batch prices but for one
-    text = recipe_yaml(standin, block_rows=100, budget_usd=round(budget, 6))
+    budget = round(sum(online_cost(i) for i in range(n)) / 2 * 0.7, 6)  # 70% of what all cost
+    text = recipe_yaml(standin, block_rows=100, budget_usd=budget)
     with pytest.raises(BudgetExceeded) as exc:
         kdata.build(recipe_from_yaml(text, tmp_path), run_dir=tmp_path / "run")
     assert exc.value.run.cost_usd_total <= budget
+    first = standin.creates[0].requests
+    # Each batch held what fitted in the budget at batch prices: more than online ones allow.
+    fits_online = max(k for k in range(n + 1) if sum(sorted(worst)[:k]) <= budget)
+    assert fits_online < len(first) and sum(sorted(worst)[: len(first)]) * 0.5 <= budget
     sent = standin.custom_ids()
-    assert n // 2 < len(sent) < n  # most fit at batch prices (none would at online ones)
-    assert sum(sorted(worst)[: len(sent)]) * 0.5 <= budget
+    assert len(sent) == len(set(sent)) < n
 
-    text = recipe_yaml(standin, block_rows=100, budget_usd=round(sum(worst) * 0.5 + 0.001, 6))
+    text = recipe_yaml(standin, block_rows=100, budget_usd=round(sum(worst), 6))
     run = kdata.build(recipe_from_yaml(text, tmp_path), run_dir=tmp_path / "run")
     assert run.status == "complete" and len(run.rows()) == n
-    assert len(standin.custom_ids()) == n  # the rest only: the first ones came from the cache
+    again = standin.custom_ids()
+    assert len(again) == n == len(set(again))  # the rest only: the first came from the cache
     assert run.cost_usd_total == pytest.approx(sum(online_cost(i) for i in range(n)) / 2)
 
 

@@ -24,8 +24,8 @@ with the error class, as online.
 
 The calls are made over HTTP here rather than through litellm's batch functions: in the litellm
 this was written against, creating an Anthropic batch raises ``NotImplementedError``, and one
-client of ~5 endpoints per provider keeps the retries in kdata's hands. litellm still translates
-the requests to Anthropic's format and the answers back (`_Anthropic`), as its online path does.
+client of ~5 endpoints per provider keeps the retries in kdata's hands (`kdata.teachers.batch_api`;
+litellm still translates requests to Anthropic's format and answers back, as online).
 """
 
 from __future__ import annotations
@@ -36,81 +36,21 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdata.errors import TeacherError
+from kdata.teachers.batch_api import BASES, KEY_VARS, LIMITS, Anthropic, Http, OpenAI, provider
 
 if TYPE_CHECKING:
-    from kdata.recipe import Teacher
     from kdata.teachers.pool import TeacherPool, _TeacherState
 
 BLOCK: contextvars.ContextVar[str | None] = contextvars.ContextVar("kdata_block", default=None)
 COLLECT_S = 1.0  # a batch is sent once no request joined it for this long
 PRICE_FACTOR = 0.5  # batch prices: half of online, for both providers
 POLL_GROWTH, POLL_CAP = 1.5, 20  # each wait 1.5x the one before, at most 20x batch_poll_s
-# Provider limits on one batch: requests and bytes of the request file (with some headroom).
-LIMITS = {"openai": (50_000, 180 * 2**20), "anthropic": (100_000, 230 * 2**20)}
-BASES = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}
-KEY_VARS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
-# What the fallback may retry: the batch did not answer, or answered an error retrying can fix.
-UNANSWERED = {"batch_expired", "batch_cancelled", "batch_failed", "batch_missing"}
-_STATUS = {400: "bad_request", 401: "auth", 403: "permission", 404: "not_found", 422: "bad_request"}
-_ANTHROPIC_ERRORS = {
-    "invalid_request_error": ("bad_request", False),
-    "authentication_error": ("auth", False),
-    "permission_error": ("permission", False),
-    "not_found_error": ("not_found", False),
-    "request_too_large": ("bad_request", False),
-    "rate_limit_error": ("rate_limit", True),
-    "api_error": ("server_error", True),
-    "overloaded_error": ("server_error", True),
-}
-
-
-def provider(cfg: Teacher) -> tuple[str, str]:
-    """``(provider, model name as the provider knows it)`` of a batch teacher.
-
-    Raises:
-        ValueError: the model is served by neither OpenAI's nor Anthropic's API.
-    """
-    from kdata.teachers.pool import _litellm
-
-    try:
-        model, name = _litellm().get_llm_provider(cfg.model)[:2]
-    except Exception:  # litellm raises for a model it cannot place
-        name = None
-    if name not in LIMITS:
-        raise ValueError(
-            f"batch: true needs an OpenAI or Anthropic model (openai/... or anthropic/...), not "
-            f"'{cfg.model}'; remove batch or use such a model"
-        )
-    return name, model
-
-
-def http_error(status: int, message: str) -> TeacherError:
-    """The `TeacherError` of an HTTP error status, with the pool's classes."""
-    if status == 429:
-        return TeacherError("rate_limit", message, retryable=True)
-    if status >= 500:
-        return TeacherError("server_error", message, retryable=True)
-    if status == 400 and "context" in message.lower() and "length" in message.lower():
-        return TeacherError("context_window", message, retryable=False)
-    return TeacherError(_STATUS.get(status, f"http_{status}"), message, retryable=False)
-
-
-@dataclass
-class Status:
-    """A batch's state as its provider reports it."""
-
-    ended: bool
-    label: str  # the provider's status word
-    done: int
-    failed: int
-    total: int
-    raw: dict
 
 
 @dataclass
@@ -119,9 +59,10 @@ class _Batch:
 
     uid: str
     teacher: str
-    requests: dict[str, tuple[list[dict], dict]] = field(default_factory=dict)  # key -> request
     file_id: str | None = None  # OpenAI: the uploaded request file
     batch_id: str | None = None
+    since: float = 0.0  # OpenAI: when its file was uploaded (time.time)
+    requests: dict[str, tuple[list[dict], dict]] = field(default_factory=dict)  # key -> request
     waiting: dict[str, asyncio.Future] = field(default_factory=dict)
     task: asyncio.Task | None = None
     size: int = 0  # bytes of the provider's request file so far
@@ -142,7 +83,7 @@ class Batches:
         self._open: dict[tuple, _Batch] = {}  # (teacher, block) -> the batch collecting requests
         self._timers: dict[tuple, asyncio.TimerHandle] = {}
         self._known: dict[str, _Batch] = {}  # key -> the recorded batch that holds it
-        self._apis: dict[str, _OpenAI | _Anthropic] = {}
+        self._apis: dict[str, Http] = {}
         self._load()
 
     def _load(self) -> None:
@@ -159,7 +100,7 @@ class Batches:
         for uid, s in state.items():
             if s["event"] == "ended":
                 continue
-            b = _Batch(uid, s["teacher"], file_id=s.get("file_id"), batch_id=s.get("batch_id"))
+            b = _Batch(uid, s["teacher"], s.get("file_id"), s.get("batch_id"), s.get("at", 0.0))
             with (self.folder / f"{uid}.jsonl").open(encoding="utf-8") as fh:
                 for line in fh:
                     r = json.loads(line)
@@ -217,7 +158,12 @@ class Batches:
     def _stop_unwatched(self, b: _Batch) -> None:
         """Stop polling a batch nobody waits for any more (an interrupted build); the journal
         lets the next build go on polling it."""
-        if b.batch_id and b.task and not b.task.done() and all(f.done() for f in b.waiting.values()):
+        if (
+            b.batch_id
+            and b.task
+            and not b.task.done()
+            and all(f.done() for f in b.waiting.values())
+        ):
             b.task.cancel()
             b.task = None
 
@@ -257,7 +203,7 @@ class Batches:
         if b.requests:
             b.task = asyncio.create_task(self._run(b))
 
-    def _api(self, st: _TeacherState) -> _OpenAI | _Anthropic:
+    def _api(self, st: _TeacherState) -> Http:
         """The client of a teacher's provider (made once; its key read from the environment)."""
         if st.name not in self._apis:
             name, model = provider(st.cfg)
@@ -266,7 +212,7 @@ class Batches:
                 key = os.environ.get(KEY_VARS[name], "")
                 self.pool._secrets.add(key)
             base = (st.cfg.api_base or BASES[name]).rstrip("/")
-            api = (_OpenAI if name == "openai" else _Anthropic)(base, key, model, st.cfg.timeout)
+            api = (OpenAI if name == "openai" else Anthropic)(base, key, model, st.cfg.timeout)
             self._apis[st.name] = api
         return self._apis[st.name]
 
@@ -283,8 +229,16 @@ class Batches:
                 outcome = await self._poll(b, st, api, client)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # the requests waiting fail with it; the journal keeps the batch
-            outcome = dict.fromkeys(b.requests, _as_teacher_error(e))
+        except Exception as e:  # the requests waiting fail with it
+            error = _as_teacher_error(e)
+            if b.batch_id is not None:  # paid for: never sent again; the next build polls it
+                error = TeacherError(
+                    error.error_class,
+                    f"batch {b.batch_id}: {error}; it stays in {self.journal.name}, and the "
+                    "next build of this run directory polls it again",
+                    retryable=False,
+                )
+            outcome = dict.fromkeys(b.requests, error)
         for key, fut in b.waiting.items():
             if not fut.done():
                 fut.set_result(outcome.get(key) or self.pool.cache.get(key))
@@ -302,18 +256,18 @@ class Batches:
             _write_synced(path, "\n".join(lines) + "\n")
             for key in b.requests:
                 self._known[key] = b
-        if isinstance(api, _OpenAI):
-            if b.file_id is None:
-                data = "".join(api.line(k, m, p) for k, (m, p) in b.requests.items())
-                b.file_id = await _retrying(st, lambda: api.upload(client, data.encode()))
-                self._record({"event": "uploaded", "uid": b.uid, "teacher": b.teacher,
-                              "file_id": b.file_id})  # fmt: skip
-            else:  # uploaded by a build that died: did it create the batch too?
-                b.batch_id = await _retrying(st, lambda: api.find(client, b.file_id))
-        if b.batch_id is None:
-            b.batch_id = await _retrying(st, lambda: api.create(client, b))
-        self._record({"event": "submitted", "uid": b.uid, "teacher": b.teacher,
-                      "batch_id": b.batch_id})  # fmt: skip
+        if isinstance(api, OpenAI) and b.file_id is None:
+            data = "".join(api.line(k, m, p) for k, (m, p) in b.requests.items()).encode()
+            b.file_id = await _retrying(st, lambda: api.upload(client, data))
+            b.since = time.time()
+            event = {"event": "uploaded", "uid": b.uid, "teacher": b.teacher}
+            self._record({**event, "file_id": b.file_id, "at": b.since})
+        b.batch_id = await _retrying(
+            st, lambda: api.create(client, b.uid, b.requests, b.file_id, b.since)
+        )
+        self._record(
+            {"event": "submitted", "uid": b.uid, "teacher": b.teacher, "batch_id": b.batch_id}
+        )
         st.ledger.requests += len(b.requests)
         self.note(
             f"batch {b.batch_id} submitted: {len(b.requests)} requests of teacher "
@@ -342,23 +296,17 @@ class Batches:
                     f"{time.monotonic() - started:.0f}s; next check in {wait:.0f}s"
                 )
         missing: dict[str, TeacherError] = {}
-        async for key, answer in api.results(client, status):
-            if key not in b.requests:
-                continue
-            if isinstance(answer, TeacherError):
-                missing[key] = answer
-                st.ledger.failures[answer.error_class] += 1
-            else:
-                messages, params = b.requests[key]
-                self.pool._record(st, answer, messages, params, key, PRICE_FACTOR)
+        await _retrying(st, lambda: self._results(b, st, api, client, status, missing))
         unanswered = api.unanswered(status)
         for key in b.requests:
             if key not in missing and self.pool.cache.get(key) is None:
-                missing[key] = TeacherError(unanswered, f"batch {b.batch_id} ended {status.label}"
-                                            " without answering it", retryable=True)  # fmt: skip
+                missing[key] = TeacherError(
+                    unanswered,
+                    f"batch {b.batch_id} ended {status.label} without answering it",
+                    retryable=True,
+                )
                 st.ledger.failures[unanswered] += 1
-        self._record({"event": "ended", "uid": b.uid, "teacher": b.teacher,
-                      "status": status.label})  # fmt: skip
+        self._record({"event": "ended", "uid": b.uid, "teacher": b.teacher, "status": status.label})
         for key in b.requests:
             self._known.pop(key, None)
         self.note(
@@ -366,6 +314,19 @@ class Batches:
             f"{len(b.requests) - len(missing)} answered, {len(missing)} not"
         )
         return missing
+
+    async def _results(self, b: _Batch, st, api, client, status, missing: dict) -> None:
+        """Store the answers of an ended batch; the errors of the others, in ``missing``. A
+        download cut short is read again, skipping what was stored."""
+        async for key, answer in api.results(client, status):
+            if key not in b.requests or key in missing or self.pool.cache.get(key) is not None:
+                continue
+            if isinstance(answer, TeacherError):
+                missing[key] = answer
+                st.ledger.failures[answer.error_class] += 1
+            else:
+                messages, params = b.requests[key]
+                self.pool._record(st, answer, messages, params, key, PRICE_FACTOR)
 
     def _record(self, event: dict) -> None:
         """Append one event to the journal, durably, before anything else happens."""
@@ -419,193 +380,3 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class _Http:
-    """What both providers' clients share: one HTTP client, errors as `TeacherError`."""
-
-    def __init__(self, base: str, key: str, model: str, timeout: float) -> None:
-        self.base, self.key, self.model, self.timeout = base, key, model, timeout
-
-    def client(self):
-        import httpx
-
-        return httpx.AsyncClient(timeout=self.timeout, headers=self.headers())
-
-    def headers(self) -> dict[str, str]:
-        raise NotImplementedError
-
-    async def call(self, client, method: str, path: str, **kw) -> Any:
-        import httpx
-
-        try:
-            r = await client.request(method, self.base + path, **kw)
-        except httpx.TimeoutException as e:
-            raise TeacherError("timeout", f"{method} {path}: {e}", retryable=True) from None
-        except httpx.HTTPError as e:
-            raise TeacherError("connection_error", f"{method} {path}: {e}", retryable=True) from None
-        if r.status_code >= 400:
-            text = r.text[:500].replace(self.key, "***") if self.key else r.text[:500]
-            raise http_error(r.status_code, f"{method} {path}: {text}")
-        return r
-
-    async def lines(self, client, path: str) -> AsyncIterator[dict]:
-        """The JSON lines of a results file, as they download."""
-        async with client.stream("GET", self.base + path) as r:
-            if r.status_code >= 400:
-                raise http_error(r.status_code, f"GET {path}: {(await r.aread())[:500]!r}")
-            async for line in r.aiter_lines():
-                if line.strip():
-                    yield json.loads(line)
-
-
-class _OpenAI(_Http):
-    """OpenAI's Batch API: ``/files`` (purpose ``batch``), ``/batches``, output and error files."""
-
-    provider = "openai"
-
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}"}
-
-    def line(self, key: str, messages: list[dict], params: dict) -> str:
-        body = {"model": self.model, "messages": messages, **params}
-        line = {"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": body}
-        return json.dumps(line, ensure_ascii=False) + "\n"
-
-    async def upload(self, client, data: bytes) -> str:
-        files = {"file": ("batch.jsonl", data, "application/jsonl")}
-        r = await self.call(client, "POST", "/files", data={"purpose": "batch"}, files=files)
-        return r.json()["id"]
-
-    async def find(self, client, file_id: str) -> str | None:
-        """The id of a batch made from ``file_id``, if the account has one."""
-        after = None
-        while True:
-            params = {"limit": 100, **({"after": after} if after else {})}
-            page = (await self.call(client, "GET", "/batches", params=params)).json()
-            for b in page.get("data", []):
-                if b.get("input_file_id") == file_id:
-                    return b["id"]
-            if not page.get("has_more") or not page.get("data"):
-                return None
-            after = page["data"][-1]["id"]
-
-    async def create(self, client, b: _Batch) -> str:
-        body = {
-            "input_file_id": b.file_id,
-            "endpoint": "/v1/chat/completions",
-            "completion_window": "24h",
-            "metadata": {"kdata_batch": b.uid},
-        }
-        return (await self.call(client, "POST", "/batches", json=body)).json()["id"]
-
-    async def status(self, client, batch_id: str) -> Status:
-        raw = (await self.call(client, "GET", f"/batches/{batch_id}")).json()
-        counts = raw.get("request_counts") or {}
-        return Status(
-            ended=raw["status"] in ("completed", "expired", "failed", "cancelled"),
-            label=raw["status"],
-            done=counts.get("completed", 0),
-            failed=counts.get("failed", 0),
-            total=counts.get("total", 0),
-            raw=raw,
-        )
-
-    def unanswered(self, status: Status) -> str:
-        return {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(
-            status.label, "batch_failed" if status.label == "failed" else "batch_missing"
-        )
-
-    async def results(self, client, status: Status) -> AsyncIterator[tuple[str, Any]]:
-        """``(key, response or TeacherError)`` of each line of the output and error files."""
-        import litellm
-
-        for file_id in (status.raw.get("output_file_id"), status.raw.get("error_file_id")):
-            if not file_id:
-                continue
-            async for line in self.lines(client, f"/files/{file_id}/content"):
-                resp, error = line.get("response") or {}, line.get("error")
-                if resp.get("status_code") == 200 and not error:
-                    yield line["custom_id"], litellm.ModelResponse(**resp["body"])
-                elif error and error.get("code") == "batch_expired":
-                    yield line["custom_id"], TeacherError(
-                        "batch_expired", error.get("message", ""), retryable=True
-                    )
-                else:
-                    body = (resp.get("body") or {}).get("error") or error or {}
-                    message = body.get("message") or json.dumps(body)
-                    yield line["custom_id"], http_error(resp.get("status_code") or 500, message)
-
-
-class _Anthropic(_Http):
-    """Anthropic's Message Batches API: ``/v1/messages/batches``, results as JSON lines."""
-
-    provider = "anthropic"
-    VERSION = "2023-06-01"
-
-    def __init__(self, base: str, key: str, model: str, timeout: float) -> None:
-        super().__init__(base.removesuffix("/v1"), key, model, timeout)
-
-    def headers(self) -> dict[str, str]:
-        return {"x-api-key": self.key, "anthropic-version": self.VERSION}
-
-    def line(self, key: str, messages: list[dict], params: dict) -> str:
-        return json.dumps({"custom_id": key, "params": self.params(messages, params)}) + "\n"
-
-    def params(self, messages: list[dict], params: dict) -> dict:
-        """The Messages API request litellm's online path would send for these."""
-        from kdata.teachers.pool import DEFAULT_MAX_TOKENS_ESTIMATE, _litellm
-
-        config = _litellm().AnthropicConfig()
-        optional = config.map_openai_params(dict(params), {}, self.model, drop_params=False)
-        body = config.transform_request(self.model, messages, optional, {}, {})
-        body.pop("stream", None)
-        body.setdefault("max_tokens", DEFAULT_MAX_TOKENS_ESTIMATE)
-        return {**body, "model": self.model}
-
-    async def create(self, client, b: _Batch) -> str:
-        requests = [json.loads(self.line(k, m, p)) for k, (m, p) in b.requests.items()]
-        r = await self.call(client, "POST", "/v1/messages/batches", json={"requests": requests})
-        return r.json()["id"]
-
-    async def status(self, client, batch_id: str) -> Status:
-        raw = (await self.call(client, "GET", f"/v1/messages/batches/{batch_id}")).json()
-        c = raw.get("request_counts") or {}
-        return Status(
-            ended=raw["processing_status"] == "ended",
-            label=raw["processing_status"],
-            done=c.get("succeeded", 0),
-            failed=c.get("errored", 0) + c.get("canceled", 0) + c.get("expired", 0),
-            total=sum(c.values()),
-            raw=raw,
-        )
-
-    def unanswered(self, status: Status) -> str:
-        return "batch_missing"
-
-    async def results(self, client, status: Status) -> AsyncIterator[tuple[str, Any]]:
-        import httpx
-
-        from kdata.teachers.pool import _litellm
-
-        litellm = _litellm()
-        config = litellm.AnthropicConfig()
-        path = f"/v1/messages/batches/{status.raw['id']}/results"
-        async for line in self.lines(client, path):
-            key, result = line["custom_id"], line.get("result") or {}
-            kind = result.get("type")
-            if kind == "succeeded":
-                message = result["message"]
-                yield key, config.transform_parsed_response(
-                    message, httpx.Response(200, json=message), litellm.ModelResponse()
-                )
-            elif kind in ("expired", "canceled"):
-                error_class = "batch_expired" if kind == "expired" else "batch_cancelled"
-                yield key, TeacherError(error_class, f"the request was {kind}", retryable=True)
-            else:
-                err = (result.get("error") or {}).get("error") or result.get("error") or {}
-                error_class, retryable = _ANTHROPIC_ERRORS.get(
-                    err.get("type"), (str(err.get("type")), False)
-                )
-                message = err.get("message") or json.dumps(err)
-                yield key, TeacherError(error_class, message, retryable=retryable)
