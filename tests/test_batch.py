@@ -327,6 +327,18 @@ def test_the_budget_reserves_batch_prices_before_submitting(tmp_path, standin):
     assert run.cost_usd_total == pytest.approx(sum(online_cost(i) for i in range(n)) / 2)
 
 
+def test_the_readme_snippet_loads(tmp_path):
+    import re
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    snippet = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "batch: true" in b)
+    text = snippet + "steps:\n  - {type: seeds, path: seeds.jsonl}\n"
+    recipe = recipe_from_yaml("name: b\n" + text, tmp_path)
+    gpt = recipe.teachers["gpt"]
+    assert gpt.batch and gpt.batch_fallback == "online" and gpt.batch_poll_s == 30
+    assert recipe.execution.block_rows == 50_000
+
+
 def test_batch_needs_an_openai_or_anthropic_model(tmp_path):
     write_seeds(tmp_path, 1)
     text = "name: b\nteachers:\n  t: {model: local/smollm2-135m-instruct, batch: true}\n"

@@ -142,7 +142,11 @@ class Batches:
                 fut = self._wait(known, key)
             else:
                 fut = self._join(st, messages, params, key)
-            return await fut
+            self.pool.in_flight += 1  # progress counts the requests in a batch as in flight
+            try:
+                return await fut
+            finally:
+                self.pool.in_flight -= 1
         finally:
             await self.pool._release(reserved)
 
@@ -293,7 +297,7 @@ class Batches:
                 self.note(
                     f"batch {b.batch_id} ({b.teacher}): {status.label}, {status.done}/"
                     f"{status.total} answered, {status.failed} failed, "
-                    f"{time.monotonic() - started:.0f}s; next check in {wait:.0f}s"
+                    f"{time.monotonic() - started:.0f}s; next check in {wait:.3g}s"
                 )
         missing: dict[str, TeacherError] = {}
         await _retrying(st, lambda: self._results(b, st, api, client, status, missing))
