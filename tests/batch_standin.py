@@ -49,6 +49,8 @@ class Config:
             instead, having answered the first ``expire_answered`` of its requests.
         expire_answered: fraction of an expiring batch's requests answered before it expired.
         fail: ``fail(ordinal) -> bool``: the batch fails validation (no request is run).
+        cancel: ``cancel(ordinal) -> bool``: its owner cancels the batch (from the provider's
+            console) once it is created; no request is run.
         error: ``error(custom_id, body) -> HTTP status | None``: a request answered with an
             error of that status (partial errors).
         completion_tokens: completion tokens of each answer, capped by ``max_tokens``.
@@ -61,6 +63,7 @@ class Config:
     expire: Callable[[int], bool] = lambda ordinal: False
     expire_answered: float = 0.5
     fail: Callable[[int], bool] = lambda ordinal: False
+    cancel: Callable[[int], bool] = lambda ordinal: False
     error: Callable[[str, dict], int | None] = lambda custom_id, body: None
     completion_tokens: int = 12
     api_key: str | None = None
@@ -409,6 +412,8 @@ class _Handler(BaseHTTPRequestHandler):
         st = self.state
         prefix = "batch_" if kind == "openai" else "msgbatch_"
         b = Batch(prefix + uuid.uuid4().hex[:24], kind, len(st.creates), requests, time.monotonic())
+        if st.config.cancel(b.ordinal):
+            b.cancelled_at = time.monotonic()
         st.batches[b.id] = b
         st.creates.append(b)
         return b
@@ -461,9 +466,3 @@ class BatchStandIn:
         """Bodies of the online chat-completion requests, in order."""
         with self.state.lock:
             return list(self.state.online)
-
-    def cancel(self, batch_id: str) -> None:
-        """Cancel a batch, as its owner could from the provider's console."""
-        with self.state.lock:
-            b = self.state.batches[batch_id]
-            b.cancelled_at = b.cancelled_at or time.monotonic()

@@ -155,6 +155,8 @@ def test_openai_batches_answer_every_row_once_at_half_price(tmp_path, standin):
         json.loads(x) for (x,) in sqlite3.connect(db).execute("SELECT response FROM responses")
     ]
     assert all(s["format"] == 2 and response.read(s).completion_tokens == 12 for s in stored)
+    key = os.environ["KDATA_TEST_KEY"].encode()
+    assert not any(key in p.read_bytes() for p in run.dir.rglob("*") if p.is_file())
 
     again = kdata.build(recipe_from_yaml(recipe_yaml(standin), tmp_path), run_dir=tmp_path / "r2")
     assert len(standin.creates) == 6  # a new run directory (its own cache) sends them again
@@ -285,20 +287,48 @@ def test_partial_errors_retry_in_a_new_batch_and_refusals_fail(tmp_path, standin
     assert standin.online == []
 
 
-def test_anthropic_expired_requests_go_into_a_new_batch(tmp_path, standin):
+def test_anthropic_expired_requests_go_into_a_new_batch_and_errors_fail(tmp_path, standin):
     n = 8
     standin.config.expire = lambda ordinal: ordinal == 0
+    refused = prompt(0)  # answered errored / invalid_request_error: not retried
+    standin.config.error = lambda cid, body: 400 if refused in json.dumps(body) else None
     write_seeds(tmp_path, n)
     run = kdata.build(
         recipe_from_yaml(recipe_yaml(standin, anthropic=True, fallback="batch"), tmp_path),
         run_dir=tmp_path / "run",
     )
     rows, failed = read_step(run.dir)
-    check_rows(rows, n)
-    assert failed == []
+    assert sorted(r["id"] for r in rows) == list(range(1, n))
+    assert [(f["error_class"], f["attempts"]) for f in failed] == [("bad_request", 1)]
     first, second = standin.creates
     expired = {r["custom_id"] for r in first.requests[n // 2 :]}
     assert {r["custom_id"] for r in second.requests} == expired
+
+
+def test_a_failed_then_a_cancelled_batch_are_sent_again_as_the_teacher_says(tmp_path, standin):
+    n = 6
+    standin.config.fail = lambda ordinal: ordinal == 0  # validation fails
+    standin.config.cancel = lambda ordinal: ordinal == 1  # its owner cancels it
+    write_seeds(tmp_path, n)
+    run = kdata.build(
+        recipe_from_yaml(recipe_yaml(standin, fallback="batch", max_retries=2), tmp_path),
+        run_dir=tmp_path / "run",
+    )
+    rows, failed = read_step(run.dir)
+    check_rows(rows, n)
+    assert failed == [] and len(standin.creates) == 3 and standin.online == []
+    assert run.ledger["t"]["failures"] == {"batch_failed": n, "batch_cancelled": n}
+    ended = [e["status"] for e in journal(run.dir) if e["event"] == "ended"]
+    assert ended == ["failed", "cancelled", "completed"]
+
+    standin.config.fail = lambda ordinal: True  # with max_retries 1: a failure with its class
+    run = kdata.build(
+        recipe_from_yaml(recipe_yaml(standin, fallback="batch", max_retries=1), tmp_path),
+        run_dir=tmp_path / "run2",
+    )
+    rows, failed = read_step(run.dir)
+    assert rows == [] and len(failed) == n
+    assert {(f["error_class"], f["attempts"]) for f in failed} == {("batch_failed", 2)}
 
 
 def test_the_budget_reserves_batch_prices_before_submitting(tmp_path, standin):

@@ -101,7 +101,11 @@ class Batches:
             if s["event"] == "ended":
                 continue
             b = _Batch(uid, s["teacher"], s.get("file_id"), s.get("batch_id"), s.get("at", 0.0))
-            with (self.folder / f"{uid}.jsonl").open(encoding="utf-8") as fh:
+            path = self.folder / f"{uid}.jsonl"
+            if not path.exists():
+                self.note(f"{path} is missing: the requests of its batch are sent again")
+                continue
+            with path.open(encoding="utf-8") as fh:
                 for line in fh:
                     r = json.loads(line)
                     b.requests[r["key"]] = (r["messages"], r["params"])
