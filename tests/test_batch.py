@@ -357,6 +357,20 @@ def test_the_budget_reserves_batch_prices_before_submitting(tmp_path, standin):
     assert run.cost_usd_total == pytest.approx(sum(online_cost(i) for i in range(n)) / 2)
 
 
+def test_an_anthropic_schema_goes_as_litellm_sends_it_online():
+    from kdata.teachers.batch_api import Anthropic
+
+    schema = {"type": "object", "properties": {"score": {"type": "integer"}}}
+    rf = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}}
+    messages = [{"role": "system", "content": "Judge."}, {"role": "user", "content": "2+2=4?"}]
+    body = Anthropic("http://127.0.0.1:9/v1", "k", "claude-standin", 5.0).params(
+        messages, {"response_format": rf, "max_tokens": 32}
+    )
+    assert body["tools"][0]["input_schema"] == schema and "json_mode" not in body
+    assert body["system"][0]["text"] == "Judge." and body["max_tokens"] == 32
+    assert [m["role"] for m in body["messages"]] == ["user"]
+
+
 def test_the_readme_snippet_loads(tmp_path):
     import re
 

@@ -326,7 +326,7 @@ class Batches:
     async def _results(self, b: _Batch, st, api, client, status, missing: dict) -> None:
         """Store the answers of an ended batch; the errors of the others, in ``missing``. A
         download cut short is read again, skipping what was stored."""
-        async for key, answer in api.results(client, status):
+        async for key, answer in api.results(client, status, b.requests):
             if key not in b.requests or key in missing or self.pool.cache.get(key) is not None:
                 continue
             if isinstance(answer, TeacherError):

@@ -182,7 +182,7 @@ class OpenAI(Http):
             status.label, "batch_failed" if status.label == "failed" else "batch_missing"
         )
 
-    async def results(self, client, status: Status) -> AsyncIterator[tuple[str, Any]]:
+    async def results(self, client, status: Status, requests: dict) -> AsyncIterator[tuple]:
         """``(key, response or TeacherError)`` of each line of the output and error files."""
         import litellm
 
@@ -217,13 +217,22 @@ class Anthropic(Http):
     def line(self, key: str, messages: list[dict], params: dict) -> str:
         return json.dumps({"custom_id": key, "params": self.params(messages, params)}) + "\n"
 
+    def optional(self, params: dict) -> dict:
+        """litellm's Anthropic parameters for these (``json_mode``: a schema sent as a tool)."""
+        from kdata.teachers.pool import _litellm
+
+        config = _litellm().AnthropicConfig()
+        return config.map_openai_params(dict(params), {}, self.model, drop_params=False)
+
     def params(self, messages: list[dict], params: dict) -> dict:
         """The Messages API request litellm's online path would send for these."""
         from kdata.teachers.pool import DEFAULT_MAX_TOKENS_ESTIMATE, _litellm
 
-        config = _litellm().AnthropicConfig()
-        optional = config.map_openai_params(dict(params), {}, self.model, drop_params=False)
-        body = config.transform_request(self.model, messages, optional, {}, {})
+        optional = self.optional(params)
+        optional.pop("json_mode", None)  # litellm's own flag, not sent (as online)
+        body = (
+            _litellm().AnthropicConfig().transform_request(self.model, messages, optional, {}, {})
+        )
         body.pop("stream", None)
         body.setdefault("max_tokens", DEFAULT_MAX_TOKENS_ESTIMATE)
         return {**body, "model": self.model}
@@ -248,7 +257,9 @@ class Anthropic(Http):
     def unanswered(self, status: Status) -> str:
         return "batch_missing"
 
-    async def results(self, client, status: Status) -> AsyncIterator[tuple[str, Any]]:
+    async def results(self, client, status: Status, requests: dict) -> AsyncIterator[tuple]:
+        """``(key, response or TeacherError)`` of each result; an answer to a request whose
+        schema went as a tool is read as litellm reads it online (the tool's input as content)."""
         import httpx
 
         from kdata.teachers.pool import _litellm
@@ -261,10 +272,14 @@ class Anthropic(Http):
             kind = result.get("type")
             if kind == "succeeded":
                 message = result["message"]
+                json_mode = bool(self.optional(requests.get(key, ((), {}))[1]).get("json_mode"))
                 yield (
                     key,
                     config.transform_parsed_response(
-                        message, httpx.Response(200, json=message), litellm.ModelResponse()
+                        message,
+                        httpx.Response(200, json=message),
+                        litellm.ModelResponse(),
+                        json_mode=json_mode,
                     ),
                 )
             elif kind in ("expired", "canceled"):

@@ -436,11 +436,11 @@ class TeacherPool:
         worst = prompt * p_in + params.get("max_tokens", DEFAULT_MAX_TOKENS_ESTIMATE) * p_out
         worst *= factor
         async with self._budget:
+            if force:
+                self._reserved += worst
+                self._holders += 1
+                return worst
             while True:
-                if force:
-                    self._reserved += worst
-                    self._holders += 1
-                    return worst
                 if self.budget_hit:
                     raise BudgetExceeded(f"budget_usd={self.budget_usd} reached")
                 spent = self.spent_before + self.spent_usd
