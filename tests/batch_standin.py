@@ -57,6 +57,7 @@ class Config:
         api_key: the key a request must carry (``Authorization: Bearer`` or ``x-api-key``).
         lost_creates: how many creates make their batch and then answer 500, as when the
             answer to a create is lost on its way.
+        after_create: ``after_create(config)``, called after each create (to revoke the key...).
     """
 
     complete_after_s: float = 0.2
@@ -68,6 +69,7 @@ class Config:
     completion_tokens: int = 12
     api_key: str | None = None
     lost_creates: int = 0
+    after_create: Callable[[Config], None] | None = None
 
 
 @dataclass
@@ -416,6 +418,8 @@ class _Handler(BaseHTTPRequestHandler):
             b.cancelled_at = time.monotonic()
         st.batches[b.id] = b
         st.creates.append(b)
+        if st.config.after_create is not None:
+            st.config.after_create(st.config)
         return b
 
 

@@ -25,7 +25,7 @@ import kdata.teachers.batch as batch_mod
 import kdata.teachers.pool as pool_mod
 from kdata import recipe_from_yaml
 from kdata.blocks import read_table
-from kdata.errors import BudgetExceeded, RecipeError
+from kdata.errors import BudgetExceeded, KdataError, RecipeError
 from kdata.teachers import response
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -227,6 +227,25 @@ def test_a_create_whose_answer_was_lost_is_not_submitted_twice(tmp_path, standin
     assert [e["batch_id"] for e in journal(run.dir) if e["event"] == "submitted"] == [
         standin.creates[0].id
     ]
+
+
+def test_a_batch_that_cannot_be_read_stops_the_build_and_the_next_one_reads_it(tmp_path, standin):
+    n = 6
+    write_seeds(tmp_path, n)
+    text = recipe_yaml(standin)
+    key = standin.config.api_key
+    standin.config.after_create = lambda cfg: setattr(cfg, "api_key", "revoked")  # 401s now
+    with pytest.raises(KdataError, match="was submitted, but reading it failed: auth"):
+        kdata.build(recipe_from_yaml(text, tmp_path), run_dir=tmp_path / "run")
+    assert len(standin.creates) == 1
+    assert (
+        not (tmp_path / "run" / "steps" / STEP / "failed").exists()
+        or not read_step(tmp_path / "run")[1]
+    )  # no row failed for it
+    standin.config.api_key, standin.config.after_create = key, None
+    run = kdata.build(recipe_from_yaml(text, tmp_path), run_dir=tmp_path / "run")
+    check_rows(read_step(run.dir)[0], n)
+    assert len(standin.creates) == 1  # polled again, not sent again
 
 
 def test_an_expired_batch_falls_back_online(tmp_path, standin):

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdata.errors import TeacherError
+from kdata.errors import KdataError, TeacherError
 from kdata.teachers.batch_api import BASES, KEY_VARS, LIMITS, Anthropic, Http, OpenAI, provider
 
 if TYPE_CHECKING:
@@ -237,16 +237,19 @@ class Batches:
                 outcome = await self._poll(b, st, api, client)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # the requests waiting fail with it
-            error = _as_teacher_error(e)
-            if b.batch_id is not None:  # paid for: never sent again; the next build polls it
-                error = TeacherError(
-                    error.error_class,
-                    f"batch {b.batch_id}: {error}; it stays in {self.journal.name}, and the "
-                    "next build of this run directory polls it again",
-                    retryable=False,
+        except Exception as e:
+            if b.batch_id is None:  # not submitted: the requests waiting fail with it
+                outcome = dict.fromkeys(b.requests, _as_teacher_error(e))
+            else:  # paid for: never sent again, nor its rows failed; the build stops instead
+                stop = KdataError(
+                    f"batch {b.batch_id} of teacher '{b.teacher}' was submitted, but reading "
+                    f"it failed: {self.pool.redact(str(e))}. It is kept in {self.journal}: fix "
+                    "the cause (the key, api_base) and run the same command to go on polling it"
                 )
-            outcome = dict.fromkeys(b.requests, error)
+                for fut in b.waiting.values():
+                    if not fut.done():
+                        fut.set_exception(stop)
+                return
         for key, fut in b.waiting.items():
             if not fut.done():
                 fut.set_result(outcome.get(key) or self.pool.cache.get(key))
