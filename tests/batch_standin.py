@@ -20,14 +20,18 @@ ends. The answers are those of tests/openai_standin.py (`expected_answer` of the
 message, its prompt-token count), so the rows are the same as online. Every create is counted
 (`BatchStandIn.creates`), with the custom ids it held, so tests can tell whether a batch was
 submitted twice. It runs in a thread of its own (`BatchStandIn`, a context manager) on
-127.0.0.1, on a free port.
+127.0.0.1, on a free port, or in a process of its own (``python tests/batch_standin.py``, which
+prints ``PORT <n>``, and on SIGTERM a JSON line of what it served).
 """
 
 from __future__ import annotations
 
+import argparse
 import email.parser
 import email.policy
 import json
+import signal
+import sys
 import threading
 import time
 import uuid
@@ -470,3 +474,24 @@ class BatchStandIn:
         """Bodies of the online chat-completion requests, in order."""
         with self.state.lock:
             return list(self.state.online)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--complete-after", type=float, default=0.2, help="seconds a batch runs")
+    args = ap.parse_args(argv)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    with BatchStandIn(Config(complete_after_s=args.complete_after)) as s:
+        print(f"PORT {s.port}", flush=True)
+        done.wait()
+        served = {
+            "creates": len(s.creates),
+            "requests": len(s.custom_ids()),
+            "online": len(s.online),
+        }
+        print(json.dumps(served), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -64,6 +64,7 @@ class _Batch:
     since: float = 0.0  # OpenAI: when its file was uploaded (time.time)
     requests: dict[str, tuple[list[dict], dict]] = field(default_factory=dict)  # key -> request
     waiting: dict[str, asyncio.Future] = field(default_factory=dict)
+    live: int = 0  # futures of ``waiting`` not done yet
     task: asyncio.Task | None = None
     size: int = 0  # bytes of the provider's request file so far
 
@@ -156,22 +157,24 @@ class Batches:
 
     def _wait(self, b: _Batch, key: str) -> asyncio.Future:
         """A future for one request of batch ``b``; the batch runs while any request waits."""
-        fut = asyncio.get_running_loop().create_future()
-        b.waiting[key] = fut
-        fut.add_done_callback(lambda _: self._stop_unwatched(b))
+        fut = self._future(b, key)
         if b.task is None or b.task.done():  # recorded by an earlier build, or failed
             b.task = asyncio.create_task(self._run(b))
         return fut
 
-    def _stop_unwatched(self, b: _Batch) -> None:
-        """Stop polling a batch nobody waits for any more (an interrupted build); the journal
-        lets the next build go on polling it."""
-        if (
-            b.batch_id
-            and b.task
-            and not b.task.done()
-            and all(f.done() for f in b.waiting.values())
-        ):
+    def _future(self, b: _Batch, key: str) -> asyncio.Future:
+        """A future of one request's answer from batch ``b``."""
+        fut = asyncio.get_running_loop().create_future()
+        b.waiting[key] = fut
+        b.live += 1
+        fut.add_done_callback(lambda _: self._settled(b))
+        return fut
+
+    def _settled(self, b: _Batch) -> None:
+        """One request of ``b`` has its answer or stopped waiting. A batch submitted that nobody
+        waits for any more (an interrupted build) is not polled; the next build polls it."""
+        b.live -= 1
+        if b.live == 0 and b.batch_id and b.task and not b.task.done():
             b.task.cancel()
             b.task = None
 
@@ -194,9 +197,7 @@ class Batches:
             b = self._open[name] = _Batch(uuid.uuid4().hex[:16], st.name)
         b.requests[key] = (messages, params)
         b.size += len(line)
-        fut = asyncio.get_running_loop().create_future()
-        b.waiting[key] = fut
-        fut.add_done_callback(lambda _: self._stop_unwatched(b))
+        fut = self._future(b, key)
         if name in self._timers:
             self._timers[name].cancel()
         self._timers[name] = asyncio.get_running_loop().call_later(COLLECT_S, self._flush, name)
@@ -232,7 +233,7 @@ class Batches:
             async with api.client() as client:
                 if b.batch_id is None:
                     await self._submit(b, st, api, client)
-                    if all(f.done() for f in b.waiting.values()):
+                    if b.live == 0:
                         return  # recorded; nobody waits any more (an interrupted build)
                 outcome = await self._poll(b, st, api, client)
         except asyncio.CancelledError:
@@ -260,11 +261,7 @@ class Batches:
         path = self.folder / f"{b.uid}.jsonl"
         if not path.exists():  # a new batch (a resumed one has its file)
             self.folder.mkdir(parents=True, exist_ok=True)
-            lines = (
-                json.dumps({"key": k, "messages": m, "params": p}, ensure_ascii=False)
-                for k, (m, p) in b.requests.items()
-            )
-            _write_synced(path, "\n".join(lines) + "\n")
+            await asyncio.to_thread(_write_requests, path, b.requests)
             for key in b.requests:
                 self._known[key] = b
         if isinstance(api, OpenAI) and b.file_id is None:
@@ -375,10 +372,12 @@ async def _retrying(st: _TeacherState, call: Callable[[], Any]) -> Any:
         await asyncio.sleep(backoff_delay(attempt, None))
 
 
-def _write_synced(path: Path, text: str) -> None:
+def _write_requests(path: Path, requests: dict) -> None:
+    """Write a batch's requests (key, messages, params a line) durably, whole or not at all."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
+        for k, (m, p) in requests.items():
+            fh.write(json.dumps({"key": k, "messages": m, "params": p}, ensure_ascii=False) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

@@ -110,12 +110,20 @@ class Http:
 
     async def lines(self, client, path: str) -> AsyncIterator[dict]:
         """The JSON lines of a results file, as they download."""
-        async with client.stream("GET", self.base + path) as r:
-            if r.status_code >= 400:
-                raise http_error(r.status_code, f"GET {path}: {(await r.aread())[:500]!r}")
-            async for line in r.aiter_lines():
-                if line.strip():
-                    yield json.loads(line)
+        import httpx
+
+        try:
+            async with client.stream("GET", self.base + path) as r:
+                if r.status_code >= 400:
+                    text = (await r.aread()).decode(errors="replace")[:500]
+                    raise http_error(r.status_code, f"GET {path}: {text}")
+                async for line in r.aiter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except httpx.TimeoutException as e:
+            raise TeacherError("timeout", f"GET {path}: {e}", retryable=True) from None
+        except httpx.HTTPError as e:  # the download was cut short: it is read again
+            raise TeacherError("connection_error", f"GET {path}: {e}", retryable=True) from None
 
 
 class OpenAI(Http):
