@@ -345,6 +345,7 @@ def test_a_failed_then_a_cancelled_batch_are_sent_again_as_the_teacher_says(tmp_
     rows, failed = read_step(run.dir)
     assert rows == [] and len(failed) == n
     assert {(f["error_class"], f["attempts"]) for f in failed} == {("batch_failed", 2)}
+    assert "invalid: validation failed" in failed[0]["error"]  # the batch's own errors
 
 
 def test_the_budget_reserves_batch_prices_before_submitting(tmp_path, standin):

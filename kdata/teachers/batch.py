@@ -144,7 +144,7 @@ class Batches:
                 return stored
             known = self._known.get(key)
             if known is not None:
-                fut = self._wait(known, key)
+                fut = self._wait(known, key, st)
             else:
                 fut = self._join(st, messages, params, key)
             self.pool.in_flight += 1  # progress counts the requests in a batch as in flight
@@ -155,11 +155,12 @@ class Batches:
         finally:
             await self.pool._release(reserved)
 
-    def _wait(self, b: _Batch, key: str) -> asyncio.Future:
-        """A future for one request of batch ``b``; the batch runs while any request waits."""
+    def _wait(self, b: _Batch, key: str, st: _TeacherState) -> asyncio.Future:
+        """A future for one request of batch ``b``, which ``st`` (the teacher now asking: it may
+        have been renamed) polls while any request waits."""
         fut = self._future(b, key)
         if b.task is None or b.task.done():  # recorded by an earlier build, or failed
-            b.task = asyncio.create_task(self._run(b))
+            b.task = asyncio.create_task(self._run(b, st))
         return fut
 
     def _future(self, b: _Batch, key: str) -> asyncio.Future:
@@ -210,7 +211,7 @@ class Batches:
         for key in [k for k, f in b.waiting.items() if f.done()]:
             del b.requests[key], b.waiting[key]
         if b.requests:
-            b.task = asyncio.create_task(self._run(b))
+            b.task = asyncio.create_task(self._run(b, self.pool._teachers[b.teacher]))
 
     def _api(self, st: _TeacherState) -> Http:
         """The client of a teacher's provider (made once; its key read from the environment)."""
@@ -225,9 +226,8 @@ class Batches:
             self._apis[st.name] = api
         return self._apis[st.name]
 
-    async def _run(self, b: _Batch) -> None:
+    async def _run(self, b: _Batch, st: _TeacherState) -> None:
         """Submit a batch (unless the journal says it was), poll it, store its answers."""
-        st = self.pool._teachers[b.teacher]
         api = self._api(st)
         try:
             async with api.client() as client:
@@ -305,14 +305,11 @@ class Batches:
                 )
         missing: dict[str, TeacherError] = {}
         await _retrying(st, lambda: self._results(b, st, api, client, status, missing))
-        unanswered = api.unanswered(status)
+        unanswered, why = api.unanswered(status)
         for key in b.requests:
             if key not in missing and self.pool.cache.get(key) is None:
-                missing[key] = TeacherError(
-                    unanswered,
-                    f"batch {b.batch_id} ended {status.label} without answering it",
-                    retryable=True,
-                )
+                message = f"batch {b.batch_id} ended {status.label} without answering it{why}"
+                missing[key] = TeacherError(unanswered, message, retryable=True)
                 st.ledger.failures[unanswered] += 1
         self._record({"event": "ended", "uid": b.uid, "teacher": b.teacher, "status": status.label})
         for key in b.requests:

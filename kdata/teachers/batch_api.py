@@ -185,10 +185,15 @@ class OpenAI(Http):
             raw=raw,
         )
 
-    def unanswered(self, status: Status) -> str:
-        return {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(
+    def unanswered(self, status: Status) -> tuple[str, str]:
+        """The error class of the requests an ended batch did not answer, and why (the batch's
+        own errors: a token limit, an invalid file...)."""
+        error_class = {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(
             status.label, "batch_failed" if status.label == "failed" else "batch_missing"
         )
+        errors = (status.raw.get("errors") or {}).get("data") or []
+        why = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors[:3])
+        return error_class, f" ({why})" if why else ""
 
     async def results(self, client, status: Status, requests: dict) -> AsyncIterator[tuple]:
         """``(key, response or TeacherError)`` of each line of the output and error files."""
@@ -262,8 +267,9 @@ class Anthropic(Http):
             raw=raw,
         )
 
-    def unanswered(self, status: Status) -> str:
-        return "batch_missing"
+    def unanswered(self, status: Status) -> tuple[str, str]:
+        """Every request of an ended Message Batch has a result: one missing is an anomaly."""
+        return "batch_missing", ""
 
     async def results(self, client, status: Status, requests: dict) -> AsyncIterator[tuple]:
         """``(key, response or TeacherError)`` of each result; an answer to a request whose
