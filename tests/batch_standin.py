@@ -62,6 +62,8 @@ class Config:
         lost_creates: how many creates make their batch and then answer 500, as when the
             answer to a create is lost on its way.
         after_create: ``after_create(config)``, called after each create (to revoke the key...).
+        answer_create_after_s: seconds between making a batch and answering its create (a
+            client killed in between made a batch it never heard of).
     """
 
     complete_after_s: float = 0.2
@@ -74,6 +76,7 @@ class Config:
     api_key: str | None = None
     lost_creates: int = 0
     after_create: Callable[[Config], None] | None = None
+    answer_create_after_s: float = 0.0
 
 
 @dataclass
@@ -371,6 +374,10 @@ class _Handler(BaseHTTPRequestHandler):
             lines = [json.loads(x) for x in data.decode().splitlines() if x.strip()]
             b = self._create("openai", lines)
             b.input_file_id = req["input_file_id"]
+            if st.config.answer_create_after_s:
+                st.lock.release()  # let other requests in while this answer waits
+                time.sleep(st.config.answer_create_after_s)
+                st.lock.acquire()
             if st.config.lost_creates > 0:
                 st.config.lost_creates -= 1
                 return self._error(500, "the answer to this create was lost")

@@ -123,6 +123,17 @@ def journal(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")]
 
 
+def cli(recipe: Path, run_dir: Path) -> subprocess.Popen:
+    """``kdata build`` in a process of its own (to be killed)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdata.cli", "build", str(recipe), "-o", str(run_dir)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
 def check_rows(rows: list[dict], n: int) -> None:
     assert sorted(r["id"] for r in rows) == list(range(n))  # every row, once
     for r in rows:
@@ -189,14 +200,7 @@ def test_kill_9_after_submit_resumes_the_same_batches(tmp_path, standin):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(recipe_yaml(standin))
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kdata.cli", "build", str(recipe), "-o", str(run_dir)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = cli(recipe, run_dir)
     deadline = time.monotonic() + 60
     while sum(e["event"] == "submitted" for e in journal(run_dir)) < 2:
         assert proc.poll() is None, proc.communicate()
@@ -215,6 +219,34 @@ def test_kill_9_after_submit_resumes_the_same_batches(tmp_path, standin):
     assert len(ids) == n == len(set(ids))  # no request submitted twice
     assert len(standin.creates) == 3  # the two resumed, and the third block's
     assert submitted <= {b.id for b in standin.creates}
+
+
+def test_kill_9_between_create_and_its_answer_does_not_submit_twice(tmp_path, standin):
+    # The build dies after the provider made the batch, before the build heard its id: the
+    # journal holds the uploaded file only, and the rerun finds the batch made from it.
+    n = 8
+    standin.config.answer_create_after_s = 10.0
+    write_seeds(tmp_path, n)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_yaml(standin, block_rows=100))
+    run_dir = tmp_path / "run"
+    proc = cli(recipe, run_dir)
+    deadline = time.monotonic() + 60
+    while not standin.creates:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the build created no batch"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert [e["event"] for e in journal(run_dir)] == ["uploaded"]
+
+    standin.config.answer_create_after_s = 0.0
+    run = kdata.build(recipe_from_yaml(recipe.read_text(), tmp_path), run_dir=run_dir)
+    check_rows(read_step(run.dir)[0], n)
+    assert len(standin.creates) == 1
+    assert [e["batch_id"] for e in journal(run_dir) if e["event"] == "submitted"] == [
+        standin.creates[0].id
+    ]
 
 
 def test_a_create_whose_answer_was_lost_is_not_submitted_twice(tmp_path, standin):
