@@ -20,7 +20,10 @@ ended waits for that batch, which is polled again, never sent again. An OpenAI b
 but not recorded as submitted is looked for among the account's batches by its file id before
 it is created. A request its batch did not answer (expired, cancelled, failed, a retryable
 error) follows the teacher's ``batch_fallback``; a request the provider refused fails its row
-with the error class, as online.
+with the error class, as online. Once a batch is submitted, nothing but its own answers fails
+its rows: errors polling it are retried while retrying can help, and otherwise stop the build
+(the next build polls it again). Anthropic gives no way to find a batch whose create answer
+was lost: a build killed during that one call may submit it again on the next run.
 
 The calls are made over HTTP here rather than through litellm's batch functions: in the litellm
 this was written against, creating an Anthropic batch raises ``NotImplementedError``, and one
