@@ -119,6 +119,13 @@ class Teacher(StrictModel):
     (``openai/...``, ``hosted_vllm/...``) over kdata's own HTTP client, every other through
     litellm (see `kdata.teachers.openai_http`); ``litellm`` sends them all through litellm. Either
     way the requests, the cache and the ledger are the same.
+    ``batch``: send this teacher's requests through the provider's batch API (OpenAI Batch,
+    Anthropic Message Batches) at half the online price, answered within 24 hours; see
+    `kdata.teachers.batch`. ``batch_fallback``: what happens to a request its batch did not
+    answer (expired, cancelled, failed, or a retryable error): sent ``online``, sent in a new
+    ``batch`` (at most ``max_retries`` times), or ``none`` (the row fails with the class).
+    ``batch_poll_s``: seconds before a batch's first status check; the wait grows 1.5 times
+    per check, up to 20 times this.
     """
 
     model: str = Field(min_length=1)
@@ -134,6 +141,9 @@ class Teacher(StrictModel):
     structured_output: bool | None = None
     think_tags: bool = False  # split an inline <think>...</think> off the answer as reasoning
     client: Literal["auto", "litellm"] = "auto"
+    batch: bool = False
+    batch_fallback: Literal["online", "batch", "none"] = "online"
+    batch_poll_s: float = Field(default=30.0, gt=0)
 
     @field_validator("api_base")
     @classmethod
@@ -262,6 +272,7 @@ class Recipe(StrictModel):
             RecipeError: naming the teacher or step, its line and the fix.
         """
         from kdata.errors import KdataError
+        from kdata.teachers.batch_api import provider
         from kdata.teachers.local import model_path
         from kdata.teachers.pool import prices
 
@@ -279,6 +290,11 @@ class Recipe(StrictModel):
                     f"export {var}=... before running",
                     ("teachers", name, "api_key"),
                 )
+            if t.batch:
+                try:
+                    provider(t)
+                except ValueError as e:
+                    raise self._error(str(e), ("teachers", name, "batch")) from None
             if self.budget_usd is not None and prices(t) is None:
                 raise self._error(
                     f"litellm has no price for model '{t.model}' and budget_usd is set; "

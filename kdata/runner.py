@@ -5,6 +5,7 @@ Run directory::
     lock                     held by the build writing here: its pid, host and start time
     manifest.json            recipe, fingerprints, package versions, status, ledger
     cache.sqlite             every teacher response, stored as it arrived
+    batches/                 the batches of batch teachers: journal.jsonl and each one's requests
     steps/<name>/            rows/, dropped/, failed/ and blocks/ per block, stats.json last
     data/train-0000k-of-0000n.parquet   the final dataset, sharded in the Hub's layout
     diversity/               report.json and plots of the final rows against the generated ones
@@ -217,7 +218,9 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
     asyncio.get_running_loop().set_default_executor(LoopExecutor())
     stored_before = _stored_responses(run_dir)
     cache = RequestCache(run_dir / "cache.sqlite")
-    pool = TeacherPool(recipe.teachers, cache, recipe.budget_usd, cache_only)
+    pool = TeacherPool(
+        recipe.teachers, cache, recipe.budget_usd, cache_only, run_dir / "batches", reporter.note
+    )
     executor = LocalExecutor(recipe.execution.block_rows)
     names, fps = recipe.step_names(), fingerprints(recipe)
     manifest = _manifest(recipe, names, fps)

@@ -35,6 +35,7 @@ import pyarrow as pa
 from kdata.blocks import Block, input_blocks, read_json, to_table, write_parts
 from kdata.errors import KdataError
 from kdata.steps.base import PROVENANCE, StepContext, StepOutput
+from kdata.teachers.batch import BLOCK
 
 T = TypeVar("T")
 
@@ -145,6 +146,7 @@ class LocalExecutor:
         error: BaseException | None = None
 
         async def one(block: Block, make) -> None:
+            BLOCK.set(block.id)  # a batch teacher's requests are batched per block
             rows = await loop.run_in_executor(self.pool, block.rows, make.columns)
             out = await make(rows, block, target.ctx)
             target.results[block.index] = await self._write(target, block, rows, out, make.columns)

@@ -17,8 +17,10 @@ import random
 import time
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdata.errors import BudgetExceeded, TeacherError
@@ -249,6 +251,9 @@ class TeacherPool:
         cache: where responses are stored as they arrive.
         budget_usd: stop before total spending (earlier runs of this cache included) could pass it.
         cache_only: send nothing; a request the cache lacks fails with error class ``not_cached``.
+        batch_dir: where the batches of ``batch: true`` teachers are recorded (the run
+            directory's ``batches/``); without it those teachers are called online.
+        note: receives a line on each batch's progress.
     """
 
     def __init__(
@@ -257,6 +262,8 @@ class TeacherPool:
         cache: RequestCache,
         budget_usd: float | None = None,
         cache_only: bool = False,
+        batch_dir: Path | None = None,
+        note: Callable[[str], None] | None = None,
     ) -> None:
         self.cache = cache
         self.budget_usd = budget_usd
@@ -281,6 +288,11 @@ class TeacherPool:
         self._http = openai_http.Sessions()
         self.in_flight = 0
         self.budget_hit = False
+        self._batches = None
+        if batch_dir is not None and any(t.batch for t in teachers.values()):
+            from kdata.teachers.batch import Batches
+
+            self._batches = Batches(self, batch_dir, note or (lambda text: None))
 
     def model(self, name: str) -> str:
         """The model a teacher name is bound to."""
@@ -384,7 +396,10 @@ class TeacherPool:
         fut = asyncio.get_running_loop().create_future()
         self._pending[key] = fut
         try:
-            data, attempts = await self._send(st, messages, params, key)
+            if st.cfg.batch and self._batches is not None and not isinstance(messages, str):
+                data, attempts = await self._batches.send(st, messages, params, key)
+            else:
+                data, attempts = await self._send(st, messages, params, key)
             fut.set_result((data, attempts))
         except asyncio.CancelledError:
             fut.cancel()
@@ -419,12 +434,19 @@ class TeacherPool:
         )
 
     async def _reserve(
-        self, st: _TeacherState, messages: list[dict] | str, params: dict
+        self,
+        st: _TeacherState,
+        messages: list[dict] | str,
+        params: dict,
+        factor: float = 1.0,
+        force: bool = False,
     ) -> float | None:
         """Reserve the most this request could cost; wait while calls in flight may free room.
 
         The prompt is bounded by its UTF-8 bytes (a byte-level BPE token is at least one byte)
-        plus a margin for chat-template tokens, so the estimate never falls short.
+        plus a margin for chat-template tokens, so the estimate never falls short. ``factor``
+        scales the prices (a batch's half); ``force`` reserves without checking (a request in a
+        batch submitted already, which will be paid for either way).
 
         Raises:
             BudgetExceeded: the request could pass the budget even with nothing in flight.
@@ -434,7 +456,12 @@ class TeacherPool:
         p_in, p_out = st.prices
         prompt = _prompt_bytes(messages) + 8
         worst = prompt * p_in + params.get("max_tokens", DEFAULT_MAX_TOKENS_ESTIMATE) * p_out
+        worst *= factor
         async with self._budget:
+            if force:
+                self._reserved += worst
+                self._holders += 1
+                return worst
             while True:
                 if self.budget_hit:
                     raise BudgetExceeded(f"budget_usd={self.budget_usd} reached")
@@ -549,13 +576,21 @@ class TeacherPool:
             await self._release(reserved)
 
     def _record(
-        self, st: _TeacherState, raw: dict, messages: list[dict] | str, params: dict, key: str
+        self,
+        st: _TeacherState,
+        raw: dict,
+        messages: list[dict] | str,
+        params: dict,
+        key: str,
+        factor: float = 1.0,
     ) -> dict:
-        """Store the whole response (its JSON form) durably, then account for it."""
+        """Store the whole response (its JSON form) durably, then account for it (``factor``:
+        of the prices)."""
         data = response.stored(raw, 0.0)
         reply = response.read(data)
         p_in, p_out = st.prices
-        cost = data["cost_usd"] = reply.prompt_tokens * p_in + reply.completion_tokens * p_out
+        cost = reply.prompt_tokens * p_in + reply.completion_tokens * p_out
+        cost = data["cost_usd"] = cost * factor
         self.cache.put(
             key, st.name, st.cfg.model, {"messages": messages, "params": params}, data, cost
         )
