@@ -50,6 +50,24 @@ def validate(recipe: RecipeArg) -> None:
     )
 
 
+def _with_execution(r, executor: str | None, address: str | None):
+    """The recipe with ``--executor`` and ``--address`` in its ``execution`` section."""
+    from pydantic import ValidationError
+
+    from kdata.recipe import Execution
+
+    fields = r.execution.model_dump()
+    fields.update({k: v for k, v in (("executor", executor), ("address", address)) if v})
+    if address and not executor:
+        fields["executor"] = "ray"
+    try:
+        r.execution = Execution(**fields)
+    except ValidationError as e:
+        err.print(f"[red]error:[/red] --executor: {e.errors()[0]['msg']}", highlight=False)
+        raise typer.Exit(2) from None
+    return r
+
+
 @app.command()
 def build(
     recipe: RecipeArg,
@@ -59,6 +77,18 @@ def build(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Run directory (overrides output.dir).")
     ] = None,
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            "--executor", help="local or ray (overrides execution.executor).", show_default=False
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address", help="Ray cluster to join (overrides execution.address).", show_default=False
+        ),
+    ] = None,
 ) -> None:
     """Run a recipe; rerunning resumes where the last run stopped."""
     from kdata.progress import reporter, summary_table
@@ -66,6 +96,8 @@ def build(
     from kdata.runner import plan
 
     r = _load(recipe)
+    if executor is not None or address is not None:
+        r = _with_execution(r, executor, address)
     if dry_run:
         try:
             steps = plan(r)

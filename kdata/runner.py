@@ -9,7 +9,8 @@ Run directory::
     data/train-0000k-of-0000n.parquet   the final dataset, sharded in the Hub's layout
     diversity/               report.json and plots of the final rows against the generated ones
 
-Each step is handed to the executor (`kdata.executors.local`) with its input blocks: the rows of
+Each step is handed to the executor (`kdata.executors.local`, or `kdata.executors.ray_executor`
+with ``execution.executor: ray``) with its input blocks: the rows of
 the step before, cut into blocks of ``execution.block_rows`` (see `kdata.blocks`). A step whose
 fingerprint (its config, its teachers, its inputs, the step before it) matches the one on disk
 is not run again; a step a build left unfinished resumes at its first unfinished block; a
@@ -218,7 +219,7 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
     stored_before = _stored_responses(run_dir)
     cache = RequestCache(run_dir / "cache.sqlite")
     pool = TeacherPool(recipe.teachers, cache, recipe.budget_usd, cache_only)
-    executor = LocalExecutor(recipe.execution.block_rows)
+    executor = _executor(recipe, run_dir)
     names, fps = recipe.step_names(), fingerprints(recipe)
     manifest = _manifest(recipe, names, fps)
     manifest["teachers"] = cache.totals_by_teacher()  # what the cache holds, should this build die
@@ -309,6 +310,15 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
 
         write_folder(run_dir, recipe.publish.dir, cfg=recipe.publish)
     return run
+
+
+def _executor(recipe: Recipe, run_dir: Path) -> Any:
+    """The recipe's executor: this process, or a Ray cluster (`kdata.executors.ray_executor`)."""
+    if recipe.execution.executor == "ray":
+        from kdata.executors.ray_executor import RayExecutor
+
+        return RayExecutor(recipe, run_dir)
+    return LocalExecutor(recipe.execution.block_rows)
 
 
 def _stored_responses(run_dir: Path) -> int:

@@ -96,9 +96,12 @@ class OneBlock(Blocks):
 class LocalExecutor:
     """Runs steps over blocks in this process (see the module doc)."""
 
-    def __init__(self, block_rows: int, workers: int | None = None) -> None:
+    def __init__(
+        self, block_rows: int, workers: int | None = None, map_in_flight: int | None = None
+    ) -> None:
         self.block_rows = block_rows
         self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2)
+        self.map_in_flight = map_in_flight  # blocks of a map step run at once (default 2 or 1)
 
     def close(self) -> None:
         """Stop the thread pool."""
@@ -130,7 +133,7 @@ class LocalExecutor:
             decision = await step.decide(Blocks(self, blocks), ctx)
             await self._blocks(target, ((b, _Marked(step, decision)) for b in blocks()))
         else:  # map: teacher steps keep a second block in flight to keep the pool full
-            in_flight = 2 if step.teacher_names() else 1
+            in_flight = self.map_in_flight or (2 if step.teacher_names() else 1)
             await self._blocks(target, ((b, _Mapped(step)) for b in blocks()), in_flight)
         counts = Counts()
         for index in sorted(target.results):

@@ -396,6 +396,13 @@ class TeacherPool:
             reasoning_tokens=r.reasoning_tokens,
         )
 
+    def worst_cost(self, st: _TeacherState, messages: list[dict], params: dict) -> float:
+        """The most a request could cost: its prompt bounded by its UTF-8 bytes (see `_reserve`),
+        and ``max_tokens`` of completion."""
+        p_in, p_out = st.prices
+        prompt = sum(len(str(m.get("content", "")).encode()) + 8 for m in messages) + 8
+        return prompt * p_in + params.get("max_tokens", DEFAULT_MAX_TOKENS_ESTIMATE) * p_out
+
     async def _reserve(self, st: _TeacherState, messages: list[dict], params: dict) -> float | None:
         """Reserve the most this request could cost; wait while calls in flight may free room.
 
@@ -407,9 +414,7 @@ class TeacherPool:
         """
         if self.budget_usd is None:
             return None
-        p_in, p_out = st.prices
-        prompt = sum(len(str(m.get("content", "")).encode()) + 8 for m in messages) + 8
-        worst = prompt * p_in + params.get("max_tokens", DEFAULT_MAX_TOKENS_ESTIMATE) * p_out
+        worst = self.worst_cost(st, messages, params)
         async with self._budget:
             while True:
                 if self.budget_hit:
