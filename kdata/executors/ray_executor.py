@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from kdata.executors.local import Counts, LocalExecutor
 from kdata.steps.base import StepContext, StepOutput
 
 T = TypeVar("T")
+NAMESPACE = "kdata"
 BLOCKS_PER_WORKER = 2  # a teacher actor's blocks in flight: its pool stays full across a tail
 _LOCAL_ENV = {  # a Ray instance of this machine: loopback only, no token file, no usage stats
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -53,6 +55,9 @@ _LOCAL_ENV = {  # a Ray instance of this machine: loopback only, no token file, 
 def connect(address: str | None) -> bool:
     """Connect this process to Ray: the cluster at ``address``, else a new local instance on
     127.0.0.1. Returns whether it connected (False: it was connected already)."""
+    if address is None:  # before Ray is imported: it reads them then
+        for k, v in _LOCAL_ENV.items():
+            os.environ.setdefault(k, v)
     import ray
 
     if ray.is_initialized():
@@ -63,19 +68,18 @@ def connect(address: str | None) -> bool:
         "py_modules": [str(Path(kdata.__file__).parent)],
         "env_vars": {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "RAY_USAGE_STATS_ENABLED": "0"},
     }
+    quiet = {"runtime_env": runtime_env, "log_to_driver": False, "logging_level": logging.WARNING}
     if address is not None:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        ray.init(address=address, namespace=NAMESPACE, **quiet)
         return True
-    for k, v in _LOCAL_ENV.items():
-        os.environ.setdefault(k, v)
     tmp = Path(os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir()))
     (tmp / "ray").mkdir(parents=True, exist_ok=True)
     ray.init(
         address="local",
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
-        runtime_env=runtime_env,
-        log_to_driver=False,
+        namespace=NAMESPACE,
+        **quiet,
     )
     return True
 
@@ -192,7 +196,7 @@ class _Workers:
         names = sorted(self.step.teacher_names())
         used = {n: r.teachers[n] for n in names}
         tag = hashlib.sha1(f"{ex.run_dir.resolve()}:{self.ctx.name}".encode()).hexdigest()[:12]
-        self.limits = Limits.options(name=f"kdata-limits-{tag}").remote(
+        self.limits = Limits.options(name=f"kdata-limits-{tag}", namespace=NAMESPACE).remote(
             str(ex.run_dir), {n: (t.rpm, t.tpm) for n, t in used.items()}, r.budget_usd
         )
         secrets = {
@@ -203,7 +207,7 @@ class _Workers:
         setup = ex._setup(self.ctx)
         self.actors = [
             TeacherWorker.options(scheduling_strategy="SPREAD").remote(
-                self.step, setup, self.limits, ex.workers, secrets
+                self.step, setup, f"kdata-limits-{tag}", ex.workers, secrets
             )
             for _ in range(ex.workers)
         ]

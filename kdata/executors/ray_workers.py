@@ -238,9 +238,10 @@ class TeacherWorker:
     """Runs blocks of one teacher step (see the module doc); restarted if its process dies,
     and the blocks it had are run again, served from the stores for what was answered."""
 
-    def __init__(self, step, setup: dict, limits, share: int, secrets: dict[str, str]) -> None:
+    def __init__(self, step, setup: dict, limits: str, share: int, secrets: dict[str, str]) -> None:
         os.environ.update(secrets)  # the teachers' API keys, from the driver's environment
-        self.step, self.setup, self.limits, self.share = step, setup, limits, share
+        self.step, self.setup, self.share = step, setup, share
+        self.limits = ray.get_actor(limits)  # by name: a restarted worker finds it again
         self.pool: WorkerPool | None = None
         self.reported: dict[str, Ledger] = {}
 
