@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdata.errors import BudgetExceeded, KdataError, RecipeError, RunLocked
@@ -140,7 +141,7 @@ def build(
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(4) from None
     except KdataError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2 if isinstance(e, RecipeError) else 1) from None
     out.print(summary_table(run))
     total_failed = sum(s.failed for s in run.steps)

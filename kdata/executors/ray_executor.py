@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -121,7 +122,7 @@ class RayExecutor:
                 return await self.local.run(_Remote(step, workers.run), source, folder, ctx, fingerprint)
         elif step.kind == "map":
             self.local.map_in_flight = self.cpus
-            step = _Remote(step, lambda rows: _tasks(step, rows, self._setup(ctx)))
+            step = _Remote(step, functools.partial(_tasks, step, self._setup(ctx)))
         return await self.local.run(step, source, folder, ctx, fingerprint)
 
     def _setup(self, ctx: StepContext) -> dict:
@@ -157,7 +158,7 @@ async def _await(ref: Any) -> Any:
         raise
 
 
-async def _tasks(step: Any, rows: list[dict], setup: dict) -> StepOutput:
+async def _tasks(step: Any, setup: dict, rows: list[dict]) -> StepOutput:
     from kdata.executors.ray_workers import map_block
 
     return await _await(map_block.remote(step, rows, setup))
