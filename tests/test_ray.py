@@ -108,10 +108,11 @@ def step_tables(run_dir: Path) -> dict:
     return out
 
 
-def dedup_recipe(folder: Path, port: int, n: int, **top) -> kdata.Recipe:
-    """Seeds with repeats, a label step on the stand-in, a filter, exact and MinHash dedup."""
-    rows = [  # each text three times, and texts that differ in one word
-        {"q": f"please tell me about topic {i % (n // 3)} and its long history in region {i % 5}"}
+def dedup_recipe(folder: Path, port: int, n: int, repeats: int = 3, **top) -> kdata.Recipe:
+    """Seeds, a label step on the stand-in, a filter, exact and MinHash dedup; each text is
+    there ``repeats`` times, and texts differ in one word."""
+    rows = [
+        {"q": f"please tell me about topic {i % (n // repeats)} and its history in region {i % 5}"}
         for i in range(n)
     ]
     (folder / "seeds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -292,9 +293,9 @@ def _kill_when_stored(folder: Path, at_least: int, stop: threading.Event) -> lis
 def test_a_worker_killed_mid_step_costs_at_most_its_window(cluster, tmp_path: Path) -> None:
     window = 8  # max_concurrency 16 over 2 workers
     with StandIn(Config(latency=0.05)) as s:
-        recipe = dedup_recipe(tmp_path, s.port, 600)
+        recipe = dedup_recipe(tmp_path, s.port, 600, repeats=1)  # no request asked twice
         local = kdata.build(recipe, run_dir=tmp_path / "local")
-        s.records.clear()
+        s.clear()
         stop = threading.Event()
         killed: list[int] = []
         killer = threading.Thread(
@@ -318,7 +319,7 @@ import kdata
 sys.path.insert(0, {tests!r})
 from test_ray import dedup_recipe, on_ray
 class C: address = {address!r}
-recipe = dedup_recipe(__import__("pathlib").Path({folder!r}), {port}, 600)
+recipe = dedup_recipe(__import__("pathlib").Path({folder!r}), {port}, 600, repeats=1)
 kdata.build(on_ray(recipe, C, workers=2), run_dir={run!r})
 """
 
@@ -326,9 +327,9 @@ kdata.build(on_ray(recipe, C, workers=2), run_dir={run!r})
 @pytest.mark.slow
 def test_a_killed_driver_resumes_from_its_blocks_and_the_stores(cluster, tmp_path: Path) -> None:
     with StandIn(Config(latency=0.05)) as s:
-        recipe = dedup_recipe(tmp_path, s.port, 600)
+        recipe = dedup_recipe(tmp_path, s.port, 600, repeats=1)
         local = kdata.build(recipe, run_dir=tmp_path / "local")
-        s.records.clear()
+        s.clear()
         run = tmp_path / "ray"
         code = _DRIVER.format(
             tests=str(ROOT / "tests"), address=cluster.address, folder=str(tmp_path),
@@ -356,9 +357,10 @@ def test_a_fault_storm_on_ray_keeps_the_local_rows(cluster, tmp_path: Path) -> N
         recipe = dedup_recipe(tmp_path, s.port, 300)
         recipe.teachers["t"] = recipe.teachers["t"].model_copy(update={"timeout": 1.0})
         local = kdata.build(recipe, run_dir=tmp_path / "local")
-        faults = s.by_status.copy()
+        faults = sum(r.status != 200 for r in s.records)
+        s.clear()  # the same faults again: they are decided by body hash and attempt
         on = kdata.build(on_ray(recipe, cluster, workers=2), run_dir=tmp_path / "ray")
-    assert sum(faults.values()) > 300  # the storm happened
+    assert faults > 20  # the storm happened
     assert step_tables(on.dir) == step_tables(local.dir)
 
 
