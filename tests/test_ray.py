@@ -138,22 +138,59 @@ report: {{diversity: false}}
     return kdata.recipe_from_yaml(text, folder)
 
 
-@pytest.mark.parametrize("name", ["quickstart", "gsm8k_cot"])
-def test_a_recipe_gives_the_local_rows_on_ray(cluster, tmp_path: Path, name: str) -> None:
-    with StandIn(Config()) as s:
-        recipe = on_standin(kdata.load_recipe(ROOT / "recipes" / f"{name}.yaml"), s.port)
-        local = kdata.build(recipe, run_dir=tmp_path / "local")
-        served = len(s.records)
-        on = kdata.build(on_ray(recipe, cluster), run_dir=tmp_path / "ray")
-        assert len(s.records) == 2 * served  # the Ray run asked every question once too
+def _same_as_local(local: kdata.Run, on: kdata.Run) -> None:
     assert step_tables(on.dir) == step_tables(local.dir)
     assert read_dataset(on.dir).to_pylist() == read_dataset(local.dir).to_pylist()
     assert [(s.requests, s.cost_usd) for s in on.steps] == [
         (s.requests, s.cost_usd) for s in local.steps
     ]
     with sqlite3.connect(on.dir / "cache.sqlite") as db:  # the workers' stores, merged
-        assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == served
+        stored = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+    assert stored == sum(s.requests for s in local.steps)
     assert not list((on.dir / "cache").glob("*.sqlite"))
+
+
+def test_quickstart_on_ray_gives_the_local_rows_on_loopback_only(
+    cluster, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("KDATA_TEST_KEY", SECRET)
+    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+    seen: list[str] = []
+    with StandIn(Config()) as s:
+        recipe = on_standin(kdata.load_recipe(ROOT / "recipes" / "quickstart.yaml"), s.port)
+        local = kdata.build(recipe, run_dir=tmp_path / "local")
+        box = {}
+        build = threading.Thread(
+            target=lambda: box.update(
+                run=kdata.build(on_ray(recipe, cluster), run_dir=tmp_path / "ray")
+            )
+        )
+        build.start()
+        while build.is_alive():  # the cluster's processes, workers included, while it runs
+            seen += _listening(_descendants(os.getpid()))
+            time.sleep(0.2)
+        build.join()
+        assert {r.authorization for r in s.records} == {f"Bearer {SECRET}"}
+    _same_as_local(local, box["run"])
+    assert len(seen) > 3  # gcs, raylets, object managers, workers...
+    assert set(seen) <= loopback, set(seen) - loopback
+    for folder in (cluster.tmp, tmp_path / "ray"):  # Ray's logs and session files, the run
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                assert SECRET.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    ["gsm8k_cot", "curate", "expand", "preferences", "self_instruct", "ultrachat", "dpo_validate"],
+)
+def test_every_recipe_gives_the_local_rows_on_ray(cluster, tmp_path: Path, name: str) -> None:
+    with StandIn(Config()) as s:
+        recipe = on_standin(kdata.load_recipe(ROOT / "recipes" / f"{name}.yaml"), s.port)
+        local = kdata.build(recipe, run_dir=tmp_path / "local")
+        on = kdata.build(on_ray(recipe, cluster), run_dir=tmp_path / "ray")
+    _same_as_local(local, on)
 
 
 def test_dedup_and_filter_steps_keep_the_local_rows(cluster, tmp_path: Path) -> None:
@@ -205,24 +242,7 @@ def _descendants(root: int) -> set[int]:
     return out
 
 
-def test_ray_listens_on_loopback_only(cluster, tmp_path: Path) -> None:
-    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
-    with StandIn(Config()) as s:
-        recipe = on_standin(kdata.load_recipe(ROOT / "recipes" / "quickstart.yaml"), s.port)
-        seen: list[str] = []
-        build = threading.Thread(
-            target=kdata.build, args=(on_ray(recipe, cluster),), kwargs={"run_dir": tmp_path}
-        )
-        build.start()
-        while build.is_alive():  # the cluster's processes, workers included, while it runs
-            seen += _listening(_descendants(os.getpid()) - {os.getpid()})
-            time.sleep(0.2)
-        build.join()
-    assert (tmp_path / "data").is_dir()
-    assert len(seen) > 3  # gcs, raylets, object managers, workers...
-    assert set(seen) <= loopback, set(seen) - loopback
-
-
+@pytest.mark.slow
 def test_rpm_holds_across_two_workers(cluster, tmp_path: Path) -> None:
     rpm = 1200  # 20 a second, a bucket 20 deep
     with StandIn(Config(latency=0.05)) as s:
@@ -361,18 +381,6 @@ def test_a_fault_storm_on_ray_keeps_the_local_rows(cluster, tmp_path: Path) -> N
         s.clear()  # the same faults again: they are decided by body hash and attempt
         on = kdata.build(on_ray(recipe, cluster, workers=2), run_dir=tmp_path / "ray")
     assert faults > 20  # the storm happened
-    assert step_tables(on.dir) == step_tables(local.dir)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "name", ["curate", "expand", "preferences", "self_instruct", "ultrachat", "dpo_validate"]
-)
-def test_every_recipe_gives_the_local_rows_on_ray(cluster, tmp_path: Path, name: str) -> None:
-    with StandIn(Config()) as s:
-        recipe = on_standin(kdata.load_recipe(ROOT / "recipes" / f"{name}.yaml"), s.port)
-        local = kdata.build(recipe, run_dir=tmp_path / "local")
-        on = kdata.build(on_ray(recipe, cluster), run_dir=tmp_path / "ray")
     assert step_tables(on.dir) == step_tables(local.dir)
 
 
