@@ -87,7 +87,9 @@ def build(
     address: Annotated[
         str | None,
         typer.Option(
-            "--address", help="Ray cluster to join (overrides execution.address).", show_default=False
+            "--address",
+            help="Ray cluster to join (overrides execution.address).",
+            show_default=False,
         ),
     ] = None,
 ) -> None:

@@ -97,13 +97,15 @@ def on_ray(recipe: kdata.Recipe, cluster, **execution) -> kdata.Recipe:
 
 
 def step_tables(run_dir: Path) -> dict:
-    """Every step's rows, dropped and failed records, and counts, as the run directory holds them."""
+    """Every step's rows, dropped and failed records and counts, as the run directory has them."""
     out = {}
     for folder in sorted((run_dir / "steps").iterdir()):
         stats = json.loads((folder / "stats.json").read_text())
         out[folder.name] = {
             "counts": {k: stats[k] for k in ("expected", "rows_out", "dropped", "failed")},
-            **{kind: read_table(folder, kind).to_pylist() for kind in ("rows", "dropped", "failed")},
+            **{
+                kind: read_table(folder, kind).to_pylist() for kind in ("rows", "dropped", "failed")
+            },
         }
     return out
 
@@ -280,9 +282,22 @@ def test_without_ray_the_cli_says_how_to_install_it(tmp_path: Path) -> None:
     )
     env = {**os.environ, "PYTHONPATH": f"{hide}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     res = subprocess.run(
-        [sys.executable, "-m", "kdata.cli", "build", "recipes/quickstart.yaml", "--executor",
-         "ray", "-o", str(tmp_path / "run")],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "kdata.cli",
+            "build",
+            "recipes/quickstart.yaml",
+            "--executor",
+            "ray",
+            "-o",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert res.returncode == 2, res.stderr
     assert "pip install 'kdata[ray]'" in res.stderr
@@ -352,8 +367,11 @@ def test_a_killed_driver_resumes_from_its_blocks_and_the_stores(cluster, tmp_pat
         s.clear()
         run = tmp_path / "ray"
         code = _DRIVER.format(
-            tests=str(ROOT / "tests"), address=cluster.address, folder=str(tmp_path),
-            port=s.port, run=str(run),
+            tests=str(ROOT / "tests"),
+            address=cluster.address,
+            folder=str(tmp_path),
+            port=s.port,
+            run=str(run),
         )
         driver = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy())
         try:

@@ -119,7 +119,9 @@ class RayExecutor:
         elif step.kind == "map" and step.teacher_names():
             async with _Workers(self, step, ctx) as workers:
                 self.local.map_in_flight = BLOCKS_PER_WORKER * self.workers
-                return await self.local.run(_Remote(step, workers.run), source, folder, ctx, fingerprint)
+                return await self.local.run(
+                    _Remote(step, workers.run), source, folder, ctx, fingerprint
+                )
         elif step.kind == "map":
             self.local.map_in_flight = self.cpus
             step = _Remote(step, functools.partial(_tasks, step, self._setup(ctx)))
@@ -296,8 +298,7 @@ class _RayBlocks:
 def _summarise(fn: Callable, pieces: list, index: int, start: int, columns: list[str] | None):
     """``fn`` of one block, read from the rows ``pieces`` of the input parts."""
     tables = [
-        pa.concat_tables(list(tables_of([Path(p)], columns))).slice(a, b - a)
-        for p, a, b in pieces
+        pa.concat_tables(list(tables_of([Path(p)], columns))).slice(a, b - a) for p, a, b in pieces
     ]
     table = pa.concat_tables(tables, promote_options="permissive")
     block = Block(index, start, table)

@@ -219,10 +219,8 @@ class Limits:
                     self.hit = True
                     self.room.notify_all()
                     break
-                try:
+                with contextlib.suppress(TimeoutError):  # what was spent grows meanwhile
                     await asyncio.wait_for(self.room.wait(), _RECHECK_S)
-                except TimeoutError:
-                    pass
         return None
 
     async def hold(self, worker: str, held: float) -> None:
