@@ -402,6 +402,41 @@ def test_a_fault_storm_on_ray_keeps_the_local_rows(cluster, tmp_path: Path) -> N
     assert step_tables(on.dir) == step_tables(local.dir)
 
 
+_LOCAL_INSTANCE = """
+import sys
+sys.path.insert(0, {tests!r})
+import kdata
+from test_ray import on_standin
+recipe = on_standin(kdata.load_recipe({recipe!r}), {port})
+recipe.execution.executor = "ray"
+run = kdata.build(recipe, run_dir={run!r})
+print("ROWS", run.steps[-1].rows_out)
+"""
+
+
+@pytest.mark.slow
+def test_without_an_address_a_local_instance_runs_the_recipe(tmp_path: Path) -> None:
+    ray_tmp = Path(tempfile.mkdtemp(prefix="kray", dir="/tmp"))  # socket paths must be short
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}  # the instance's own files go here
+    for k in LOCAL_ENV:
+        env.pop(k, None)  # the executor sets them itself
+    with StandIn(Config()) as s:
+        code = _LOCAL_INSTANCE.format(
+            tests=str(ROOT / "tests"),
+            recipe=str(ROOT / "recipes" / "quickstart.yaml"),
+            port=s.port,
+            run=str(tmp_path / "run"),
+        )
+        res = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert len(s.records) == 20
+    assert "ROWS 20" in res.stdout
+    assert list((ray_tmp / "ray").glob("session_*"))  # Ray ran from RAY_TMPDIR
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 @pytest.mark.slow
 def test_200k_rows_dedup_as_local(cluster, tmp_path: Path) -> None:
     import numpy as np

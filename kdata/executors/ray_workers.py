@@ -35,6 +35,7 @@ from kdata.teachers.cache import RequestCache
 from kdata.teachers.pool import Ledger, LoopExecutor, TeacherPool, _Bucket
 
 PERMITS = 20  # requests' worth of rpm permits or budget leased at once (fewer near the end)
+RESTARTS = 3  # times a dead teacher worker is restarted, its blocks run again
 _RECHECK_S = 0.5  # how often a lease waiting for budget re-reads what was spent
 
 
@@ -231,10 +232,11 @@ class Limits:
             self.room.notify_all()
 
 
-@ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=-1)
+@ray.remote(num_cpus=1, max_restarts=RESTARTS, max_task_retries=RESTARTS)
 class TeacherWorker:
-    """Runs blocks of one teacher step (see the module doc); restarted if its process dies,
-    and the blocks it had are run again, served from the stores for what was answered."""
+    """Runs blocks of one teacher step (see the module doc); restarted if its process dies (up
+    to `RESTARTS` times: a crash that repeats fails the build), and the blocks it had are run
+    again, served from the stores for what was answered."""
 
     def __init__(self, step, setup: dict, limits: str, share: int, secrets: dict[str, str]) -> None:
         os.environ.update(secrets)  # the teachers' API keys, from the driver's environment
