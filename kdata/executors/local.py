@@ -266,7 +266,8 @@ def _finished(folder: Path, stamp: dict) -> dict[str, dict]:
 
 
 def _first_error(tasks: set[asyncio.Task]) -> BaseException | None:
-    return next((t.exception() for t in tasks if t.exception() is not None), None)
+    errors = [t.exception() for t in tasks]  # every one retrieved: none is logged as lost
+    return next((e for e in errors if e is not None), None)
 
 
 class _Make:
