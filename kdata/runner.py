@@ -216,10 +216,10 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
     from kdata.teachers.pool import LoopExecutor, TeacherPool
 
     asyncio.get_running_loop().set_default_executor(LoopExecutor())
+    executor = _executor(recipe, run_dir)  # first: joining a Ray cluster may fail
     stored_before = _stored_responses(run_dir)
     cache = RequestCache(run_dir / "cache.sqlite")
     pool = TeacherPool(recipe.teachers, cache, recipe.budget_usd, cache_only)
-    executor = _executor(recipe, run_dir)
     names, fps = recipe.step_names(), fingerprints(recipe)
     manifest = _manifest(recipe, names, fps)
     manifest["teachers"] = cache.totals_by_teacher()  # what the cache holds, should this build die

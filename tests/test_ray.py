@@ -25,7 +25,7 @@ from openai_standin import Config, StandIn
 
 import kdata
 from kdata.blocks import read_dataset, read_table
-from kdata.errors import BudgetExceeded
+from kdata.errors import BudgetExceeded, KdataError
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -270,6 +270,13 @@ def test_the_budget_holds_across_two_workers(cluster, tmp_path: Path) -> None:
         spent, stored = db.execute("SELECT SUM(cost_usd), COUNT(*) FROM responses").fetchone()
     assert 40 < stored == answered < 200  # the budget stopped the step partway
     assert 3.0 - 0.1 < spent <= 3.0  # and spent it nearly all, never past it
+
+
+def test_more_workers_than_cpus_is_an_error_not_a_hang(cluster, tmp_path: Path) -> None:
+    recipe = on_standin(kdata.load_recipe(ROOT / "recipes" / "quickstart.yaml"), 1)
+    with pytest.raises(KdataError, match="execution.workers is 5, but the Ray cluster has 4 CPUs"):
+        kdata.build(on_ray(recipe, cluster, workers=5), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "cache.sqlite").exists()
 
 
 def test_without_ray_the_cli_says_how_to_install_it(tmp_path: Path) -> None:

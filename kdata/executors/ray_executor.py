@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdata.blocks import Block, parts, tables_of
+from kdata.errors import KdataError
 from kdata.executors.local import Counts, LocalExecutor
 from kdata.steps.base import StepContext, StepOutput
 
@@ -71,7 +72,13 @@ def connect(address: str | None) -> bool:
     }
     quiet = {"runtime_env": runtime_env, "log_to_driver": False, "logging_level": logging.WARNING}
     if address is not None:
-        ray.init(address=address, namespace=NAMESPACE, **quiet)
+        try:
+            ray.init(address=address, namespace=NAMESPACE, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise KdataError(
+                f"cannot join the Ray cluster at execution.address {address!r}: {e}; give the "
+                "head's address (ray://HOST:10001, or HOST:6379 from a node of the cluster)"
+            ) from None
         return True
     tmp = Path(os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir()))
     (tmp / "ray").mkdir(parents=True, exist_ok=True)
@@ -93,11 +100,17 @@ class RayExecutor:
 
         ex = recipe.execution
         self.recipe, self.run_dir, self.block_rows = recipe, Path(run_dir), ex.block_rows
+        self.local = LocalExecutor(ex.block_rows)
         self._started = connect(ex.address)
         nodes = [n for n in ray.nodes() if n["Alive"]]
         self.workers = ex.workers or len(nodes)
         self.cpus = int(sum(n["Resources"].get("CPU", 0) for n in nodes)) or 1
-        self.local = LocalExecutor(ex.block_rows)
+        if self.workers > self.cpus:
+            self.close()
+            raise KdataError(
+                f"execution.workers is {self.workers}, but the Ray cluster has {self.cpus} CPUs "
+                "and each teacher worker takes one: lower workers, or add nodes"
+            )
 
     def close(self) -> None:
         """Stop the driver's threads, and the Ray instance this executor started."""
