@@ -165,10 +165,12 @@ class LocalExecutor:
                 running.add(asyncio.create_task(one(block, make)))
                 while len(running) >= in_flight:
                     finished, running = await asyncio.wait(running, return_when="FIRST_COMPLETED")
-                    error = error or _first_error(finished)
+                    first = _first_error(finished)  # retrieves every exception
+                    error = error or first
             if running:
                 finished, running = await asyncio.wait(running)
-                error = error or _first_error(finished)
+                first = _first_error(finished)  # retrieves every exception
+                error = error or first
         except (asyncio.CancelledError, KeyboardInterrupt):
             # Interrupted: the blocks in flight stop too (every response received is stored
             # already) and are waited for, so that none runs on once the build closes its cache.
