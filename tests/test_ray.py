@@ -111,13 +111,15 @@ def step_tables(run_dir: Path) -> dict:
 
 
 def dedup_recipe(folder: Path, port: int, n: int, repeats: int = 3, **top) -> kdata.Recipe:
-    """Seeds, a label step on the stand-in, a filter, exact and MinHash dedup; each text is
-    there ``repeats`` times, and texts differ in one word."""
+    """Seeds, a label step on the stand-in, a filter, decontamination, exact and MinHash dedup;
+    each text is there ``repeats`` times, and texts differ in one word."""
     rows = [
         {"q": f"please tell me about topic {i % (n // repeats)} and its history in region {i % 5}"}
         for i in range(n)
     ]
     (folder / "seeds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = [{"question": f"topic {k} and its history in region {k % 5}"} for k in range(0, n, 7)]
+    (folder / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bench))
     extra = "".join(f"{k}: {v}\n" for k, v in top.items())
     text = f"""name: dedup
 teachers:
@@ -132,6 +134,9 @@ steps:
   - {{type: seeds, path: seeds.jsonl}}
   - {{type: label, teacher: t, prompt: "{{{{ q }}}}", output: a}}
   - {{type: filter, column: a, min_chars: 3}}
+  - type: decontaminate
+    columns: [q]
+    benchmarks: [{{name: bench, path: bench.jsonl, columns: [question]}}]
   - {{type: exact_dedup, columns: [q]}}
   - {{type: minhash_dedup, columns: [q], threshold: 0.6}}
 execution: {{block_rows: 25}}
@@ -202,8 +207,8 @@ def test_dedup_and_filter_steps_keep_the_local_rows(cluster, tmp_path: Path) -> 
         on = kdata.build(on_ray(recipe, cluster), run_dir=tmp_path / "ray")
     tables = step_tables(on.dir)
     assert tables == step_tables(local.dir)
-    assert tables["03_exact_dedup"]["counts"]["dropped"] > 0  # the dedup had work to do
-    assert tables["04_minhash_dedup"]["counts"]["dropped"] > 0
+    for step in ("03_decontaminate", "04_exact_dedup", "05_minhash_dedup"):
+        assert tables[step]["counts"]["dropped"] > 0, step  # each had work to do
 
 
 def _listening(pids: set[int]) -> list[str]:

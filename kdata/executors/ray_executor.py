@@ -137,7 +137,10 @@ class RayExecutor:
                 )
         elif step.kind == "map":
             self.local.map_in_flight = self.cpus
-            step = _Remote(step, functools.partial(_tasks, step, self._setup(ctx)))
+            import ray
+
+            setup = {**self._setup(ctx), "fingerprint": fingerprint}  # sent once, below
+            step = _Remote(step, functools.partial(_tasks, ray.put(step), setup))
         return await self.local.run(step, source, folder, ctx, fingerprint)
 
     def _setup(self, ctx: StepContext) -> dict:

@@ -11,7 +11,8 @@
   bucket, at most `PERMITS` requests), and budget `PERMITS` reservations at a time, fewer near
   the end of the budget. What was spent is read from the stored responses (every store of the
   run), so a restarted `Limits` knows it again.
-- `map_block`: a task that runs one block of a map step that asks no teacher (a filter).
+- `map_block`: a task that runs one block of a map step that asks no teacher (a filter, or
+  ``decontaminate``, whose benchmark index each worker process builds once).
 """
 
 from __future__ import annotations
@@ -289,9 +290,15 @@ class TeacherWorker:
             self.pool.cache.close()
 
 
+_STEPS: dict[str, Any] = {}  # per worker process: the step of each fingerprint, as first received
+
+
 @ray.remote
 def map_block(step, rows: list[dict], setup: dict) -> StepOutput:
-    """One block of a map step that asks no teacher."""
+    """One block of a map step that asks no teacher. A worker process keeps the first copy of
+    the step it receives, so what the step builds once (``decontaminate``'s benchmark index)
+    is built once per process, not per block."""
+    step = _STEPS.setdefault(setup["fingerprint"], step)
     ctx = StepContext(
         name=setup["name"],
         base_dir=Path(setup["base_dir"]),
