@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdata.errors import BudgetExceeded, KdataError, RecipeError, RunLocked
@@ -50,6 +51,24 @@ def validate(recipe: RecipeArg) -> None:
     )
 
 
+def _with_execution(r, executor: str | None, address: str | None):
+    """The recipe with ``--executor`` and ``--address`` in its ``execution`` section."""
+    from pydantic import ValidationError
+
+    from kdata.recipe import Execution
+
+    fields = r.execution.model_dump()
+    fields.update({k: v for k, v in (("executor", executor), ("address", address)) if v})
+    if address and not executor:
+        fields["executor"] = "ray"
+    try:
+        r.execution = Execution(**fields)
+    except ValidationError as e:
+        err.print(f"[red]error:[/red] --executor: {e.errors()[0]['msg']}", highlight=False)
+        raise typer.Exit(2) from None
+    return r
+
+
 @app.command()
 def build(
     recipe: RecipeArg,
@@ -59,6 +78,20 @@ def build(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Run directory (overrides output.dir).")
     ] = None,
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            "--executor", help="local or ray (overrides execution.executor).", show_default=False
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="Ray cluster to join (overrides execution.address).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run a recipe; rerunning resumes where the last run stopped."""
     from kdata.progress import reporter, summary_table
@@ -66,6 +99,8 @@ def build(
     from kdata.runner import plan
 
     r = _load(recipe)
+    if executor is not None or address is not None:
+        r = _with_execution(r, executor, address)
     if dry_run:
         try:
             steps = plan(r)
@@ -108,7 +143,7 @@ def build(
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(4) from None
     except KdataError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2 if isinstance(e, RecipeError) else 1) from None
     out.print(summary_table(run))
     total_failed = sum(s.failed for s in run.steps)

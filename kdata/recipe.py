@@ -8,6 +8,7 @@ file, line, step and field, and propose a fix.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import re
 import typing
@@ -187,10 +188,16 @@ class Execution(StrictModel):
     """How a build runs: ``block_rows``, the most rows a block holds (see `kdata.blocks`).
 
     Memory is bounded by block size times blocks in flight; the rows, their order and their
-    ids do not depend on it.
+    ids do not depend on it. ``executor``: ``local`` (this process) or ``ray``
+    (`kdata.executors.ray_executor`), which joins the cluster at ``address`` or, without one,
+    starts a Ray instance on this machine; ``workers``: its teacher actors (default one per
+    node).
     """
 
     block_rows: int = Field(default=DEFAULT_BLOCK_ROWS, ge=1)
+    executor: Literal["local", "ray"] = "local"
+    address: str | None = None
+    workers: int | None = Field(default=None, ge=1)
 
 
 class Recipe(StrictModel):
@@ -276,6 +283,11 @@ class Recipe(StrictModel):
         from kdata.teachers.local import model_path
         from kdata.teachers.pool import prices
 
+        if self.execution.executor == "ray" and importlib.util.find_spec("ray") is None:
+            raise self._error(
+                "Ray is not installed; install it with: pip install 'kdata[ray]'",
+                ("execution", "executor"),
+            )
         for name in self.used_teachers():
             t = self.teachers[name]
             if t.model.startswith("local/"):

@@ -10,7 +10,8 @@ Run directory::
     data/train-0000k-of-0000n.parquet   the final dataset, sharded in the Hub's layout
     diversity/               report.json and plots of the final rows against the generated ones
 
-Each step is handed to the executor (`kdata.executors.local`) with its input blocks: the rows of
+Each step is handed to the executor (`kdata.executors.local`, or `kdata.executors.ray_executor`
+with ``execution.executor: ray``) with its input blocks: the rows of
 the step before, cut into blocks of ``execution.block_rows`` (see `kdata.blocks`). A step whose
 fingerprint (its config, its teachers, its inputs, the step before it) matches the one on disk
 is not run again; a step a build left unfinished resumes at its first unfinished block; a
@@ -216,12 +217,12 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
     from kdata.teachers.pool import LoopExecutor, TeacherPool
 
     asyncio.get_running_loop().set_default_executor(LoopExecutor())
+    executor = _executor(recipe, run_dir)  # first: joining a Ray cluster may fail
     stored_before = _stored_responses(run_dir)
     cache = RequestCache(run_dir / "cache.sqlite")
     pool = TeacherPool(
         recipe.teachers, cache, recipe.budget_usd, cache_only, run_dir / "batches", reporter.note
     )
-    executor = LocalExecutor(recipe.execution.block_rows)
     names, fps = recipe.step_names(), fingerprints(recipe)
     manifest = _manifest(recipe, names, fps)
     manifest["teachers"] = cache.totals_by_teacher()  # what the cache holds, should this build die
@@ -313,6 +314,15 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
 
         write_folder(run_dir, recipe.publish.dir, cfg=recipe.publish)
     return run
+
+
+def _executor(recipe: Recipe, run_dir: Path) -> Any:
+    """The recipe's executor: this process, or a Ray cluster (`kdata.executors.ray_executor`)."""
+    if recipe.execution.executor == "ray":
+        from kdata.executors.ray_executor import RayExecutor
+
+        return RayExecutor(recipe, run_dir)
+    return LocalExecutor(recipe.execution.block_rows)
 
 
 def _stored_responses(run_dir: Path) -> int:

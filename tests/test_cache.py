@@ -143,3 +143,18 @@ def test_a_cache_deleted_during_the_build_is_written_back_and_the_build_stops(tm
         run = kdata.build(_recipe(tmp_path, standin.port), run_dir=run_dir)
         assert run.status == "complete" and len(run.rows()) == N_ROWS
         assert {qid(r.body) for r in standin.records} == set(range(N_ROWS)) - answered
+
+
+def test_absorb_copies_what_a_store_adds_and_deletes_it(tmp_path):
+    from kdata.teachers.cache import RequestCache
+
+    main, worker = RequestCache(tmp_path / "cache.sqlite"), RequestCache(tmp_path / "w.sqlite")
+    main.put("a", "t", "m", {}, {"text": "main's"}, 1.0)
+    worker.put("a", "t", "m", {}, {"text": "worker's"}, 1.0)  # the same request, paid twice
+    worker.put("b", "t", "m", {}, {"text": "new"}, 2.0)
+    worker.close()
+    assert main.absorb(tmp_path / "w.sqlite") == 1
+    assert main.get("a") == {"text": "main's"} and main.get("b") == {"text": "new"}
+    assert main.total_cost() == 3.0
+    assert not list(tmp_path.glob("w.sqlite*"))
+    main.close()

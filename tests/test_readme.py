@@ -206,3 +206,10 @@ def test_expansion_and_feedback_snippets_validate() -> None:
             r = kdata.recipe_from_yaml("name: t\n" + teachers + block, base_dir=ROOT / "recipes")
             seen |= {s.type for s in r.steps}
     assert mine <= seen
+
+
+def test_ray_execution_snippet_validates() -> None:
+    section = next(b for b in blocks("yaml") if b.startswith("execution:\n  executor: ray"))
+    steps = "steps:\n  - {type: seeds, path: data/seed_tasks.jsonl}\n"
+    r = kdata.recipe_from_yaml("name: t\n" + steps + section, base_dir=ROOT / "recipes")
+    assert (r.execution.executor, r.execution.address, r.execution.workers) == ("ray", None, 2)

@@ -97,9 +97,12 @@ class OneBlock(Blocks):
 class LocalExecutor:
     """Runs steps over blocks in this process (see the module doc)."""
 
-    def __init__(self, block_rows: int, workers: int | None = None) -> None:
+    def __init__(
+        self, block_rows: int, workers: int | None = None, map_in_flight: int | None = None
+    ) -> None:
         self.block_rows = block_rows
         self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2)
+        self.map_in_flight = map_in_flight  # blocks of a map step run at once (default 2 or 1)
 
     def close(self) -> None:
         """Stop the thread pool."""
@@ -131,7 +134,7 @@ class LocalExecutor:
             decision = await step.decide(Blocks(self, blocks), ctx)
             await self._blocks(target, ((b, _Marked(step, decision)) for b in blocks()))
         else:  # map: teacher steps keep a second block in flight to keep the pool full
-            in_flight = 2 if step.teacher_names() else 1
+            in_flight = self.map_in_flight or (2 if step.teacher_names() else 1)
             await self._blocks(target, ((b, _Mapped(step)) for b in blocks()), in_flight)
         counts = Counts()
         for index in sorted(target.results):
@@ -164,10 +167,12 @@ class LocalExecutor:
                 running.add(asyncio.create_task(one(block, make)))
                 while len(running) >= in_flight:
                     finished, running = await asyncio.wait(running, return_when="FIRST_COMPLETED")
-                    error = error or _first_error(finished)
+                    first = _first_error(finished)  # retrieves every exception
+                    error = error or first
             if running:
                 finished, running = await asyncio.wait(running)
-                error = error or _first_error(finished)
+                first = _first_error(finished)  # retrieves every exception
+                error = error or first
         except (asyncio.CancelledError, KeyboardInterrupt):
             # Interrupted: the blocks in flight stop too (every response received is stored
             # already) and are waited for, so that none runs on once the build closes its cache.
@@ -265,7 +270,8 @@ def _finished(folder: Path, stamp: dict) -> dict[str, dict]:
 
 
 def _first_error(tasks: set[asyncio.Task]) -> BaseException | None:
-    return next((t.exception() for t in tasks if t.exception() is not None), None)
+    errors = [t.exception() for t in tasks]  # every one retrieved: none is logged as lost
+    return next((e for e in errors if e is not None), None)
 
 
 class _Make:

@@ -162,6 +162,23 @@ class RequestCache:
         )
         self._watch()
 
+    def absorb(self, other: Path) -> int:
+        """Copy the responses of the store ``other`` that this one lacks, then delete ``other``
+        (a Ray worker's store, `kdata.executors.ray_workers`). Returns how many were new."""
+        before = len(self)
+        self._db.execute("ATTACH DATABASE ? AS other", (str(other),))
+        try:
+            self._db.execute(
+                f"INSERT OR IGNORE INTO responses ({_COLUMNS}) "
+                f"SELECT {_COLUMNS} FROM other.responses"
+            )
+        finally:
+            self._db.execute("DETACH DATABASE other")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{other}{suffix}").unlink(missing_ok=True)
+        self._watch()
+        return len(self) - before
+
     def total_cost(self) -> float:
         """USD paid for every stored response."""
         return self._db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM responses").fetchone()[0]

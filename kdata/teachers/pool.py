@@ -433,6 +433,16 @@ class TeacherPool:
             reasoning_tokens=r.reasoning_tokens,
         )
 
+    def worst_cost(
+        self, st: _TeacherState, messages: list[dict] | str, params: dict, factor: float = 1.0
+    ) -> float:
+        """The most a request could cost: its prompt bounded by its UTF-8 bytes (see `_reserve`),
+        and ``max_tokens`` of completion, at ``factor`` times the prices."""
+        p_in, p_out = st.prices
+        prompt = _prompt_bytes(messages) + 8
+        worst = prompt * p_in + params.get("max_tokens", DEFAULT_MAX_TOKENS_ESTIMATE) * p_out
+        return worst * factor
+
     async def _reserve(
         self,
         st: _TeacherState,
@@ -453,10 +463,7 @@ class TeacherPool:
         """
         if self.budget_usd is None:
             return None
-        p_in, p_out = st.prices
-        prompt = _prompt_bytes(messages) + 8
-        worst = prompt * p_in + params.get("max_tokens", DEFAULT_MAX_TOKENS_ESTIMATE) * p_out
-        worst *= factor
+        worst = self.worst_cost(st, messages, params, factor)
         async with self._budget:
             if force:
                 self._reserved += worst

@@ -1,0 +1,255 @@
+"""Ray against local: a label step on the stand-in and MinHash dedup, side by side.
+
+    python benchmarks/ray_scale.py [--label-rows 10000] [--in-flight 1000] [--minhash-rows 1000000]
+        [--label-block-rows 1000] [--minhash-block-rows 10000]
+
+Starts a two-node Ray cluster on 127.0.0.1 (`ray.cluster_utils.Cluster`, 2 logical CPUs per
+node) and the loopback OpenAI stand-in (``tests/openai_standin.py``, a process of its own,
+0.2-0.5 s per answer), then builds each recipe twice, each build a child process: with the
+local executor, and with ``execution: {executor: ray, address: <the cluster>}`` (2 teacher
+workers). For each build: the driver's wall time, CPU time and peak RSS (``os.wait4``), and, for
+the Ray build, the CPU seconds and peak RSS (``VmHWM``) of every Ray worker process it used,
+sampled from ``/proc`` every 0.2 s, with the responses each teacher worker stored (its
+``cache/<host>-<pid>.sqlite``). Both builds' final datasets are checked to hold the same rows.
+Results go to ``benchmarks/results/ray_scale.json``.
+
+The recipes: ``label`` is seeds -> label (one teacher, ``max_concurrency`` = ``--in-flight``);
+``minhash`` is seeds -> minhash_dedup on ``benchmarks/scale.py``'s synthetic instructions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO / "benchmarks"))
+from scale import write_seeds  # noqa: E402
+
+LABEL = """\
+name: label
+teachers:
+  t:
+    model: openai/t
+    api_base: http://127.0.0.1:{port}/v1
+    api_key: ${{KDATA_TEST_KEY}}
+    max_concurrency: {in_flight}
+    params: {{temperature: 0, max_tokens: 32, seed: 0}}
+steps:
+  - {{type: seeds, path: seeds.jsonl}}
+  - {{type: label, teacher: t, prompt: "{{{{ instruction }}}}", output: answer}}
+execution: {{block_rows: {block_rows}{ray}}}
+report: {{diversity: false}}
+"""
+MINHASH = """\
+name: minhash
+steps:
+  - {{type: seeds, path: seeds.jsonl}}
+  - {{type: minhash_dedup, columns: [instruction]}}
+execution: {{block_rows: {block_rows}{ray}}}
+report: {{diversity: false}}
+"""
+CHILD = "import sys, kdata; kdata.build(kdata.load_recipe(sys.argv[1]), run_dir=sys.argv[2])"
+LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def descendants(root: int) -> set[int]:
+    parents = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                parents[int(d)] = int(
+                    Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1]
+                )
+            except OSError:
+                continue
+    out, todo = set(), [root]
+    while todo:
+        parent = todo.pop()
+        kids = [c for c, p in parents.items() if p == parent]
+        out.update(kids)
+        todo += kids
+    return out
+
+
+def sample(pid: int) -> tuple[str, float, int] | None:
+    """(name, CPU seconds, peak RSS in kB) of a process; None once it is gone."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        hwm = next(
+            int(line.split()[1])
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("VmHWM")
+        )
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    return cmd, cpu, hwm
+
+
+class Watch:
+    """Samples the Ray worker processes and the teacher workers' stores while a build runs."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.first, self.last, self.stored = run_dir, {}, {}, {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop)
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            for pid in descendants(os.getpid()):
+                s = sample(pid)
+                if s is not None and s[0].startswith("ray::"):
+                    self.first.setdefault(pid, s)
+                    self.last[pid] = s
+            for p in (self.run_dir / "cache").glob("*.sqlite"):
+                try:
+                    with sqlite3.connect(p) as db:
+                        n = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+                except sqlite3.Error:
+                    continue
+                self.stored[p.stem] = max(n, self.stored.get(p.stem, 0))
+            time.sleep(0.2)
+
+    def result(self) -> dict:
+        workers = []
+        for pid, (name, cpu, hwm) in self.last.items():
+            used = cpu - self.first[pid][1]
+            if used >= 0.05:  # the worker processes this build kept busy
+                workers.append(
+                    {
+                        "pid": pid,
+                        "name": name,
+                        "cpu_seconds": round(used, 1),
+                        "peak_rss_mb": round(hwm / 1024),
+                    }
+                )
+        return {"workers": sorted(workers, key=lambda w: -w["cpu_seconds"]), "stored": self.stored}
+
+
+def build(recipe: Path, run_dir: Path, watch: bool) -> dict:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    w = Watch(run_dir) if watch else None
+    if w:
+        w.thread.start()
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(recipe), str(run_dir)], env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t0
+    if w:
+        w.stop.set()
+        w.thread.join()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"build of {recipe} failed")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    out = {
+        "seconds": round(wall, 1),
+        "driver_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+        "driver_peak_rss_mb": round(usage.ru_maxrss / 1024),
+        "steps": {s["name"]: s["stats"]["seconds"] for s in manifest["steps"]},
+        "rows_out": manifest["steps"][-1]["stats"]["rows_out"],
+    }
+    if w:
+        out.update(w.result())
+        out["workers_cpu_seconds"] = round(sum(x["cpu_seconds"] for x in out["workers"]), 1)
+    return out
+
+
+def same_rows(a: Path, b: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    def rows(d: Path) -> list:
+        return [pq.read_table(p).to_pylist() for p in sorted((d / "data").glob("*.parquet"))]
+
+    return rows(a) == rows(b)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--label-rows", type=int, default=10_000)
+    ap.add_argument("--in-flight", type=int, default=1000)
+    ap.add_argument("--minhash-rows", type=int, default=1_000_000)
+    ap.add_argument("--label-block-rows", type=int, default=1_000)
+    ap.add_argument("--minhash-block-rows", type=int, default=10_000)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/kdata-ray-scale"))
+    a = ap.parse_args()
+    shutil.rmtree(a.work, ignore_errors=True)
+    a.work.mkdir(parents=True)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="kray", dir="/tmp"))
+    (ray_tmp / "ray").mkdir()
+    os.environ.update(LOCAL_ENV, RAY_TMPDIR=str(ray_tmp), KDATA_TEST_KEY="unused")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "temp_dir": str(ray_tmp / "ray"),
+        },
+    )
+    cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    standin = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "openai_standin.py"), "--latency", "0.2", "0.5"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    port = int(standin.stdout.readline().split()[1])
+    ray_exec = f", executor: ray, address: '{cluster.address}', workers: 2"
+    results = {"cores": os.cpu_count(), "cluster": "2 nodes x 2 logical CPUs, loopback"}
+    try:
+        for name, text, rows, block_rows in (
+            ("label", LABEL, a.label_rows, a.label_block_rows),
+            ("minhash", MINHASH, a.minhash_rows, a.minhash_block_rows),
+        ):
+            folder = a.work / name
+            folder.mkdir()
+            write_seeds(folder / "seeds.jsonl", rows)
+            runs = {}
+            for ex, extra in (("local", ""), ("ray", ray_exec)):
+                recipe = folder / f"{ex}.yaml"
+                recipe.write_text(
+                    text.format(port=port, in_flight=a.in_flight, block_rows=block_rows, ray=extra)
+                )
+                runs[ex] = build(recipe, folder / f"run_{ex}", watch=ex == "ray")
+                print(name, ex, json.dumps({k: v for k, v in runs[ex].items() if k != "workers"}))
+            loc, on = runs["local"], runs["ray"]
+            runs["rows"] = rows
+            runs["same_rows"] = same_rows(folder / "run_local", folder / "run_ray")
+            runs["ray_over_local"] = {
+                "seconds": round(on["seconds"] / loc["seconds"], 2),
+                "cpu_seconds": round(
+                    (on["driver_cpu_seconds"] + on["workers_cpu_seconds"])
+                    / loc["driver_cpu_seconds"],
+                    2,
+                ),
+            }
+            results[name] = runs
+    finally:
+        standin.terminate()
+        cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ray_scale.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,477 @@
+"""The Ray executor on a real two-node Ray cluster on loopback (one for the whole module).
+
+Teachers are the loopback OpenAI stand-in; the cluster is `ray.cluster_utils.Cluster` (a head
+and one more node, 2 logical CPUs each, bound to 127.0.0.1), which each build joins through
+``execution.address``. Every test compares with, or checks the guarantees of, the local executor.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from openai_standin import Config, StandIn
+
+import kdata
+from kdata.blocks import read_dataset, read_table
+from kdata.errors import BudgetExceeded, KdataError
+
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs kdata[ray]"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+SECRET = "sk-kdata-ray-secret-7f3a"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and a second node on 127.0.0.1, 2 CPUs each; Ray's files in a short temp dir."""
+    tmp = Path(tempfile.mkdtemp(prefix="kray", dir="/tmp"))  # Ray's socket paths must be short
+    (tmp / "ray").mkdir()
+    saved = {k: os.environ.get(k) for k in [*LOCAL_ENV, "RAY_TMPDIR"]}
+    os.environ.update(LOCAL_ENV, RAY_TMPDIR=str(tmp))  # before Ray is imported: it reads them
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "temp_dir": str(tmp / "ray"),
+        },
+    )
+    c.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    c.tmp = tmp
+    yield c
+    c.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def on_standin(recipe: kdata.Recipe, port: int, **teacher) -> kdata.Recipe:
+    """The recipe with every teacher answered by the stand-in at ``port``."""
+    for name, t in recipe.teachers.items():
+        recipe.teachers[name] = t.model_copy(
+            update={
+                "model": f"openai/{name}",
+                "api_base": f"http://127.0.0.1:{port}/v1",
+                "api_key": "${KDATA_TEST_KEY}",
+                "cost_per_1k_tokens": None,
+                **teacher,
+            }
+        )
+    recipe.report.diversity = False
+    recipe.validation = None
+    return recipe
+
+
+def on_ray(recipe: kdata.Recipe, cluster, **execution) -> kdata.Recipe:
+    recipe = recipe.model_copy(deep=True)
+    recipe.execution = recipe.execution.model_copy(
+        update={"executor": "ray", "address": cluster.address, **execution}
+    )
+    return recipe
+
+
+def step_tables(run_dir: Path) -> dict:
+    """Every step's rows, dropped and failed records and counts, as the run directory has them."""
+    out = {}
+    for folder in sorted((run_dir / "steps").iterdir()):
+        stats = json.loads((folder / "stats.json").read_text())
+        out[folder.name] = {
+            "counts": {k: stats[k] for k in ("expected", "rows_out", "dropped", "failed")},
+            **{
+                kind: read_table(folder, kind).to_pylist() for kind in ("rows", "dropped", "failed")
+            },
+        }
+    return out
+
+
+def dedup_recipe(folder: Path, port: int, n: int, repeats: int = 3, **top) -> kdata.Recipe:
+    """Seeds, a label step on the stand-in, a filter, decontamination, exact and MinHash dedup;
+    each text is there ``repeats`` times, and texts differ in one word."""
+    rows = [
+        {"q": f"please tell me about topic {i % (n // repeats)} and its history in region {i % 5}"}
+        for i in range(n)
+    ]
+    (folder / "seeds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = [{"question": f"topic {k} and its history in region {k % 5}"} for k in range(0, n, 7)]
+    (folder / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bench))
+    extra = "".join(f"{k}: {v}\n" for k, v in top.items())
+    text = f"""name: dedup
+teachers:
+  t:
+    model: openai/t
+    api_base: http://127.0.0.1:{port}/v1
+    api_key: ${{KDATA_TEST_KEY}}
+    max_retries: 8
+    params: {{temperature: 0, max_tokens: 32, seed: 0}}
+    cost_per_1k_tokens: {{input: 1.0, output: 1.0}}
+steps:
+  - {{type: seeds, path: seeds.jsonl}}
+  - {{type: label, teacher: t, prompt: "{{{{ q }}}}", output: a}}
+  - {{type: filter, column: a, min_chars: 3}}
+  - type: decontaminate
+    columns: [q]
+    benchmarks: [{{name: bench, path: bench.jsonl, columns: [question]}}]
+  - {{type: exact_dedup, columns: [q]}}
+  - {{type: minhash_dedup, columns: [q], threshold: 0.6}}
+execution: {{block_rows: 25}}
+report: {{diversity: false}}
+{extra}"""
+    return kdata.recipe_from_yaml(text, folder)
+
+
+def _same_as_local(local: kdata.Run, on: kdata.Run) -> None:
+    assert step_tables(on.dir) == step_tables(local.dir)
+    assert read_dataset(on.dir).to_pylist() == read_dataset(local.dir).to_pylist()
+    assert [(s.requests, s.cost_usd) for s in on.steps] == [
+        (s.requests, s.cost_usd) for s in local.steps
+    ]
+    with sqlite3.connect(on.dir / "cache.sqlite") as db:  # the workers' stores, merged
+        stored = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+    assert stored == sum(s.requests for s in local.steps)
+    assert not list((on.dir / "cache").glob("*.sqlite"))
+
+
+def test_quickstart_on_ray_gives_the_local_rows_on_loopback_only(
+    cluster, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("KDATA_TEST_KEY", SECRET)
+    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+    seen: list[str] = []
+    with StandIn(Config()) as s:
+        recipe = on_standin(kdata.load_recipe(ROOT / "recipes" / "quickstart.yaml"), s.port)
+        local = kdata.build(recipe, run_dir=tmp_path / "local")
+        box = {}
+        build = threading.Thread(
+            target=lambda: box.update(
+                run=kdata.build(on_ray(recipe, cluster), run_dir=tmp_path / "ray")
+            )
+        )
+        build.start()
+        while build.is_alive():  # the cluster's processes, workers included, while it runs
+            seen += _listening(_descendants(os.getpid()))
+            time.sleep(0.2)
+        build.join()
+        assert {r.authorization for r in s.records} == {f"Bearer {SECRET}"}
+    _same_as_local(local, box["run"])
+    assert len(seen) > 3  # gcs, raylets, object managers, workers...
+    assert set(seen) <= loopback, set(seen) - loopback
+    for folder in (cluster.tmp, tmp_path / "ray"):  # Ray's logs and session files, the run
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                assert SECRET.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    ["gsm8k_cot", "curate", "expand", "preferences", "self_instruct", "ultrachat", "dpo_validate"],
+)
+def test_every_recipe_gives_the_local_rows_on_ray(cluster, tmp_path: Path, name: str) -> None:
+    with StandIn(Config()) as s:
+        recipe = on_standin(kdata.load_recipe(ROOT / "recipes" / f"{name}.yaml"), s.port)
+        local = kdata.build(recipe, run_dir=tmp_path / "local")
+        on = kdata.build(on_ray(recipe, cluster), run_dir=tmp_path / "ray")
+    _same_as_local(local, on)
+
+
+def test_dedup_and_filter_steps_keep_the_local_rows(cluster, tmp_path: Path) -> None:
+    with StandIn(Config()) as s:
+        recipe = dedup_recipe(tmp_path, s.port, 300)
+        local = kdata.build(recipe, run_dir=tmp_path / "local")
+        on = kdata.build(on_ray(recipe, cluster), run_dir=tmp_path / "ray")
+    tables = step_tables(on.dir)
+    assert tables == step_tables(local.dir)
+    for step in ("03_decontaminate", "04_exact_dedup", "05_minhash_dedup"):
+        assert tables[step]["counts"]["dropped"] > 0, step  # each had work to do
+
+
+def _listening(pids: set[int]) -> list[str]:
+    """The local addresses (hex, as /proc/net/tcp* writes them) that ``pids`` listen on."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:  # it exited meanwhile
+            continue
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # LISTEN
+                out.append(f[1].rsplit(":", 1)[0])
+    return out
+
+
+def _descendants(root: int) -> set[int]:
+    parents = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        out.update(kids)
+        todo += kids
+    return out
+
+
+@pytest.mark.slow
+def test_rpm_holds_across_two_workers(cluster, tmp_path: Path) -> None:
+    rpm = 1200  # 20 a second, a bucket 20 deep
+    with StandIn(Config(latency=0.05)) as s:
+        recipe = dedup_recipe(tmp_path, s.port, 300)  # 100 questions
+        recipe.teachers["t"] = recipe.teachers["t"].model_copy(update={"rpm": rpm})
+        kdata.build(on_ray(recipe, cluster, workers=2), run_dir=tmp_path / "run")
+        arrivals = sorted(r.arrival for r in s.records)
+    assert len(arrivals) >= 100
+    rate = depth = rpm / 60
+    for i, t in enumerate(arrivals):  # no second holds more than the bucket allows
+        j = next((k for k in range(i, len(arrivals)) if arrivals[k] > t + 1.0), len(arrivals))
+        assert j - i <= depth + rate * 1.0
+    assert arrivals[-1] - arrivals[0] >= (len(arrivals) - depth) / rate - 0.1
+
+
+def test_the_budget_holds_across_two_workers(cluster, tmp_path: Path) -> None:
+    with StandIn(Config(latency=0.05)) as s:
+        recipe = dedup_recipe(tmp_path, s.port, 600, budget_usd=3.0)  # 200 questions
+        with pytest.raises(BudgetExceeded):
+            kdata.build(on_ray(recipe, cluster, workers=2), run_dir=tmp_path / "run")
+        answered = len(s.records)
+    with sqlite3.connect(tmp_path / "run" / "cache.sqlite") as db:  # every store, merged
+        spent, stored = db.execute("SELECT SUM(cost_usd), COUNT(*) FROM responses").fetchone()
+    assert 40 < stored == answered < 200  # the budget stopped the step partway
+    assert 3.0 - 0.1 < spent <= 3.0  # and spent it nearly all, never past it
+
+
+def test_more_workers_than_cpus_is_an_error_not_a_hang(cluster, tmp_path: Path) -> None:
+    recipe = on_standin(kdata.load_recipe(ROOT / "recipes" / "quickstart.yaml"), 1)
+    with pytest.raises(KdataError, match="execution.workers is 5, but the Ray cluster has 4 CPUs"):
+        kdata.build(on_ray(recipe, cluster, workers=5), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "cache.sqlite").exists()
+
+
+def test_without_ray_the_cli_says_how_to_install_it(tmp_path: Path) -> None:
+    hide = tmp_path / "no_ray"
+    hide.mkdir()
+    (hide / "ray.py").write_text("raise ImportError('hidden by the test')\n")
+    (hide / "sitecustomize.py").write_text(
+        "import importlib.util as u\n_f = u.find_spec\n"
+        "u.find_spec = lambda n, *a: None if n == 'ray' else _f(n, *a)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{hide}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdata.cli",
+            "build",
+            "recipes/quickstart.yaml",
+            "--executor",
+            "ray",
+            "-o",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert res.returncode == 2, res.stderr
+    assert "pip install 'kdata[ray]'" in res.stderr
+    assert "execution.executor" in res.stderr
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def _kill_when_stored(folder: Path, at_least: int, stop: threading.Event) -> list[int]:
+    """SIGKILL the first worker whose store holds ``at_least`` responses; its pid."""
+    killed: list[int] = []
+    while not stop.is_set() and not killed:
+        for p in (folder / "cache").glob("*.sqlite"):
+            try:
+                with sqlite3.connect(p) as db:
+                    n = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+            except sqlite3.Error:
+                continue
+            if n >= at_least:
+                pid = int(p.stem.rsplit("-", 1)[1])
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                break
+        time.sleep(0.05)
+    return killed
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_step_costs_at_most_its_window(cluster, tmp_path: Path) -> None:
+    window = 8  # max_concurrency 16 over 2 workers
+    with StandIn(Config(latency=0.05)) as s:
+        recipe = dedup_recipe(tmp_path, s.port, 600, repeats=1)  # no request asked twice
+        local = kdata.build(recipe, run_dir=tmp_path / "local")
+        s.clear()
+        stop = threading.Event()
+        killed: list[int] = []
+        killer = threading.Thread(
+            target=lambda: killed.extend(_kill_when_stored(tmp_path / "ray", 60, stop))
+        )
+        killer.start()
+        try:
+            on = kdata.build(on_ray(recipe, cluster, workers=2), run_dir=tmp_path / "ray")
+        finally:
+            stop.set()
+            killer.join()
+        answered = [r for r in s.records if r.status == 200]
+    assert killed, "no worker was killed"
+    assert step_tables(on.dir) == step_tables(local.dir)  # every row exactly once, as local
+    assert 600 <= len(answered) <= 600 + window
+
+
+_DRIVER = """
+import sys
+import kdata
+sys.path.insert(0, {tests!r})
+from test_ray import dedup_recipe, on_ray
+class C: address = {address!r}
+recipe = dedup_recipe(__import__("pathlib").Path({folder!r}), {port}, 600, repeats=1)
+kdata.build(on_ray(recipe, C, workers=2), run_dir={run!r})
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_from_its_blocks_and_the_stores(cluster, tmp_path: Path) -> None:
+    with StandIn(Config(latency=0.05)) as s:
+        recipe = dedup_recipe(tmp_path, s.port, 600, repeats=1)
+        local = kdata.build(recipe, run_dir=tmp_path / "local")
+        s.clear()
+        run = tmp_path / "ray"
+        code = _DRIVER.format(
+            tests=str(ROOT / "tests"),
+            address=cluster.address,
+            folder=str(tmp_path),
+            port=s.port,
+            run=str(run),
+        )
+        driver = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy())
+        try:
+            blocks = run / "steps" / "01_label" / "blocks"
+            while driver.poll() is None and len(list(blocks.glob("*.json"))) < 6:
+                time.sleep(0.05)
+        finally:
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
+        first = len([r for r in s.records if r.status == 200])
+        assert 0 < first < 600
+        on = kdata.build(on_ray(recipe, cluster, workers=2), run_dir=run)
+        answered = len([r for r in s.records if r.status == 200])
+    assert step_tables(on.dir) == step_tables(local.dir)
+    assert answered <= 600 + 16  # what the killed driver's workers had in flight, at most
+
+
+@pytest.mark.slow
+def test_a_fault_storm_on_ray_keeps_the_local_rows(cluster, tmp_path: Path) -> None:
+    with StandIn(Config(fault_rate=0.3, hang_s=2.0, retry_after_s=0.05)) as s:
+        recipe = dedup_recipe(tmp_path, s.port, 300)
+        recipe.teachers["t"] = recipe.teachers["t"].model_copy(update={"timeout": 1.0})
+        local = kdata.build(recipe, run_dir=tmp_path / "local")
+        faults = sum(r.status != 200 for r in s.records)
+        s.clear()  # the same faults again: they are decided by body hash and attempt
+        on = kdata.build(on_ray(recipe, cluster, workers=2), run_dir=tmp_path / "ray")
+    assert faults > 20  # the storm happened
+    assert step_tables(on.dir) == step_tables(local.dir)
+
+
+_LOCAL_INSTANCE = """
+import sys
+sys.path.insert(0, {tests!r})
+import kdata
+from test_ray import on_standin
+recipe = on_standin(kdata.load_recipe({recipe!r}), {port})
+recipe.execution.executor = "ray"
+run = kdata.build(recipe, run_dir={run!r})
+print("ROWS", run.steps[-1].rows_out)
+"""
+
+
+@pytest.mark.slow
+def test_without_an_address_a_local_instance_runs_the_recipe(tmp_path: Path) -> None:
+    ray_tmp = Path(tempfile.mkdtemp(prefix="kray", dir="/tmp"))  # socket paths must be short
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}  # the instance's own files go here
+    for k in LOCAL_ENV:
+        env.pop(k, None)  # the executor sets them itself
+    with StandIn(Config()) as s:
+        code = _LOCAL_INSTANCE.format(
+            tests=str(ROOT / "tests"),
+            recipe=str(ROOT / "recipes" / "quickstart.yaml"),
+            port=s.port,
+            run=str(tmp_path / "run"),
+        )
+        res = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert len(s.records) == 20
+    assert "ROWS 20" in res.stdout
+    assert list((ray_tmp / "ray").glob("session_*"))  # Ray ran from RAY_TMPDIR
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_200k_rows_dedup_as_local(cluster, tmp_path: Path) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(5000)]
+    base = [" ".join(rng.choice(words, 12)) for _ in range(60_000)]
+    rows = []
+    for i in range(200_000):
+        t = base[i % len(base)].split()
+        if i % 3 == 0:
+            t[rng.integers(len(t))] = "x"
+        rows.append({"text": " ".join(t)})
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = """name: big
+steps:
+  - {type: seeds, path: rows.jsonl}
+  - {type: exact_dedup, columns: [text]}
+  - {type: minhash_dedup, columns: [text], threshold: 0.7}
+report: {diversity: false}
+"""
+    recipe = kdata.recipe_from_yaml(text, tmp_path)
+    local = kdata.build(recipe, run_dir=tmp_path / "local")
+    on = kdata.build(on_ray(recipe, cluster), run_dir=tmp_path / "ray")
+    assert read_dataset(on.dir).to_pylist() == read_dataset(local.dir).to_pylist()
+    assert on.steps[2].dropped == local.steps[2].dropped > 0
