@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SEED_TASKS
+from conftest import SEED_TASKS
+from rich.console import Console
+from typer.testing import CliRunner
 
 import kdata
+from kdata import cli
 from kdata.planning import BATCH_DISCOUNT, _litellm
 
 PRICED = "kdata-plan-priced"  # a model the tests put in litellm's price table
@@ -134,7 +134,9 @@ def test_expected_completions_come_from_the_cache(seeds5: Path, standin) -> None
     assert label.completion_tokens_expected == 10 * 12  # the mean of the stored responses
 
 
-def test_unpriced_teachers_are_named_and_the_cli_prints_the_range(seeds5: Path, standin) -> None:
+def test_unpriced_teachers_are_named_and_the_cli_prints_the_range(
+    seeds5: Path, standin, monkeypatch: pytest.MonkeyPatch
+) -> None:
     recipe = seeds5 / "r.yaml"
     recipe.write_text(recipe_text(standin.base_url, "no-such-price", ""), encoding="utf-8")
     plan = kdata.plan(kdata.load_recipe(recipe))
@@ -143,26 +145,12 @@ def test_unpriced_teachers_are_named_and_the_cli_prints_the_range(seeds5: Path, 
         standin.base_url, "standin", "    cost_per_1k_tokens: {input: 3, output: 9}"
     )
     recipe.write_text(priced, encoding="utf-8")
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kdata.cli",
-            "build",
-            str(recipe),
-            "--dry-run",
-            "-o",
-            str(seeds5 / "o"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "COLUMNS": "250"},
-    )
-    assert res.returncode == 0, res.stderr
+    monkeypatch.setattr(cli, "out", Console(width=250))  # the table unwrapped
+    res = CliRunner().invoke(cli.app, ["build", str(recipe), "--dry-run", "-o", str(seeds5 / "o")])
+    assert res.exit_code == 0, res.output
     worst = kdata.plan(kdata.load_recipe(recipe)).usd_worst
-    assert "80 teacher calls at most, 0 of them answered by the run's cache" in res.stdout
-    assert f"at most {worst:.4f} online" in res.stdout
-    assert f"at most {worst / 2:.4f} through a batch API" in res.stdout
-    assert "* bounds:" in res.stdout and "judge *" in res.stdout
+    assert "80 teacher calls at most, 0 of them answered by the run's cache" in res.output
+    assert f"at most {worst:.4f} online" in res.output
+    assert f"at most {worst / 2:.4f} through a batch API" in res.output
+    assert "* bounds:" in res.output and "judge *" in res.output
     assert not (seeds5 / "o").exists() and standin.records == []
