@@ -20,13 +20,15 @@ fails, every fan-out at its most: ``n`` samples, ``turns``, ``rounds``, ``max_ro
   the bytes of the step's settings and templates plus the longest row that can reach it (every
   generated column counted at its teacher's ``max_tokens``), plus ``max_tokens`` for every other
   call of the same unit of work (the earlier turns of a conversation, say). These figures are
-  marked as bounds.
+  marked as bounds; their expected prompt is the mean of the step's rendered prompts, else the
+  bound scaled by the tokens per byte of the prompts the plan counted (`TOKENS_PER_BYTE_GUESS`
+  when it counted none).
 
-Completion tokens: worst case ``max_tokens`` per call (a teacher without it: `
-DEFAULT_MAX_TOKENS_ESTIMATE`, as ``budget_usd`` assumes, which no provider promises; the plan says
-so); expected, the mean completion of the teacher's responses already in the cache, else the worst
-case. Dollars at the teacher's prices (``cost_per_1k_tokens``, else litellm's price table), online
-and through a batch API (half). A teacher with no known price counts as free, and is named.
+Completion tokens: worst case ``max_tokens`` per call (for a teacher without it,
+`DEFAULT_MAX_TOKENS_ESTIMATE`, as ``budget_usd`` assumes, which no provider promises: the plan
+says so); expected, the mean completion of the teacher's responses already in the cache, else the
+worst case. Dollars at the teacher's prices (``cost_per_1k_tokens``, else litellm's price table),
+online and through a batch API (half). A teacher with no known price counts as free, and is named.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import math
 import os
 import sqlite3
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,10 +159,10 @@ class _StoredResponses:
         self._db = None
         if path.is_file():
             try:
-                self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+                self._db = _connect(f"file:{path}?mode=ro")
                 self._db.execute("SELECT 1 FROM responses LIMIT 1")
             except sqlite3.Error:  # unreadable in place (a WAL file not there): as if immutable
-                self._db = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+                self._db = _connect(f"file:{path}?immutable=1")
 
     def get(self, key: str) -> dict[str, Any] | None:
         if self._db is None:
@@ -187,6 +190,10 @@ class _StoredResponses:
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
+
+
+def _connect(uri: str) -> sqlite3.Connection:
+    return sqlite3.connect(uri, uri=True, check_same_thread=False)  # a notebook's plan: a thread
 
 
 class _Tally:
@@ -250,7 +257,13 @@ def plan(recipe: Recipe, *, run_dir: str | os.PathLike | None = None) -> Plan:
     """
     cache = _StoredResponses(Path(run_dir or recipe.run_dir) / "cache.sqlite")
     try:
-        return asyncio.run(_plan(recipe, cache))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(_plan(recipe, cache))
+        # Called from a running loop (a notebook): plan on a loop of our own in a thread.
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, _plan(recipe, cache)).result()
     finally:
         cache.close()
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SEED_TASKS
+from conftest import ROOT, SEED_TASKS
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -154,3 +154,15 @@ def test_unpriced_teachers_are_named_and_the_cli_prints_the_range(
     assert f"at most {worst / 2:.4f} through a batch API" in res.output
     assert "* bounds:" in res.output and "judge *" in res.output
     assert not (seeds5 / "o").exists() and standin.records == []
+
+
+def test_plan_from_a_running_loop_is_the_same_plan() -> None:
+    import asyncio
+
+    recipe = kdata.load_recipe(ROOT / "recipes" / "quickstart.yaml")
+
+    async def in_a_notebook() -> kdata.Plan:
+        return kdata.plan(recipe)
+
+    inside, outside = asyncio.run(in_a_notebook()), kdata.plan(recipe)
+    assert inside == outside and outside.calls == 20 and outside.unpriced == []
