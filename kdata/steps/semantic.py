@@ -32,7 +32,7 @@ from kdata.steps.clusters import (
     text_digest,
     texts_key,
 )
-from kdata.steps.embedders import STATIC, missing, static_encoder
+from kdata.steps.embedders import STATIC, STATIC_ID, missing, static_encoder
 
 DEFAULT_MODEL = STATIC
 MINILM = "all-MiniLM-L6-v2"
@@ -139,8 +139,11 @@ class SemanticDedupStep(StepBase):
         return neighbours_path(ctx.run_dir, settings, texts_key(digests))
 
     def _where(self, base_dir: Path) -> str:
-        """The model as loaded: a name, or the folder a relative path names."""
-        if self.model not in _BUNDLED | {STATIC} and (base_dir / self.model).is_dir():
+        """The model as loaded: a name (the static model's distillation), or the folder a
+        relative path names."""
+        if self.model == STATIC:
+            return STATIC_ID
+        if self.model not in _BUNDLED and (base_dir / self.model).is_dir():
             return str((base_dir / self.model).resolve())
         return self.model
 
@@ -318,7 +321,7 @@ def _import(name: str) -> Any:
 @functools.lru_cache(maxsize=2)
 def _load_model(name: str) -> Any:
     """The embedding model ``name``, loaded once per process: static, or sentence-transformers."""
-    if name == STATIC:
+    if name in (STATIC, STATIC_ID):
         return static_encoder()
     st = _import("sentence_transformers")
     where = name
