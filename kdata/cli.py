@@ -97,7 +97,10 @@ def _print_plan(p, title: str) -> None:
 def build(
     recipe: RecipeArg,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the plan; call nothing.")
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the plan: calls, tokens and dollars; send and write nothing."
+        ),
     ] = False,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Run directory (overrides output.dir).")

@@ -182,7 +182,13 @@ class _StoredResponses:
         return mean
 
     def total_cost(self) -> float:
-        return 0.0
+        return 0.0  # the plan pool reserves nothing against a budget
+
+    def spent(self) -> float:
+        """USD paid for every stored response, as the budget counts it."""
+        if self._db is None:
+            return 0.0
+        return self._db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM responses").fetchone()[0]
 
     def check(self) -> None:
         pass
@@ -302,6 +308,11 @@ async def _plan(recipe: Recipe, cache: _StoredResponses) -> Plan:
                 f"{DEFAULT_MAX_TOKENS_ESTIMATE} completion tokens per call, as budget_usd does; "
                 "set params.max_tokens to make it a bound"
             )
+    if recipe.budget_usd is not None and out.usd_worst > recipe.budget_usd - cache.spent():
+        out.notes.append(
+            f"budget_usd {recipe.budget_usd} (of which {cache.spent():.4f} spent by earlier "
+            f"builds of this run directory) is below the worst case: the build may stop there"
+        )
     return out
 
 

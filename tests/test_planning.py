@@ -141,6 +141,11 @@ def test_unpriced_teachers_are_named_and_the_cli_prints_the_range(
     recipe.write_text(recipe_text(standin.base_url, "no-such-price", ""), encoding="utf-8")
     plan = kdata.plan(kdata.load_recipe(recipe))
     assert plan.unpriced == ["t"] and plan.usd_worst == 0
+    budgeted = recipe_text(
+        standin.base_url, "standin", "    cost_per_1k_tokens: {input: 3, output: 9}"
+    )
+    tight = kdata.plan(kdata.recipe_from_yaml(budgeted + "budget_usd: 1.0\n", base_dir=seeds5))
+    assert any("budget_usd 1.0" in n and "below the worst case" in n for n in tight.notes)
     priced = recipe_text(
         standin.base_url, "standin", "    cost_per_1k_tokens: {input: 3, output: 9}"
     )
