@@ -137,8 +137,7 @@ def test_without_the_embed_extra_embedding_figures_are_null(
     assert r["plots"]["projection"] is None and r["settings"]["kmeans_k"] is None
     assert (tmp_path / "run" / r["plots"]["lengths"]).exists()
     assert r["notes"] == [
-        "embedding figures are null: model2vec not installed "
-        "(pip install 'kdata[embed]')"
+        "embedding figures are null: model2vec not installed (pip install 'kdata[embed]')"
     ]
 
 
