@@ -9,9 +9,10 @@
 __version__ = "0.1.0"
 
 from kdata.errors import BudgetExceeded, KdataError, RecipeError, TeacherError
+from kdata.planning import Plan, plan
 from kdata.publish import push
 from kdata.recipe import GenerationParams, Recipe, Teacher, load_recipe, recipe_from_yaml
-from kdata.runner import Run, build, plan
+from kdata.runner import Run, build
 from kdata.steps.base import TeacherMix
 from kdata.steps.elicit import LabelStep
 from kdata.steps.sources import SeedsStep
@@ -21,6 +22,7 @@ __all__ = [
     "GenerationParams",
     "KdataError",
     "LabelStep",
+    "Plan",
     "Recipe",
     "RecipeError",
     "Run",

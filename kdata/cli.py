@@ -69,11 +69,57 @@ def _with_execution(r, executor: str | None, address: str | None):
     return r
 
 
+def _print_plan(p, title: str) -> None:
+    """The dry run's table: per step rows, calls, tokens and dollars; then totals and notes."""
+    t = Table(title=title)
+    heads = ("step", "type", "rows (at most)", "teacher calls (cached)", "prompt tokens")
+    for col in (*heads, "completion tokens", "USD online", "USD batch", "teachers"):
+        t.add_column(col, justify="left" if col in ("step", "type", "teachers") else "right")
+
+    def span(a: float, b: float, money: bool = False) -> str:
+        f = (lambda x: f"{x:,.4f}") if money else (lambda x: f"{x:,.0f}")
+        return f(a) if f(a) == f(b) else f"{f(a)} - {f(b)}"
+
+    for s in p.steps:
+        t.add_row(
+            s.step + (" *" if s.bound else ""),
+            s.type,
+            f"{s.rows:,}",
+            f"{s.calls:,} ({s.cached:,})" if s.teachers else "",
+            span(s.prompt_tokens_expected, s.prompt_tokens_worst) if s.teachers else "",
+            span(s.completion_tokens_expected, s.completion_tokens_worst) if s.teachers else "",
+            span(s.usd_expected, s.usd_worst, True) if s.teachers else "",
+            span(s.batch_usd_expected, s.batch_usd_worst, True) if s.teachers else "",
+            ", ".join(s.teachers),
+        )
+    out.print(t)
+    cached = sum(s.cached for s in p.steps)
+    lines = [
+        f"{p.calls} teacher calls at most, {cached} of them answered by the run's cache "
+        "(responses already in the run's cache are not sent again)",
+        f"USD: expected {p.usd_expected:.4f}, at most {p.usd_worst:.4f} online; "
+        f"expected {p.usd_expected / 2:.4f}, at most {p.usd_worst / 2:.4f} through a batch API",
+        "ranges: expected - worst case (completions at max_tokens)",
+    ]
+    if any(s.bound for s in p.steps):
+        lines.append(
+            "* bounds: calls not rendered from rows known before the run (rows teachers make, "
+            "later turns or rounds) are counted at their fan-out's most"
+        )
+    if p.unpriced:
+        lines.append(f"no known price, counted as free: {', '.join(p.unpriced)}")
+    for line in lines + p.notes:
+        out.print(line, soft_wrap=True, highlight=False)
+
+
 @app.command()
 def build(
     recipe: RecipeArg,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the plan; call nothing.")
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the plan: calls, tokens and dollars; send and write nothing."
+        ),
     ] = False,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Run directory (overrides output.dir).")
@@ -96,29 +142,19 @@ def build(
     """Run a recipe; rerunning resumes where the last run stopped."""
     from kdata.progress import reporter, summary_table
     from kdata.runner import build as run_build
-    from kdata.runner import plan
 
     r = _load(recipe)
     if executor is not None or address is not None:
         r = _with_execution(r, executor, address)
     if dry_run:
+        from kdata.planning import plan
+
         try:
-            steps = plan(r)
+            p = plan(r, run_dir=output)
         except KdataError as e:
             err.print(f"[red]error:[/red] {e}", highlight=False)
             raise typer.Exit(2) from None
-        t = Table(title=f"plan: {recipe} -> {output or r.run_dir}")
-        for col in ("step", "type", "rows (at most)", "teacher calls", "teachers"):
-            t.add_column(col)
-        for s in steps:
-            t.add_row(
-                s["step"], s["type"], str(s["rows"]), str(s["calls"]), ", ".join(s["teachers"])
-            )
-        out.print(t)
-        out.print(
-            f"{sum(s['calls'] for s in steps)} teacher calls at most "
-            "(responses already in the run's cache are not sent again)"
-        )
+        _print_plan(p, f"plan: {recipe} -> {output or r.run_dir}")
         return
     try:
         with reporter(err) as progress:

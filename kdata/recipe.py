@@ -27,6 +27,7 @@ from kdata.steps.curate import CurateStep
 from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
 from kdata.steps.diversity import DiversityStep
 from kdata.steps.elicit import ConsensusStep, LabelStep
+from kdata.steps.embedders import STATIC
 from kdata.steps.expand import EvolInstructStep, SelfInstructStep
 from kdata.steps.features import FeaturesStep
 from kdata.steps.feedback import JudgeStep, PreferencesStep
@@ -179,9 +180,12 @@ class ReportConfig(StrictModel):
 
     ``diversity``: write the diversity report on the final rows (``diversity/``, for the card);
     false skips it and removes an earlier one. ``diversity`` steps write theirs either way.
+    ``model``: the embedding model of its embedding figures, as ``semantic_dedup``'s ``model``
+    (default ``static``).
     """
 
     diversity: bool = True
+    model: str = Field(default=STATIC, min_length=1)
 
 
 class Execution(StrictModel):

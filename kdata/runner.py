@@ -398,24 +398,3 @@ def _manifest(recipe: Recipe, names: list[str], fps: list[str]) -> dict[str, Any
             for n, s, f in zip(names, recipe.steps, fps, strict=True)
         ],
     }
-
-
-def plan(recipe: Recipe) -> list[dict[str, Any]]:
-    """What a build would do, without calling a teacher or writing anything.
-
-    Source steps are read to count rows; each teacher step's call count follows from them (an
-    upper bound: it assumes no row fails).
-    """
-    out, n_rows = [], 0
-    for step, name in zip(recipe.steps, recipe.step_names(), strict=True):
-        n_rows, calls = step.plan(n_rows, recipe.base_dir)
-        out.append(
-            {
-                "step": name,
-                "type": step.type,
-                "rows": n_rows,
-                "calls": calls,
-                "teachers": sorted(step.teacher_names()),
-            }
-        )
-    return out

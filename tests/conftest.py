@@ -21,6 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED_TASKS = ROOT / "recipes" / "data" / "seed_tasks.jsonl"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _kdata_cache(request, tmp_path_factory):
+    """kdata's model cache (the static embedding model, distilled on first use) in pytest's cache
+    folder: one per checkout, kept between sessions, never the user's own."""
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("kdata") if cache is not None else tmp_path_factory.mktemp("kdata")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDATA_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(autouse=True)
 def _key(monkeypatch):
     """The key stand-in teachers name (``${KDATA_TEST_KEY}``); the stand-in ignores it."""

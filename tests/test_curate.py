@@ -65,13 +65,14 @@ def test_topic_tree_breadth_depth_and_counts(tmp_path: Path) -> None:
     # the third question of each leaf is past per_prompt: dropped, counted
     assert [d["reason"] for d in drops] == ["over_count"] * 4
     assert stats["expected"] == 8 + 4 + 1
-    assert kdata.plan(recipe)[0] == {
-        "step": "cur",
-        "type": "curate",
-        "rows": 2 * 4 * 2,
-        "calls": 2 * (1 + 2) + 2 * 4,
-        "teachers": ["t"],
-    }
+    s = kdata.plan(recipe).steps[0]
+    assert (s.step, s.type, s.rows, s.calls, s.teachers) == (
+        "cur",
+        "curate",
+        2 * 4 * 2,
+        2 * (1 + 2) + 2 * 4,
+        ["t"],
+    )
 
 
 def first_words(text: str) -> str:
@@ -107,7 +108,7 @@ def test_documents_are_chunked_and_quotes_verified(tmp_path: Path) -> None:
     stats, rows, drops, failed = step_tables(run, "cur")
     spans = chunk_spans(DOC, 180, 40)
     assert len(spans) > 2 and len(standin.records) == len(spans)
-    assert kdata.plan(recipe)[1]["calls"] == len(spans)
+    assert kdata.plan(recipe).steps[1].calls == len(spans)
     assert rows[0]["instruction"] == "hi"  # the row in passes through, first
     made = rows[1:]
     assert len(made) == len(spans) and failed == []

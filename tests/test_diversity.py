@@ -129,7 +129,7 @@ def test_every_build_reports_before_and_after_curation(tmp_path: Path) -> None:
 def test_without_the_embed_extra_embedding_figures_are_null(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # find_spec says: absent
+    monkeypatch.setitem(sys.modules, "model2vec", None)  # find_spec says: absent (the static model)
     r = report(build(tmp_path, CURATION))
     for side in ("before", "after"):
         assert r[side]["mean_cosine_distance"] is None and r[side]["kmeans_entropy"] is None
@@ -137,8 +137,7 @@ def test_without_the_embed_extra_embedding_figures_are_null(
     assert r["plots"]["projection"] is None and r["settings"]["kmeans_k"] is None
     assert (tmp_path / "run" / r["plots"]["lengths"]).exists()
     assert r["notes"] == [
-        "embedding figures are null: sentence_transformers not installed "
-        "(pip install 'kdata[embed]')"
+        "embedding figures are null: model2vec not installed (pip install 'kdata[embed]')"
     ]
 
 

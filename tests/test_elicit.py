@@ -308,13 +308,14 @@ steps:
   - {{name: s, type: consensus, teachers: [cold, warm], prompt: "{{{{ question }}}}"}}
 """
     recipe = kdata.recipe_from_yaml(text)
-    assert kdata.plan(recipe)[1] == {
-        "step": "s",
-        "type": "consensus",
-        "rows": 1,
-        "calls": 2,
-        "teachers": ["cold", "warm"],
-    }
+    s = kdata.plan(recipe).steps[1]
+    assert (s.step, s.type, s.rows, s.calls, s.teachers) == (
+        "s",
+        "consensus",
+        1,
+        2,
+        ["cold", "warm"],
+    )
     run = kdata.build(recipe, run_dir=tmp_path / "run")
     t = tables(run.dir / "steps" / "s")
     assert t.stats["expected"] == 1 and t.stats["requests"] == 2
@@ -330,12 +331,12 @@ steps:
 def test_gsm8k_recipe_plans_its_limit_and_every_problem_has_a_reference(monkeypatch):
     monkeypatch.delenv("KDATA_GSM8K_LIMIT", raising=False)
     recipe = kdata.load_recipe(ROOT / "recipes" / "gsm8k_cot.yaml")
-    plan = kdata.plan(recipe)[:2]  # problems, then the CoT labels (curation may follow)
-    assert [(p["rows"], p["calls"]) for p in plan] == [(10, 0), (40, 40)]
+    plan = kdata.plan(recipe).steps[:2]  # problems, then the CoT labels (curation may follow)
+    assert [(p.rows, p.calls) for p in plan] == [(10, 0), (40, 40)]
     monkeypatch.setenv("KDATA_GSM8K_LIMIT", "100")
     recipe = kdata.load_recipe(ROOT / "recipes" / "gsm8k_cot.yaml")
-    plan = kdata.plan(recipe)[:2]
-    assert [(p["rows"], p["calls"]) for p in plan] == [(100, 0), (400, 400)]
+    plan = kdata.plan(recipe).steps[:2]
+    assert [(p.rows, p.calls) for p in plan] == [(100, 0), (400, 400)]
     label = recipe.steps[1]
     problems = [json.loads(line) for line in GSM8K.read_text().splitlines()]
     assert len(problems) == 200

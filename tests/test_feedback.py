@@ -75,7 +75,7 @@ def test_judge_validates_retries_and_feeds_filter(tmp_path: Path) -> None:
         "never": [0, 1, 2],
     }
     assert "Correctness:" in last_user_message(standin.records[0].body)
-    assert kdata.plan(recipe)[1]["calls"] == 5 * 3
+    assert kdata.plan(recipe).steps[1].calls == 5 * 3
     # the filter reads the score column as it is
     _, kept, low, _ = step_tables(run, "keep")
     assert sorted(r["response"] for r in kept) == ["retry", "valid"]
@@ -182,7 +182,7 @@ def test_preferences_pairwise_in_both_orders(tmp_path: Path) -> None:
     assert {j["winner"] for j in tie["detail"]["judgements"]} == {"A"}
     judge_calls = [x for x in standin.records if x.body["model"] == "j"]
     assert len(judge_calls) == 2 * 6  # 3 pairs, each in both orders, per prompt
-    assert kdata.plan(recipe)[1]["calls"] == 2 * (3 + 6 * 3)
+    assert kdata.plan(recipe).steps[1].calls == 2 * (3 + 6 * 3)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import kdata
 from kdata.blocks import read_dropped, read_table
 from kdata.steps.base import StepContext, StepOutput, provenance
 from kdata.steps.filters import DecontaminateStep, FilterStep, repetition
-from kdata.steps.semantic import SemanticDedupStep
+from kdata.steps.semantic import MINILM, SemanticDedupStep
 
 MOVIE = (
     'I would recommend the movie "The Shawshank Redemption" because it is an excellent movie '
@@ -408,7 +408,7 @@ def test_semantic_decontamination_catches_paraphrases_that_share_no_ngram(
         "para2": ("gsm8k_test", "gsm-0002"),
     }
     # the reported similarity is the cosine of the two texts' embeddings
-    emb = SemanticDedupStep(columns=["q"]).embed([PARA1, Q1, PARA2, Q2])
+    emb = SemanticDedupStep(columns=["q"], model=MINILM).embed([PARA1, Q1, PARA2, Q2])
     assert drops["para1"]["similarity"] == pytest.approx(float(emb[0] @ emb[1]), abs=1e-4)
     assert drops["para2"]["similarity"] == pytest.approx(float(emb[2] @ emb[3]), abs=1e-4)
     assert min(d["similarity"] for d in drops.values()) >= 0.9

@@ -90,7 +90,7 @@ def test_curation_snippet_validates() -> None:
         "diversity",
     ]
     run_plan = kdata.plan(r)
-    assert run_plan[0]["rows"] == 175
+    assert run_plan.steps[0].rows == 175
 
 
 def test_validate_snippet_validates() -> None:

@@ -145,7 +145,10 @@ def test_rows_a_rethreshold_keeps_but_never_sent_fail_as_not_cached_then_build_f
 def test_semantic_rethreshold_equals_a_fresh_run_without_embedding(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    step = "{type: semantic_dedup, name: dedup, columns: [prompt], threshold: %s}"
+    step = (  # MiniLM: the similarities below are its own
+        "{type: semantic_dedup, name: dedup, model: all-MiniLM-L6-v2, columns: [prompt], "
+        "threshold: %s}"
+    )
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     first = kdata.build(recipe(tmp_path / "a", SEMANTIC_ROWS, step % 0.95))
     fresh = kdata.build(recipe(tmp_path / "b", SEMANTIC_ROWS, step % 0.82), run_dir=tmp_path / "f")

@@ -42,7 +42,8 @@ BOYFRIEND = [
     "I broke up with my boyfriend and I am feeling so sad. Can you give me some advice?",
     "I broke up with my boyfriend and I feel so sad. Can you give me some suggestions?",
 ]
-STEP = "{type: semantic_dedup, columns: [t]"
+# These tests pin cosines of MiniLM itself; tests/test_embedders.py covers the static default.
+STEP = "{type: semantic_dedup, model: all-MiniLM-L6-v2, columns: [t]"
 
 
 @pytest.fixture(autouse=True)
@@ -58,8 +59,8 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def model():
-    """The bundled model, loaded once (the step keeps it loaded for the process)."""
-    return semantic._load_model(semantic.DEFAULT_MODEL)
+    """The bundled MiniLM, loaded once (the step keeps it loaded for the process)."""
+    return semantic._load_model(semantic.MINILM)
 
 
 def cos(model, a: str, b: str) -> float:
@@ -71,7 +72,8 @@ def build(tmp_path: Path, rows: list[dict], step: str) -> tuple[kdata.Run, list[
     """Seeds (the rows), then ``step`` (a YAML flow mapping); returns run, output and dropped."""
     write_jsonl(tmp_path / "seeds.jsonl", rows)
     recipe = kdata.recipe_from_yaml(
-        f"name: t\nsteps:\n  - {{type: seeds, path: seeds.jsonl}}\n  - {step}\n",
+        f"name: t\nreport: {{model: {semantic.MINILM}}}\n"  # the report shares the store
+        f"steps:\n  - {{type: seeds, path: seeds.jsonl}}\n  - {step}\n",
         base_dir=tmp_path,
     )
     run = kdata.build(recipe, run_dir=tmp_path / "run")
@@ -155,8 +157,8 @@ def test_a_dropped_row_is_within_threshold_of_its_kept_row_not_of_a_dropped_one(
 def test_approximate_index_finds_the_pairs_of_the_exact_one() -> None:
     outputs = [json.loads(line)["instances"][0]["output"] for line in SEED_TASKS.open()]
     texts = [*INSTRUCTIONS, *(t for ts in PARAPHRASES.values() for t in ts), *outputs[:100]]
-    exact = SemanticDedupStep(columns=["t"], threshold=0.5, floor=0.5)
-    approx = SemanticDedupStep(columns=["t"], threshold=0.5, floor=0.5, approximate_above=0)
+    exact = SemanticDedupStep(columns=["t"], threshold=0.5, floor=0.5, model=semantic.MINILM)
+    approx = exact.model_copy(update={"approximate_above": 0})
     emb = exact.embed(texts)
     assert type(exact.build_index(emb)).__name__ == "IndexFlatIP"
     assert type(approx.build_index(emb)).__name__ == "IndexHNSWFlat"
@@ -196,7 +198,9 @@ def test_embeddings_are_cached_in_the_run_dir_and_reused(
     rows[0]["t"] += " Please."
     build(tmp_path, rows, STEP + "}")  # one text changed: it alone is embedded, in a new shard
     assert calls == [len(rows), 1] and len(list(shards[0].parent.glob("*.keys.npy"))) == 2
-    emb = SemanticDedupStep(columns=["t"]).embed([r["t"] for r in rows], shards[0].parent)
+    emb = SemanticDedupStep(columns=["t"], model=semantic.MINILM).embed(
+        [r["t"] for r in rows], shards[0].parent
+    )
     assert calls == [len(rows), 1]  # all stored
     fresh = model.encode([r["t"] for r in rows], normalize_embeddings=True)
     assert np.allclose(emb, fresh, atol=1e-5)  # each text's own embedding, in order
@@ -265,7 +269,8 @@ def test_reading_a_recipe_imports_no_heavy_package() -> None:
         "import sys, kdata\n"
         "r = kdata.recipe_from_yaml('name: t\\nsteps:\\n  - {type: seeds, path: s.jsonl}\\n"
         "  - {type: semantic_dedup, columns: [t]}\\n')\n"
-        "print(sorted(m for m in ('torch', 'faiss', 'sentence_transformers') if m in sys.modules))"
+        "heavy = ('torch', 'faiss', 'sentence_transformers', 'model2vec')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "[]"

@@ -405,6 +405,11 @@ class StepBase(StrictModel):
         """(rows out at most, teacher requests) for ``n_rows`` rows in, without running."""
         return n_rows, 0
 
+    def plan_prompt_bytes(self, row_bytes: int) -> int:
+        """At most how many bytes of row text one teacher request of this step carries (besides
+        its own templates), when no row in has more than ``row_bytes`` (`kdata.planning`)."""
+        return row_bytes
+
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:  # pragma: no cover
         raise NotImplementedError
 

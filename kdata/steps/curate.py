@@ -144,6 +144,10 @@ class CurateStep(StepBase):
             return n_rows + chunks * self.per_prompt, chunks
         return n_rows * self.per_prompt, n_rows
 
+    def plan_prompt_bytes(self, row_bytes: int) -> int:
+        """A chunk (4 bytes a character at most) or a row; topic paths are in the settings."""
+        return max(4 * self.chunk_chars, row_bytes)
+
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
         if self.topics is not None:
             out = StepOutput(rows=list(rows), expected=len(rows))

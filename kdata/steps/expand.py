@@ -108,6 +108,9 @@ class SelfInstructStep(StepBase):
     def plan(self, n_rows: int, base_dir: Path) -> tuple[int, int]:
         return self.target, self.max_rounds * self.prompts_per_round + 2 * self.target
 
+    def plan_prompt_bytes(self, row_bytes: int) -> int:
+        return (self.human_per_prompt + self.machine_per_prompt) * row_bytes
+
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
         out = StepOutput(rows=[], expected=0)
         seeds = []

