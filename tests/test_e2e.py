@@ -191,7 +191,8 @@ def test_dry_run_counts_calls_and_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_openai_compatible_server_through_litellm(tmp_path, seeds, llama_server, monkeypatch):
+@pytest.mark.parametrize("client", ["auto", "litellm"])  # kdata's HTTP client, and litellm
+def test_openai_compatible_server(tmp_path, seeds, llama_server, monkeypatch, client):
     monkeypatch.setenv("KDATA_TEST_KEY", "not-needed-by-llama-cpp")
     recipe = kdata.recipe_from_yaml(f"""\
 name: served
@@ -200,6 +201,7 @@ teachers:
     model: openai/smollm2
     api_base: {llama_server}
     api_key: ${{KDATA_TEST_KEY}}
+    client: {client}
     params: {{max_tokens: 16, temperature: 0}}
 steps:
   - {{type: seeds, path: {seeds}, limit: 3}}

@@ -78,10 +78,12 @@ def test_embedded_teacher_logprobs_match_a_direct_llama_cpp_call(tmp_path):
             assert [a["token"] for a in got["top"]] == [a["token"] for a in exp["top_logprobs"]]
 
 
-def test_llama_cpp_server_logprobs_through_litellm(tmp_path, llama_server):
+@pytest.mark.parametrize("client", ["auto", "litellm"])  # kdata's HTTP client, and litellm
+def test_llama_cpp_server_logprobs(tmp_path, llama_server, client):
     served = (
         f"  t:\n    model: openai/smollm2\n    api_base: {llama_server}\n"
-        "    api_key: ${KDATA_TEST_KEY}\n    params: {temperature: 0, max_tokens: 8}"
+        f"    api_key: ${{KDATA_TEST_KEY}}\n    client: {client}\n"
+        "    params: {temperature: 0, max_tokens: 8}"
     )
     run = kdata.build(features_recipe(served, k=2), run_dir=tmp_path / "run")
     t = tables(run.dir / "steps" / "s")

@@ -320,7 +320,9 @@ def test_budget_stops_before_overspending_and_resumes(tmp_path, standin):
     standin.config.latency = 0.01
     write_seeds(tmp_path, n_rows)
     run_dir = tmp_path / "run"
-    text = recipe_yaml(standin.port, max_tokens=20, max_concurrency=4, price=price)
+    # A client timeout would send an answered request again and the server would count it twice:
+    # 10 s, so that a starved machine does not time out 10 ms answers.
+    text = recipe_yaml(standin.port, max_tokens=20, max_concurrency=4, price=price, timeout=10.0)
 
     with pytest.raises(kdata.BudgetExceeded) as exc:
         kdata.build(recipe_from_yaml(text + f"budget_usd: {budget}\n", tmp_path), run_dir=run_dir)

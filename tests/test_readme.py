@@ -179,6 +179,18 @@ def test_reasoning_teachers_snippet_validates() -> None:
     assert r.teachers["qwq"].think_tags and r.teachers["o4"].params.reasoning_effort == "high"
 
 
+def test_fast_path_snippet_validates() -> None:
+    from kdata.teachers.openai_http import endpoint
+    from kdata.teachers.pool import _litellm
+
+    snippet = next(b for b in blocks("yaml") if b.startswith("teachers:\n  vllm:"))
+    steps = "steps:\n  - {type: label, teacher: vllm, prompt: hi}\n"
+    r = kdata.recipe_from_yaml("name: t\n" + snippet + steps)
+    fast = endpoint(r.teachers["vllm"], _litellm())
+    assert fast.url == "http://localhost:8000/v1/chat/completions" and fast.model == "Qwen/Qwen3-8B"
+    assert endpoint(r.teachers["via_litellm"], _litellm()) is None
+
+
 def test_schema_snippet_validates() -> None:
     snippet = next(b for b in blocks("yaml") if b.startswith("# label (schema)\n"))
     teachers = "  smol: {model: local/smollm2-135m-instruct}\n"

@@ -255,7 +255,14 @@ def test_a_template_error_fails_the_row_and_progress_counts_rows(tmp_path, stand
     rows = [{**r, "_kdata": provenance(f"r{r['id']}", [], "seeds")} for r in rows]
     totals, advances = [], []
     ctx = StepContext("s", tmp_path, pool, set_total=totals.append, advance=advances.append)
-    out = asyncio.run(step.run(rows, ctx))
+
+    async def run():
+        try:
+            return await step.run(rows, ctx)
+        finally:
+            await pool.aclose()  # the fast path's HTTP session
+
+    out = asyncio.run(run())
     assert totals == [3] and sum(advances) == 3
     assert [r["id"] for r in out.rows] == [0] and out.expected == 3
     assert {f["row_id"] for f in out.failed} == {"r1", "r2"}
