@@ -71,8 +71,14 @@ class Blocks:
         loop, pool = asyncio.get_running_loop(), self._executor.pool
         it = self._blocks(columns)
         out = []
-        while (block := await loop.run_in_executor(pool, next, it, None)) is not None:
-            out.append(await loop.run_in_executor(pool, fn, block))
+        ahead = loop.run_in_executor(pool, next, it, None)
+        try:
+            while (block := await ahead) is not None:
+                ahead = loop.run_in_executor(pool, next, it, None)  # read on while fn runs
+                out.append(await loop.run_in_executor(pool, fn, block))
+        finally:
+            if not ahead.done():  # fn failed: no read runs on after the pass
+                await asyncio.wait([ahead])
         return out
 
 

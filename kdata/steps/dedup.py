@@ -16,12 +16,13 @@ stored neighbours again re-cuts them without hashing or embedding anything. That
 ``kdata rethreshold`` works, and why a threshold below ``floor`` cannot be re-cut.
 
 Both are global steps over blocks (`kdata.executors.local`): a pass over the blocks reads only
-the text columns and row ids, and keeps per row a compact summary (``exact_dedup``: a 16-byte
-hash of the normalised text; ``minhash_dedup``: the text's length or score and hash, then, in a
-second pass unless the neighbours are stored, its signature); the clusters are computed on
-those, and each block is then marked. The decisions are those of one pass over every row.
-Still in memory for now: the signatures of all rows (``num_perm`` × 4 bytes each) while LSH
-candidates are found, rather than band keys grouped on disk.
+the text columns and row ids (column-wise, without making the rows' dicts), and keeps per row a
+compact summary (``exact_dedup``: a 16-byte hash of the normalised text; ``minhash_dedup``: the
+text's length or score and hash). ``minhash_dedup`` then, unless the neighbours are stored,
+signs each block into files on disk (signatures and band keys at the block's own place, see
+`kdata.steps.lsh`), finds candidates band by band, and clusters with union-find over the rows
+in a pair. Each block is then marked, its kept rows a slice of its table. The decisions are
+those of one pass over every row.
 """
 
 from __future__ import annotations
