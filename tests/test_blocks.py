@@ -220,11 +220,12 @@ def test_minhash_resumes_at_its_first_unfinished_block(tmp_path: Path, monkeypat
     assert again.rows() == build(tmp_path, CURATION, 10, "fresh").rows()
 
 
+@pytest.mark.slow  # two CLI builds and a third in-process; run with -m slow
 def test_kill_9_while_minhash_marks_then_rerun(tmp_path: Path) -> None:
-    write_seeds(tmp_path, seeds(2000), bad_line=False)
+    write_seeds(tmp_path, seeds(600), bad_line=False)
     steps = "  - {type: seeds, path: seeds.jsonl}\n  - {type: minhash_dedup, columns: [text]}\n"
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"name: t\nexecution: {{block_rows: 10}}\nsteps:\n{steps}")
+    recipe.write_text(f"name: t\nexecution: {{block_rows: 5}}\nsteps:\n{steps}")
     run_dir = tmp_path / "run"
     folder = run_dir / "steps" / "01_minhash_dedup"
     proc = cli(recipe, run_dir)
@@ -236,7 +237,7 @@ def test_kill_9_while_minhash_marks_then_rerun(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     finished = sorted((folder / "blocks").glob("*.json"))
-    assert 3 <= len(finished) < 200 and not (folder / "stats.json").exists()
+    assert 3 <= len(finished) < 120 and not (folder / "stats.json").exists()
     mtimes = {p: p.stat().st_mtime_ns for p in finished}
     mtimes.update({p: p.stat().st_mtime_ns for k in KINDS for p in parts(folder, k)})
     mtimes = {p: t for p, t in mtimes.items() if (folder / "blocks" / f"{p.stem}.json").exists()}
@@ -249,7 +250,7 @@ def test_kill_9_while_minhash_marks_then_rerun(tmp_path: Path) -> None:
     again = kdata.Run(run_dir, "complete", [], {}).rows()
     ids = [r["_kdata"]["id"] for r in again]
     assert len(set(ids)) == len(ids)  # every row exactly once
-    assert again == build(tmp_path, steps, 10, "fresh").rows()  # and as a build without a kill
+    assert again == build(tmp_path, steps, 5, "fresh").rows()  # and as a build without a kill
 
 
 def test_the_final_dataset_is_sharded_in_the_hub_layout(tmp_path: Path, monkeypatch) -> None:
