@@ -224,9 +224,12 @@ class StepContext:
 
 @dataclass
 class StepOutput:
-    """The outcome of a step. ``expected`` units of work = rows + dropped + failed."""
+    """The outcome of a step. ``expected`` units of work = rows + dropped + failed.
 
-    rows: list[dict]
+    ``rows``: dicts; from a global step's ``mark``, also a slice of its block's table.
+    """
+
+    rows: list[dict] | Any
     expected: int
     dropped: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
