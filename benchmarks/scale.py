@@ -1,6 +1,7 @@
 """Scale: seeds -> exact_dedup -> minhash_dedup -> filter on synthetic short instructions.
 
     python benchmarks/scale.py --rows 100000 1000000 [--old COMMIT] [--with-report]
+    python benchmarks/scale.py --label 200000 [--old COMMIT]
 
 For each size, writes ``N`` short instructions (8 to 14 words from a synthetic vocabulary,
 seeded) of which 10% are planted near-duplicates of an earlier row (half of them the same text
@@ -10,6 +11,10 @@ runner of ``--old`` (default e5177bb, the commit before blocks), checked out as 
 Each build is a child process; its wall time, per-step seconds (from the run's manifest) and peak
 RSS (``os.wait4``, the child's own ``ru_maxrss``) are reported and written to
 ``benchmarks/results/scale_<N>.json`` (``scale_<N>_report.json`` with ``--with-report``).
+
+``--label N``: seeds -> a ``label`` step over ``N`` short questions instead, its teacher the
+loopback OpenAI stand-in (``tests/openai_standin.py``, in this process) answering 8 KB to each
+request; results in ``benchmarks/results/scale_label_<N>.json``.
 
 The final diversity report is left out by default in both (``kdata.steps.diversity.
 final_report`` replaced by a no-op in the child): its cost is measured and fixed elsewhere, and
@@ -39,6 +44,18 @@ steps:
   - {{type: exact_dedup, columns: [instruction]}}
   - {{type: minhash_dedup, columns: [instruction]}}
   - {{type: filter, column: instruction, min_words: 3}}
+"""
+LABEL_RECIPE = """\
+name: scale_label
+{execution}teachers:
+  t:
+    model: openai/m
+    api_base: "http://127.0.0.1:{port}/v1"
+    api_key: "${{KDATA_BENCH_KEY}}"
+    max_concurrency: 64
+steps:
+  - {{type: seeds, path: seeds.jsonl}}
+  - {{type: label, name: answer, teacher: t, prompt: "{{{{ q }}}}"}}
 """
 CHILD = """\
 import sys, kdata
@@ -119,23 +136,68 @@ def old_checkout(commit: str) -> Path:
     return path
 
 
+def compare(n: int, work: Path, recipe: str, old_commit: str, report: bool, result: dict) -> None:
+    """Build ``recipe`` (with ``execution``) with this checkout and, without it, with
+    ``old_commit``'s runner; record both and their ratios in ``result``."""
+    (work / "recipe.yaml").write_text(recipe)
+    old_recipe = [line for line in recipe.splitlines() if not line.startswith("execution")]
+    (work / "recipe_old.yaml").write_text("\n".join(old_recipe) + "\n")
+    result["new"] = run(REPO, work / "recipe.yaml", work / "run_new", report)
+    print(n, "new", json.dumps(result["new"]), flush=True)
+    if not old_commit:
+        return
+    old = run(old_checkout(old_commit), work / "recipe_old.yaml", work / "run_old", report)
+    result["old"] = old
+    print(n, "old", json.dumps(old), flush=True)
+    if old["ok"] and result["new"]["ok"]:
+        result["ratio"] = {
+            "seconds_new_over_old": round(result["new"]["seconds"] / old["seconds"], 3),
+            "cpu_new_over_old": round(result["new"]["cpu_seconds"] / old["cpu_seconds"], 3),
+            "rss_new_over_old": round(result["new"]["peak_rss_mb"] / old["peak_rss_mb"], 3),
+            "same_ids_in_order": final_ids(work / "run_new") == final_ids(work / "run_old"),
+        }
+
+
+def label(n: int, block_rows: int, old_commit: str, base: Path) -> None:
+    """The label benchmark: ``n`` questions, each answered 8 KB by the stand-in."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from openai_standin import Config, StandIn
+
+    work = base / f"label_{n}"
+    work.mkdir(parents=True, exist_ok=True)
+    with (work / "seeds.jsonl").open("w", encoding="utf-8") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"id": i, "q": f"What is {i} plus {i}?"}) + "\n")
+    os.environ["KDATA_BENCH_KEY"] = "sk-bench"  # the stand-in ignores it
+    answer = ("All work and no play makes a dull teacher. " * 200)[:8192]
+    with StandIn(Config(reply=lambda body: answer), keep_bodies=False) as standin:
+        execution = f"execution: {{block_rows: {block_rows}}}\n"
+        recipe = LABEL_RECIPE.format(execution=execution, port=standin.port)
+        result = {"rows": n, "response_bytes": len(answer), "block_rows": block_rows}
+        result["cores"] = os.cpu_count()
+        compare(n, work, recipe, old_commit, False, result)
+        result["requests_served"] = len(standin.records)
+    out = RESULTS / f"scale_label_{n}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print("written", out, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", type=int, nargs="+", default=[100_000])
+    ap.add_argument("--rows", type=int, nargs="+", default=[])
+    ap.add_argument("--label", type=int, help="rows of the label benchmark instead")
     ap.add_argument("--block-rows", type=int, default=10_000)
     ap.add_argument("--old", default=OLD, help="commit of the baseline runner ('' for none)")
     ap.add_argument("--with-report", action="store_true", help="keep the diversity report")
     ap.add_argument("--work", type=Path, default=Path("/tmp/kdata-scale"))
     a = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for n in a.rows:
+    if a.label:
+        label(a.label, a.block_rows, a.old, a.work)
+    for n in a.rows or ([] if a.label else [100_000]):
         work = a.work / str(n)
         work.mkdir(parents=True, exist_ok=True)
         planted = write_seeds(work / "seeds.jsonl", n)
-        recipe = RECIPE.format(block_rows=a.block_rows)
-        (work / "recipe.yaml").write_text(recipe)
-        old_recipe = [line for line in recipe.splitlines() if not line.startswith("execution")]
-        (work / "recipe_old.yaml").write_text("\n".join(old_recipe) + "\n")
         result = {
             "rows": n,
             "planted_near_duplicates": planted,
@@ -143,21 +205,8 @@ def main() -> None:
             "diversity_report": a.with_report,
             "cores": os.cpu_count(),
         }
-        result["new"] = run(REPO, work / "recipe.yaml", work / "run_new", a.with_report)
-        print(n, "new", json.dumps(result["new"]), flush=True)
-        if a.old:
-            old = run(
-                old_checkout(a.old), work / "recipe_old.yaml", work / "run_old", a.with_report
-            )
-            result["old"] = old
-            print(n, "old", json.dumps(old), flush=True)
-            if old["ok"] and result["new"]["ok"]:
-                result["ratio"] = {
-                    "seconds_new_over_old": round(result["new"]["seconds"] / old["seconds"], 3),
-                    "cpu_new_over_old": round(result["new"]["cpu_seconds"] / old["cpu_seconds"], 3),
-                    "rss_new_over_old": round(result["new"]["peak_rss_mb"] / old["peak_rss_mb"], 3),
-                    "same_ids_in_order": final_ids(work / "run_new") == final_ids(work / "run_old"),
-                }
+        recipe = RECIPE.format(block_rows=a.block_rows)
+        compare(n, work, recipe, a.old, a.with_report, result)
         out = RESULTS / f"scale_{n}{'_report' if a.with_report else ''}.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
         print("written", out, flush=True)

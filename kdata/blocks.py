@@ -59,11 +59,13 @@ _SCHEMAS = {"dropped": DROPPED_SCHEMA, "failed": FAILED_SCHEMA}
 
 @dataclass(frozen=True)
 class Block:
-    """Rows ``start`` to ``start + len(table) - 1`` of a step's input, as one Arrow table."""
+    """Rows ``start`` to ``start + len(table) - 1`` of a step's input, as one Arrow table; or,
+    outside a build, rows ``given`` as dicts (``table`` then empty)."""
 
     index: int
     start: int
     table: pa.Table
+    given: list[dict] | None = None
 
     @property
     def id(self) -> str:
@@ -71,11 +73,29 @@ class Block:
         return block_id(self.index)
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return self.table.num_rows if self.given is None else len(self.given)
 
     def rows(self, columns: list[str] | None = None) -> list[dict]:
         """The block's rows as plain dicts; ``columns`` only (``a``, or ``a.b`` of a struct)."""
+        if self.given is not None:
+            return self.given
         return (self.table if columns is None else project(self.table, columns)).to_pylist()
+
+    def strings(self, name: str) -> list[str] | None:
+        """Column ``name`` as a list, when it is a text column without nulls (else None): a
+        step's fast path past the rows' dicts."""
+        if self.given is not None or name not in self.table.column_names:
+            return None
+        col = self.table.column(name)
+        if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+            return None
+        return col.to_pylist() if col.null_count == 0 else None
+
+    def ids(self) -> pa.Array:
+        """The rows' ids (``_kdata.id``)."""
+        if self.given is not None:
+            return pa.array([r[PROVENANCE]["id"] for r in self.given], pa.string())
+        return self.table.column(PROVENANCE).combine_chunks().field("id")
 
 
 def project(table: pa.Table, columns: list[str]) -> pa.Table:

@@ -200,6 +200,8 @@ def test_minhash_resumes_at_its_first_unfinished_block(tmp_path: Path, monkeypat
     write_seeds(tmp_path, seeds(120), bad_line=False)
     whole = build(tmp_path, CURATION, 10, "run")
     folder = whole.dir / "steps" / "02_minhash_dedup"
+    assert (whole.dir / "tmp").is_dir()  # its signature files were there while it ran
+    assert not (whole.dir / "tmp" / "02_minhash_dedup").exists()  # and removed after
     counts = sorted((folder / "blocks").glob("*.json"))
     for p in counts[len(counts) // 2 :]:  # as a kill in the middle of marking leaves it
         p.unlink()
@@ -210,7 +212,7 @@ def test_minhash_resumes_at_its_first_unfinished_block(tmp_path: Path, monkeypat
     def no_signing(*args):  # the neighbours were stored: nothing is signed again
         raise AssertionError("signatures computed again")
 
-    monkeypatch.setattr(MinHashDedupStep, "_signed", no_signing)
+    monkeypatch.setattr(MinHashDedupStep, "_sign", no_signing)
     again = build(tmp_path, CURATION, 10, "run")
     assert [s.reused for s in again.steps] == [True, True, False, True]  # filter: same input
     assert len(kept) == 3 * (len(counts) // 2) and len(counts) > 4
@@ -218,6 +220,39 @@ def test_minhash_resumes_at_its_first_unfinished_block(tmp_path: Path, monkeypat
     assert len(list((folder / "blocks").glob("*.json"))) == len(counts)
     monkeypatch.undo()
     assert again.rows() == build(tmp_path, CURATION, 10, "fresh").rows()
+
+
+@pytest.mark.slow  # two CLI builds and a third in-process; run with -m slow
+def test_kill_9_while_minhash_marks_then_rerun(tmp_path: Path) -> None:
+    write_seeds(tmp_path, seeds(600), bad_line=False)
+    steps = "  - {type: seeds, path: seeds.jsonl}\n  - {type: minhash_dedup, columns: [text]}\n"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: t\nexecution: {{block_rows: 5}}\nsteps:\n{steps}")
+    run_dir = tmp_path / "run"
+    folder = run_dir / "steps" / "01_minhash_dedup"
+    proc = cli(recipe, run_dir)
+    deadline = time.monotonic() + 120
+    while len(list((folder / "blocks").glob("*.json"))) < 3:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the build marked too few blocks"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    finished = sorted((folder / "blocks").glob("*.json"))
+    assert 3 <= len(finished) < 120 and not (folder / "stats.json").exists()
+    mtimes = {p: p.stat().st_mtime_ns for p in finished}
+    mtimes.update({p: p.stat().st_mtime_ns for k in KINDS for p in parts(folder, k)})
+    mtimes = {p: t for p, t in mtimes.items() if (folder / "blocks" / f"{p.stem}.json").exists()}
+
+    proc = cli(recipe, run_dir)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # not marked again
+    assert not (run_dir / "tmp").exists() or not any((run_dir / "tmp").iterdir())
+    again = kdata.Run(run_dir, "complete", [], {}).rows()
+    ids = [r["_kdata"]["id"] for r in again]
+    assert len(set(ids)) == len(ids)  # every row exactly once
+    assert again == build(tmp_path, steps, 5, "fresh").rows()  # and as a build without a kill
 
 
 def test_the_final_dataset_is_sharded_in_the_hub_layout(tmp_path: Path, monkeypatch) -> None:

@@ -103,7 +103,7 @@ steps:
   - {{name: s, type: self_consistency, teacher: smol, n: 2, prompt: "{{{{ question }}}}"}}
 """
     recipe = kdata.recipe_from_yaml(text)
-    assert [(p["rows"], p["calls"]) for p in kdata.plan(recipe)] == [(1, 0), (1, 2)]
+    assert [(p.rows, p.calls) for p in kdata.plan(recipe).steps] == [(1, 0), (1, 2)]
     run = kdata.build(recipe, run_dir=tmp_path / "run")
     t = tables(run.dir / "steps" / "s")
     assert t.stats["expected"] == 1 and t.stats["requests"] == 2 and t.dropped == []
@@ -214,7 +214,7 @@ steps:
   - {{name: s, type: self_refine, teacher: smol, rounds: 2, prompt: "{{{{ instruction }}}}"}}
 """
     recipe = kdata.recipe_from_yaml(text)
-    assert kdata.plan(recipe)[1]["calls"] == 1 + 2 * 2
+    assert kdata.plan(recipe).steps[1].calls == 1 + 2 * 2
     run = kdata.build(recipe, run_dir=tmp_path / "run")
     t = tables(run.dir / "steps" / "s")
     assert t.stats["expected"] == 1 and 2 <= t.stats["requests"] <= 5

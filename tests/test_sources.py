@@ -51,7 +51,7 @@ def test_seed_formats(tmp_path: Path, fmt: str) -> None:
     recipe = kdata.recipe_from_yaml(
         f"name: s\nsteps:\n  - {{type: seeds, path: {path}, limit: 3}}\n"
     )
-    assert kdata.plan(recipe)[0]["rows"] == 3
+    assert kdata.plan(recipe).steps[0].rows == 3
     run = kdata.build(recipe, run_dir=tmp_path / "run")
     rows = run.rows()
     assert [(r["q"], r["k"]) for r in rows] == [(f"question {i}", i) for i in range(3)]

@@ -8,7 +8,7 @@ blocks are scheduled and writes the step's parts (see `kdata.blocks`). By the st
   steps one. A block already finished by an earlier build of the same step is not run again.
 - ``global``: ``step.decide`` sees every block through `Blocks.map` (compact per-row summaries,
   computed block by block in the thread pool), then each block is marked
-  (``step.mark(rows, decision, block)``) and written, as map steps are.
+  (``step.mark(block, decision)``, in the thread pool) and written, as map steps are.
 - ``source``: the input blocks pass through, then the blocks the step reads (``step.blocks``).
 - ``whole``: the step gets every input row in one list and writes one part (steps not yet
   written over blocks: ``semantic_dedup``, the expansion rounds, ``curate``, ``diversity``).
@@ -20,7 +20,6 @@ cores, off the event loop, so teacher calls and CPU work overlap.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 from collections import Counter
@@ -34,7 +33,7 @@ import pyarrow as pa
 
 from kdata.blocks import Block, input_blocks, read_json, to_table, write_parts
 from kdata.errors import KdataError
-from kdata.steps.base import PROVENANCE, StepContext, StepOutput
+from kdata.steps.base import StepContext, StepOutput, rid
 from kdata.teachers.batch import BLOCK
 
 T = TypeVar("T")
@@ -65,33 +64,33 @@ class Blocks:
     def __init__(self, executor: LocalExecutor, blocks: Callable[..., Iterator[Block]]) -> None:
         self._executor, self._blocks = executor, blocks
 
-    async def map(
-        self, fn: Callable[[list[dict], Block], T], columns: list[str] | None = None
-    ) -> list[T]:
-        """``fn(rows, block)`` of every block, in block order, computed in the thread pool.
+    async def map(self, fn: Callable[[Block], T], columns: list[str] | None = None) -> list[T]:
+        """``fn(block)`` of every block, in block order, computed in the thread pool.
 
         ``columns``: read only these (``a``, or ``a.b`` of a struct) of the rows.
         """
         loop, pool = asyncio.get_running_loop(), self._executor.pool
         it = self._blocks(columns)
         out = []
-        while (block := await loop.run_in_executor(pool, next, it, None)) is not None:
-            out.append(await loop.run_in_executor(pool, lambda b=block: fn(b.rows(), b)))
+        ahead = loop.run_in_executor(pool, next, it, None)
+        try:
+            while (block := await ahead) is not None:
+                ahead = loop.run_in_executor(pool, next, it, None)  # read on while fn runs
+                out.append(await loop.run_in_executor(pool, fn, block))
+        finally:
+            if not ahead.done():  # fn failed: no read runs on after the pass
+                await asyncio.wait([ahead])
         return out
 
 
 class OneBlock(Blocks):
     """Every row as one block: how a global step runs outside a build (``step.run(rows)``)."""
 
-    BLOCK = Block(0, 0, to_table([]))
-
     def __init__(self, rows: list[dict]) -> None:
-        self._rows = rows
+        self.block = Block(0, 0, to_table([]), given=rows)
 
-    async def map(
-        self, fn: Callable[[list[dict], Block], T], columns: list[str] | None = None
-    ) -> list[T]:
-        return [fn(self._rows, self.BLOCK)]
+    async def map(self, fn: Callable[[Block], T], columns: list[str] | None = None) -> list[T]:
+        return [fn(self.block)]
 
 
 class LocalExecutor:
@@ -148,11 +147,10 @@ class LocalExecutor:
         running: set[asyncio.Task] = set()
         error: BaseException | None = None
 
-        async def one(block: Block, make) -> None:
+        async def one(block: Block, make: _Make) -> None:
             BLOCK.set(block.id)  # a batch teacher's requests are batched per block
-            rows = await loop.run_in_executor(self.pool, block.rows, make.columns)
-            out = await make(rows, block, target.ctx)
-            target.results[block.index] = await self._write(target, block, rows, out, make.columns)
+            rows, out = await make(block, target.ctx, self.pool)
+            target.results[block.index] = await self._write(target, block, rows, out)
 
         try:
             while error is None:
@@ -189,17 +187,11 @@ class LocalExecutor:
             raise error
 
     async def _write(
-        self,
-        target: _Target,
-        block: Block,
-        rows: list[dict],
-        out: StepOutput,
-        columns: list[str] | None = None,
+        self, target: _Target, block: Block, rows: list[dict] | None, out: StepOutput
     ) -> dict:
         """Check a block's accounting and write its parts and counts (in the thread pool).
 
-        ``columns``: the step saw only these of its rows (a global step's mark); its kept rows
-        are then taken from the block's table and its failed rows' copies made from it.
+        ``rows``: the block's rows the step saw as dicts (None: it saw the block's table).
         """
         name = block.id
         got = len(out.rows) + len(out.dropped) + len(out.failed)
@@ -213,7 +205,7 @@ class LocalExecutor:
             **target.stamp,
             "block": name,
             "start": block.start,
-            "rows_in": len(rows),
+            "rows_in": len(block) if rows is None else len(rows),
             "expected": out.expected,
             "rows": len(out.rows),
             "dropped": len(out.dropped),
@@ -221,15 +213,12 @@ class LocalExecutor:
             "drop_reasons": dict(Counter(d["reason"] for d in out.dropped)),
             "failure_classes": dict(Counter(f["error_class"] for f in out.failed)),
         }
-        given = {r[PROVENANCE]["id"]: i for i, r in enumerate(rows)}
-        # a dropped input row is in the input parts already: its id stands for it
-        dropped = [{**d, "row": None} if d["row_id"] in given else d for d in out.dropped]
-        failed = out.failed
-        if columns is not None and failed:
-            full = block.table.take(pa.array([given[f["row_id"]] for f in failed], pa.int64()))
-            copies = [json.dumps(r, default=str, ensure_ascii=False) for r in full.to_pylist()]
-            failed = [{**f, "row": c} for f, c in zip(failed, copies, strict=True)]
-        tables = {"rows": _kept(target, block, rows, out), "dropped": dropped, "failed": failed}
+        dropped = out.dropped
+        if any(d["row"] is not None for d in dropped):
+            # a dropped input row is in the input parts already: its id stands for it
+            given = set(block.ids().to_pylist()) if rows is None else {rid(r) for r in rows}
+            dropped = [{**d, "row": None} if d["row_id"] in given else d for d in dropped]
+        tables = {"rows": _kept(target, block, rows, out), "dropped": dropped, "failed": out.failed}
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.pool, write_parts, target.folder, name, tables, counts)
         return counts
@@ -247,10 +236,10 @@ class _Target:
     results: dict[int, dict] = field(default_factory=dict)
 
 
-def _kept(target: _Target, block: Block, rows: list[dict], out: StepOutput) -> list[dict] | Any:
+def _kept(target: _Target, block: Block, rows: list[dict] | None, out: StepOutput) -> Any:
     """The kept rows; a curation step's as a slice of the block's own table, which saves
     converting them back to Arrow (its rows are the block's dicts, kept or not)."""
-    if not target.curates or len(block) != len(rows):
+    if isinstance(out.rows, pa.Table) or not target.curates or len(block) != len(rows):
         return out.rows
     at = {id(r): i for i, r in enumerate(rows)}
     index = [at.get(id(r)) for r in out.rows]
@@ -275,35 +264,41 @@ def _first_error(tasks: set[asyncio.Task]) -> BaseException | None:
 
 
 class _Make:
-    """How a block's output is made from its rows; ``columns``: the rows' columns it reads."""
+    """How a block's output is made: ``await make(block, ctx, pool)`` gives the block's rows
+    as the step saw them (None: it saw the block's table) and the step's output."""
 
-    columns: list[str] | None = None
+    async def __call__(
+        self, block: Block, ctx: StepContext, pool: ThreadPoolExecutor
+    ) -> tuple[list[dict] | None, StepOutput]:  # pragma: no cover
+        raise NotImplementedError
 
 
 class _Mapped(_Make):
     def __init__(self, step: Any) -> None:
         self.step = step
 
-    async def __call__(self, rows: list[dict], block: Block, ctx: StepContext) -> StepOutput:
-        return await self.step.run(rows, ctx)
+    async def __call__(self, block, ctx, pool):
+        rows = await asyncio.get_running_loop().run_in_executor(pool, block.rows)
+        return rows, await self.step.run(rows, ctx)
 
 
 class _Marked(_Make):
     def __init__(self, step: Any, decision: Any) -> None:
-        self.step, self.decision, self.columns = step, decision, step.mark_columns()
+        self.step, self.decision = step, decision
 
-    async def __call__(self, rows: list[dict], block: Block, ctx: StepContext) -> StepOutput:
-        out = self.step.mark(rows, self.decision, block)
-        ctx.advance(len(rows))
-        return out
+    async def __call__(self, block, ctx, pool):
+        mark = self.step.mark
+        out = await asyncio.get_running_loop().run_in_executor(pool, mark, block, self.decision)
+        ctx.advance(len(block))
+        return None, out
 
 
 class _Same(_Make):
     """An input block that a source step passes through unchanged."""
 
-    async def __call__(self, rows: list[dict], block: Block, ctx: StepContext) -> StepOutput:
-        ctx.advance(len(rows))
-        return StepOutput(rows=rows, expected=len(rows))
+    async def __call__(self, block, ctx, pool):
+        ctx.advance(len(block))
+        return None, StepOutput(rows=block.table, expected=len(block))
 
 
 class _Read(_Make):
@@ -312,9 +307,9 @@ class _Read(_Make):
     def __init__(self, out: StepOutput) -> None:
         self.out = out
 
-    async def __call__(self, rows: list[dict], block: Block, ctx: StepContext) -> StepOutput:
+    async def __call__(self, block, ctx, pool):
         ctx.advance(self.out.expected)
-        return self.out
+        return [], self.out
 
 
 def _chain(passed: Iterator[Block], made: Iterator[StepOutput]) -> Iterator[tuple[Block, _Make]]:

@@ -284,9 +284,10 @@ class TeacherWorker:
         """The worker's own store, once it has one."""
         return None if self.pool is None else str(self.pool.cache.path)
 
-    def close(self) -> None:
-        """Close the worker's store (the driver merges it next)."""
+    async def close(self) -> None:
+        """Close the worker's HTTP connections and its store (the driver merges it next)."""
         if self.pool is not None:
+            await self.pool.aclose()
             self.pool.cache.close()
 
 

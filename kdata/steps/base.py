@@ -239,9 +239,12 @@ class StepContext:
 
 @dataclass
 class StepOutput:
-    """The outcome of a step. ``expected`` units of work = rows + dropped + failed."""
+    """The outcome of a step. ``expected`` units of work = rows + dropped + failed.
 
-    rows: list[dict]
+    ``rows``: dicts; from a global step's ``mark``, also a slice of its block's table.
+    """
+
+    rows: list[dict] | Any
     expected: int
     dropped: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
@@ -417,11 +420,12 @@ class StepBase(StrictModel):
 class GlobalStep(StepBase):
     """A step that must see every row (dedup): phases over blocks, on compact summaries.
 
-    ``decide`` computes what the step needs of all rows through ``blocks.map(fn)``, which
-    applies ``fn(rows, block)`` to every block in order (in the executor's thread pool) and
-    returns the results: keep them compact (hashes, signatures), never the rows. ``mark`` then
-    makes one block's output from its rows and the decision (only `mark_columns` of them,
-    when it names some).
+    ``decide`` computes what the step needs of all rows through ``blocks.map(fn, columns)``,
+    which applies ``fn(block)`` to every block in order (in the executor's thread pool; the
+    block's table holds only ``columns``) and returns the results: keep them compact (hashes,
+    signatures), never the rows. ``mark`` then makes one block's output from the block and the
+    decision; a curation step's kept rows may be a slice of ``block.table``. A block outside a
+    build (``run``) holds its rows as dicts instead (``block.given``).
     """
 
     kind: ClassVar[str] = "global"
@@ -429,24 +433,17 @@ class GlobalStep(StepBase):
     async def decide(self, blocks: Any, ctx: StepContext) -> Any:  # pragma: no cover
         raise NotImplementedError
 
-    def mark(self, rows: list[dict], decision: Any, block: Any) -> StepOutput:  # pragma: no cover
+    def mark(self, block: Any, decision: Any) -> StepOutput:  # pragma: no cover
         raise NotImplementedError
-
-    def mark_columns(self) -> list[str] | None:
-        """The columns ``mark`` reads (``a``, or ``a.b`` of a struct; None: every column).
-
-        Given, ``mark`` sees only these, and must keep rows unchanged: the executor writes the
-        block's full rows for the ones it keeps, and copies of its failed rows from them.
-        """
-        return None
 
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
         """Every row as one block: how the step runs outside a build."""
         from kdata.executors.local import OneBlock
 
         ctx.set_total(len(rows))
-        decision = await self.decide(OneBlock(rows), ctx)
-        out = self.mark(rows, decision, OneBlock.BLOCK)
+        one = OneBlock(rows)
+        decision = await self.decide(one, ctx)
+        out = self.mark(one.block, decision)
         ctx.advance(len(rows))
         return out
 

@@ -16,11 +16,13 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 
-from kdata.steps.base import StepOutput, dropped, failure
+from kdata.blocks import Block
+from kdata.steps.base import PROVENANCE, StepOutput, dropped, failure, rid
 
 COSINE_DECIMALS = 6  # cosine similarities are rounded, so identical texts are exactly 1.0
 
@@ -89,6 +91,33 @@ def comparable(
     return idx, ["\n".join(v) for v in values], scores, failed
 
 
+def block_values(
+    block: Block, columns: list[str]
+) -> tuple[Sequence[int], Sequence[Sequence[str]], list[dict], pa.Array]:
+    """`column_texts` of a block's rows, and the row ids of those with texts. A block whose
+    columns are all text without nulls is read column-wise, without its rows' dicts."""
+    cols = [block.strings(c) for c in columns]
+    if all(c is not None for c in cols):
+        return range(len(block)), list(zip(*cols, strict=True)), [], block.ids()
+    rows = block.rows()
+    idx, values, failed = column_texts(rows, columns)
+    return idx, values, failed, pa.array([rid(rows[i]) for i in idx], pa.string())
+
+
+def block_texts(
+    block: Block, columns: list[str], keep: str, score_column: str | None
+) -> tuple[Sequence[int], Sequence[str], list[float], list[dict], pa.Array]:
+    """`comparable` of a block's rows, and the row ids of its comparable texts (read
+    column-wise as `block_values` reads them, unless ``keep`` is ``score``)."""
+    cols = [block.strings(c) for c in columns] if keep != "score" else [None]
+    if all(c is not None for c in cols):
+        texts = cols[0] if len(cols) == 1 else ["\n".join(v) for v in zip(*cols, strict=True)]
+        return range(len(block)), texts, [], [], block.ids()
+    rows = block.rows()
+    idx, texts, scores, failed = comparable(rows, columns, keep, score_column)
+    return idx, texts, scores, failed, pa.array([rid(rows[i]) for i in idx], pa.string())
+
+
 def preference(keep: str, lengths: Sequence[int], scores: Sequence[float]) -> np.ndarray:
     """Indices of texts, the one to keep first by ``keep`` first; ties go to the earliest."""
     first = np.arange(len(lengths))
@@ -104,28 +133,45 @@ class Clusters:
     """A dedup step's decision over all its blocks, indexed by comparable text in row order.
 
     ``offsets[b]``: the index of block ``b``'s first text; ``canonical``: each text's kept
-    text (its own index when kept); ``similarity``: to that text; ``ids``: each text's row id.
+    text (its own index when kept); ``similarity``: to that text; ``ids[b]``: the row ids of
+    block ``b``'s texts.
     """
 
     offsets: np.ndarray
     canonical: np.ndarray
     similarity: np.ndarray
-    ids: np.ndarray
+    ids: list[pa.Array]
+
+    def id_of(self, text: int) -> str:
+        """The row id of text ``text``."""
+        b = int(np.searchsorted(self.offsets, text, side="right")) - 1
+        return self.ids[b][text - int(self.offsets[b])].as_py()
 
 
-def outcome(rows: list[dict], idx: list[int], decision: Clusters, block: int, failed: list[dict]):
-    """Kept rows (their own canonical) and dropped duplicates naming their kept row."""
-    out = StepOutput(rows=[], expected=len(rows), failed=failed)
-    base = int(decision.offsets[block])
-    for k, i in enumerate(idx):
-        g = base + k
-        keeper = int(decision.canonical[g])
-        if keeper == g:
-            out.rows.append(rows[i])
-            continue
-        sim = float(decision.similarity[g])
-        dup = dropped(rows[i], "duplicate", duplicate_of=str(decision.ids[keeper]), similarity=sim)
-        out.dropped.append(dup)
+def outcome(block: Block, idx: Sequence[int], decision: Clusters, failed: list[dict]) -> StepOutput:
+    """Kept rows (their own canonical), a slice of the block's table (or its given rows), and
+    dropped duplicates naming their kept row; ``idx``: the block's rows with texts."""
+    base = int(decision.offsets[block.index])
+    idx = np.asarray(idx, dtype=np.int64)
+    keeper = decision.canonical[base : base + len(idx)]
+    keep = keeper == np.arange(base, base + len(idx))
+    kept = idx[keep]
+    if block.given is None:
+        rows: Any = block.table.take(pa.array(kept, type=pa.int64()))
+    else:
+        rows = [block.given[i] for i in kept.tolist()]
+    out = StepOutput(rows=rows, expected=len(block), failed=failed)
+    ids = decision.ids[block.index]
+    for k in np.flatnonzero(~keep).tolist():
+        detail = {
+            "duplicate_of": decision.id_of(int(keeper[k])),
+            "similarity": float(decision.similarity[base + k]),
+        }
+        if block.given is not None:
+            out.dropped.append(dropped(block.given[int(idx[k])], "duplicate", **detail))
+        else:  # the row is in the step's input parts: its id stands for it
+            row = {PROVENANCE: {"id": ids[k].as_py()}}
+            out.dropped.append({**dropped(row, "duplicate", **detail), "row": None})
     return out
 
 
@@ -279,7 +325,8 @@ def clusters(
 
     ``similar(best, rest)`` is the similarity of item ``best`` to each of the items ``rest``.
     """
-    parent = list(range(n))
+    members = np.unique(pairs)  # only these can share a cluster: union-find over them alone
+    parent = list(range(len(members)))
 
     def root(x: int) -> int:
         while parent[x] != x:
@@ -287,13 +334,13 @@ def clusters(
             x = parent[x]
         return x
 
-    for i, j in zip(pairs[0].tolist(), pairs[1].tolist(), strict=True):
+    local = np.searchsorted(members, pairs)
+    for i, j in zip(local[0].tolist(), local[1].tolist(), strict=True):
         ri, rj = root(i), root(j)
         if ri != rj:
             parent[max(ri, rj)] = min(ri, rj)
     canonical, similarity = np.arange(n), np.ones(n)
-    members = np.unique(pairs)
-    group = np.array([root(m) for m in members.tolist()], dtype=np.int64)
+    group = np.array([root(k) for k in range(len(members))], dtype=np.int64)
     by_group = np.lexsort((rank[members], group))  # by group, then best first
     members, group = members[by_group], group[by_group]
     for rest in np.split(members, np.flatnonzero(np.diff(group)) + 1):

@@ -16,12 +16,13 @@ stored neighbours again re-cuts them without hashing or embedding anything. That
 ``kdata rethreshold`` works, and why a threshold below ``floor`` cannot be re-cut.
 
 Both are global steps over blocks (`kdata.executors.local`): a pass over the blocks reads only
-the text columns and row ids, and keeps per row a compact summary (``exact_dedup``: a 16-byte
-hash of the normalised text; ``minhash_dedup``: the text's length or score and hash, then, in a
-second pass unless the neighbours are stored, its signature); the clusters are computed on
-those, and each block is then marked. The decisions are those of one pass over every row.
-Still in memory for now: the signatures of all rows (``num_perm`` × 4 bytes each) while LSH
-candidates are found, rather than band keys grouped on disk.
+the text columns and row ids (column-wise, without making the rows' dicts), and keeps per row a
+compact summary (``exact_dedup``: a 16-byte hash of the normalised text; ``minhash_dedup``: the
+text's length or score and hash). ``minhash_dedup`` then, unless the neighbours are stored,
+signs each block into files on disk (signatures and band keys at the block's own place, see
+`kdata.steps.lsh`), finds candidates band by band, and clusters with union-find over the rows
+in a pair. Each block is then marked, its kept rows a slice of its table. The decisions are
+those of one pass over every row.
 """
 
 from __future__ import annotations
@@ -29,12 +30,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
+import pyarrow as pa
 from pydantic import Field, model_validator
 
 from kdata.blocks import Block
@@ -43,14 +48,13 @@ from kdata.steps.base import (
     GlobalStep,
     StepContext,
     StepOutput,
-    rid,
 )
 from kdata.steps.clusters import (
     Clusters,
     Neighbours,
+    block_texts,
+    block_values,
     check_floor,
-    column_texts,
-    comparable,
     neighbours_path,
     offsets,
     outcome,
@@ -58,6 +62,7 @@ from kdata.steps.clusters import (
     text_digest,
     texts_key,
 )
+from kdata.steps.lsh import Signatures, candidates, similarity
 
 if TYPE_CHECKING:
     from kdata.executors.local import Blocks
@@ -69,7 +74,6 @@ _WORD = re.compile(r"\w+")
 _FOLD = np.uint64(0x9E3779B97F4A7C15)
 _MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
 _CHUNK = 1 << 20  # signature values computed per numpy pass: bounds memory, fits in cache
-_WINDOW = 16  # in an LSH bucket, each row is compared with at most this many rows before it
 _LSH_RECALL = 0.99  # chance that a pair exactly at the floor shares at least one band
 
 
@@ -100,20 +104,22 @@ class ExactDedupStep(GlobalStep):
             text = " ".join(text.split())
         return text
 
-    def _digests(self, rows: list[dict], block: Block) -> tuple[np.ndarray, np.ndarray]:
+    def _digests(self, block: Block) -> tuple[np.ndarray, pa.Array]:
         """Per comparable row of a block: its normalised text's 16-byte hash and its id."""
-        idx, values, _ = column_texts(rows, self.columns)
-        keys = (
-            json.dumps([self.normalise(v) for v in vals], ensure_ascii=False).encode()
-            for vals in values
-        )
+        _, values, _, ids = block_values(block, self.columns)
+        if len(self.columns) == 1:  # one text is its own key; several are kept apart by JSON
+            keys = (self.normalise(vals[0]).encode("utf-8", "surrogatepass") for vals in values)
+        else:
+            keys = (
+                json.dumps([self.normalise(v) for v in vals], ensure_ascii=False).encode()
+                for vals in values
+            )
         digest = b"".join(hashlib.blake2b(k, digest_size=16).digest() for k in keys)
-        ids = np.array([rid(rows[i]) for i in idx], dtype=str)
         return np.frombuffer(digest, dtype=">u8").reshape(-1, 2), ids
 
     async def decide(self, blocks: Blocks, ctx: StepContext) -> Clusters:
         """The first row of each normalised text, from every block's hashes."""
-        parts = await blocks.map(self._digests, self.mark_columns())
+        parts = await blocks.map(self._digests, self.read_columns())
         digests = np.concatenate([d for d, _ in parts]) if parts else np.empty((0, 2), ">u8")
         n = len(digests)
         order = np.lexsort((np.arange(n), digests[:, 1], digests[:, 0]))  # equal texts: in order
@@ -122,14 +128,16 @@ class ExactDedupStep(GlobalStep):
         starts = np.flatnonzero(new)
         canonical = np.empty(n, dtype=np.int64)
         canonical[order] = np.repeat(order[starts], np.diff(np.append(starts, n)))
-        ids = np.concatenate([i for _, i in parts]) if parts else np.empty(0, str)
-        return Clusters(offsets([len(d) for d, _ in parts]), canonical, np.ones(n), ids)
+        return Clusters(
+            offsets([len(d) for d, _ in parts]), canonical, np.ones(n), [i for _, i in parts]
+        )
 
-    def mark(self, rows: list[dict], decision: Clusters, block: Block) -> StepOutput:
-        idx, _, failed = column_texts(rows, self.columns)
-        return outcome(rows, idx, decision, block.index, failed)
+    def mark(self, block: Block, decision: Clusters) -> StepOutput:
+        idx, _, failed, _ = block_values(block, self.columns)
+        return outcome(block, idx, decision, failed)
 
-    def mark_columns(self) -> list[str]:
+    def read_columns(self) -> list[str]:
+        """The columns the passes over the blocks read: the text columns and the row id."""
         return [*self.columns, f"{PROVENANCE}.id"]
 
 
@@ -202,51 +210,51 @@ class MinHashDedupStep(GlobalStep):
                 return b, r
         return self.num_perm, 1
 
-    def _summary(self, rows: list[dict], block: Block) -> tuple:
-        """Per comparable row of a block: its text's length, score, hash and row id."""
-        idx, texts, scores, _ = comparable(rows, self.columns, self.keep, self.score_column)
-        ids = np.array([rid(rows[i]) for i in idx], dtype=str)
-        return [len(t) for t in texts], scores, [text_digest(t) for t in texts], ids
+    def _summary(self, block: Block) -> tuple:
+        """Per comparable text of a block: its length, its score, its `text_digest`s joined,
+        and its row ids."""
+        _, texts, scores, _, ids = block_texts(block, self.columns, self.keep, self.score_column)
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        return lengths, scores, b"".join(map(text_digest, texts)), ids
 
-    def _signed(self, rows: list[dict], block: Block) -> tuple[np.ndarray, np.ndarray]:
-        """The block's texts that have shingles (indices among its texts) and their signatures."""
-        texts = comparable(rows, self.columns, self.keep, self.score_column)[1]
+    def _sign(self, block: Block, sig: Signatures, start: int) -> np.ndarray:
+        """Sign a block's texts, the first of them text ``start``, into ``sig``; the indices
+        of those with shingles."""
+        texts = block_texts(block, self.columns, self.keep, self.score_column)[1]
         hashes, counts = _shingle_hashes(texts, self.shingle, self.ngram)
         has = np.flatnonzero(counts)
-        return has, _signatures(hashes, counts[has], self.num_perm, self.seed, lambda n: None)
+        signed = _signatures(hashes, counts[has], self.num_perm, self.seed, lambda n: None)
+        sig.write(start, has, signed, len(texts))
+        return has + start
 
     async def decide(self, blocks: Blocks, ctx: StepContext) -> Clusters:
-        """Clusters of every block's texts: their stored neighbours, else signatures per block,
-        then LSH candidates, similarities and clusters over all of them."""
-        parts = await blocks.map(self._summary, self.mark_columns())
-        lengths = [n for p in parts for n in p[0]]
+        """Clusters of every block's texts: their stored neighbours, else each block signed
+        into files on disk (`kdata.steps.lsh`), then LSH candidates band by band, their
+        similarities and the clusters."""
+        parts = await blocks.map(self._summary, self.read_columns())
+        lengths = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
         scores = [x for p in parts for x in p[1]]
         order = preference(self.keep, lengths, scores)
         starts = offsets([len(p[0]) for p in parts])
         n = int(starts[-1])
-        path = self.store_path([d for p in parts for d in p[2]], ctx)
-
-        async def find() -> Neighbours:
-            signed = await blocks.map(self._signed, self.mark_columns())
-            has = np.concatenate([h + starts[b] for b, (h, _) in enumerate(signed)] or [[]])
-            sig = [s for _, s in signed if len(s)]
-            sig = np.concatenate(sig) if sig else np.empty((0, self.num_perm), np.uint32)
-            return self._graph(n, has.astype(np.int64), sig)
-
+        path = self.store_path([p[2] for p in parts], ctx)
         graph = Neighbours.load(path, n) if path else None
         if graph is None:
-            graph = await find()
+            with self._signature_files(ctx, n) as sig:
+                has = await blocks.map(
+                    lambda b: self._sign(b, sig, int(starts[b.index])), self.read_columns()
+                )
+                graph = self._graph(sig, np.concatenate(has) if has else np.empty(0, np.int64))
             if path is not None:
                 graph.save(path)
         canonical, similarity = graph.clusters(order, self.threshold)
-        ids = np.concatenate([p[3] for p in parts]) if parts else np.empty(0, str)
-        return Clusters(starts, canonical, similarity, ids)
+        return Clusters(starts, canonical, similarity, [p[3] for p in parts])
 
-    def mark(self, rows: list[dict], decision: Clusters, block: Block) -> StepOutput:
-        idx, _, _, failed = comparable(rows, self.columns, self.keep, self.score_column)
-        return outcome(rows, idx, decision, block.index, failed)
+    def mark(self, block: Block, decision: Clusters) -> StepOutput:
+        idx, _, _, failed, _ = block_texts(block, self.columns, self.keep, self.score_column)
+        return outcome(block, idx, decision, failed)
 
-    def mark_columns(self) -> list[str]:
+    def read_columns(self) -> list[str]:
         """The text columns, the score column with ``keep: score``, and the row id."""
         score = [self.score_column] if self.score_column else []
         return [*self.columns, *score, f"{PROVENANCE}.id"]
@@ -296,17 +304,37 @@ class MinHashDedupStep(GlobalStep):
         hashes, counts = _shingle_hashes(texts, self.shingle, self.ngram)
         advance(len(texts) - np.count_nonzero(counts))
         has = np.flatnonzero(counts)  # texts with shingles; the others are kept as they are
-        sig = _signatures(hashes, counts[has], self.num_perm, self.seed, advance)
-        return self._graph(len(texts), has, sig)
+        with self._signature_files(None, len(texts)) as sig:
+            sig.write(
+                0,
+                has,
+                _signatures(hashes, counts[has], self.num_perm, self.seed, advance),
+                len(texts),
+            )
+            return self._graph(sig, has)
 
-    def _graph(self, n: int, has: np.ndarray, sig: np.ndarray) -> Neighbours:
-        """The neighbours of ``n`` texts, of which those at ``has`` have signatures ``sig``."""
-        pairs = _candidates(sig, *self.lsh_shape())
-        sim = _similarity(sig, pairs)
+    @contextmanager
+    def _signature_files(self, ctx: StepContext | None, n: int) -> Iterator[Signatures]:
+        """Files for the signatures of ``n`` texts: in the run directory's ``tmp/<step>``
+        (cleared first, so a killed build's are not left behind), else a temporary folder;
+        removed after."""
+        if ctx is None or ctx.run_dir is None:
+            with tempfile.TemporaryDirectory(prefix="kdata-minhash-") as tmp:
+                yield Signatures(Path(tmp), n, self.num_perm, *self.lsh_shape())
+            return
+        folder = Path(ctx.run_dir) / "tmp" / ctx.name
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            yield Signatures(folder, n, self.num_perm, *self.lsh_shape())
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _graph(self, sig: Signatures, has: np.ndarray) -> Neighbours:
+        """The neighbours of the texts in ``sig``, of which those at ``has`` have signatures."""
+        pairs = candidates(sig, has)
+        sim = similarity(sig, pairs)
         hit = sim >= self.floor
-        return Neighbours.of(
-            n, "jaccard", has[pairs[:, hit]], sim[hit], lambda m: sig[np.searchsorted(has, m)]
-        )
+        return Neighbours.of(sig.n, "jaccard", pairs[:, hit], sim[hit], sig.take)
 
 
 def _shingle_hashes(texts: Sequence[str], kind: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -372,33 +400,3 @@ def _signatures(
         advance(d1 - d0)
         d0 = d1
     return np.ascontiguousarray(sig.T)
-
-
-def _candidates(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """Pairs (2, k), first < second, of signatures equal on a band, each pair once."""
-    n = len(sig)
-    weights = np.random.default_rng(0).integers(0, 2**64, rows, dtype=np.uint64) | np.uint64(1)
-    found = []
-    for band in range(bands):
-        key = (sig[:, band * rows : (band + 1) * rows].astype(np.uint64) * weights).sum(axis=1)
-        order = np.argsort(key, kind="stable")
-        key = key[order]
-        for d in range(1, min(_WINDOW, n - 1) + 1):
-            same = np.flatnonzero(key[d:] == key[:-d])
-            if len(same) == 0:
-                break
-            found.append(order[same] * n + order[same + d])
-    if not found:
-        return np.empty((2, 0), dtype=np.int64)
-    code = np.unique(np.concatenate(found))
-    return np.stack([code // n, code % n])
-
-
-def _similarity(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Estimated Jaccard of each pair: the fraction of equal signature values."""
-    step = max(1, _CHUNK // sig.shape[1])
-    out = [
-        (sig[pairs[0, k : k + step]] == sig[pairs[1, k : k + step]]).mean(axis=1)
-        for k in range(0, pairs.shape[1], step)
-    ]
-    return np.concatenate(out) if out else np.empty(0)

@@ -90,7 +90,7 @@ class DiversityStep(StepBase):
 def final_report(recipe: Any, run_dir: Path) -> dict:
     """The report on a build's final rows (read from ``<run_dir>/data``), in
     ``<run_dir>/diversity/``."""
-    rows = read_dataset(run_dir).to_pylist()
+    rows = read_dataset(run_dir)  # read column by column: no row becomes a dict
     column = next(
         (s.column for s in reversed(recipe.steps) if isinstance(s, DiversityStep) and s.column),
         None,
@@ -100,7 +100,7 @@ def final_report(recipe: Any, run_dir: Path) -> dict:
 
 def write_report(
     run_dir: Path,
-    rows: list[dict],
+    rows: list[dict] | pa.Table,
     column: str | None,
     until: str | None = None,
     model: str = DEFAULT_MODEL,
@@ -109,7 +109,7 @@ def write_report(
 
     Args:
         run_dir: the run directory; its ``manifest.json`` and finished steps are read.
-        rows: the rows to measure ("after").
+        rows: the rows to measure ("after"), as dicts or as a table.
         column: the text column (None: the default described in `DiversityStep`).
         until: the name of the ``diversity`` step writing the report (None: the final report);
             only the steps before it count.
@@ -126,7 +126,7 @@ def write_report(
     if until is not None:
         steps = steps[: [s["name"] for s in steps].index(until)]
     out = Path(REPORT_DIR) / until if until else Path(REPORT_DIR)
-    after = _Set.of_rows(rows)
+    after = _Set.of_table(rows) if isinstance(rows, pa.Table) else _Set.of_rows(rows)
     source = {
         "fingerprint": steps[-1]["fingerprint"] if steps else None,
         "column": column,

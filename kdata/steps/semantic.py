@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import pyarrow as pa
 from pydantic import Field, model_validator
 
+from kdata.blocks import Block
 from kdata.errors import KdataError
 from kdata.steps.base import StepBase, StepContext, StepOutput, rid
 from kdata.steps.clusters import (
@@ -121,9 +123,9 @@ class SemanticDedupStep(StepBase):
         path = self.store_path([text_digest(t) for t in texts], ctx)
         graph = stored(path, len(texts), find, ctx.advance)
         canonical, similarity = graph.clusters(order, self.threshold)
-        ids = np.array([rid(rows[i]) for i in idx], dtype=str)
+        ids = [pa.array([rid(rows[i]) for i in idx], pa.string())]
         clusters = Clusters(offsets([len(idx)]), canonical, similarity, ids)
-        return outcome(rows, idx, clusters, 0, failed)
+        return outcome(Block(0, 0, pa.table({}), given=rows), idx, clusters, failed)
 
     def store_path(self, digests: Sequence[bytes], ctx: StepContext) -> Path | None:
         """Where the neighbours of the texts of `text_digest`s ``digests`` are stored in the run

@@ -32,6 +32,7 @@ _FORMATS = {
     ".parquet": "parquet",
 }
 _CHECKED = 10_000  # records whose column types `check_inputs` compares before a build
+_BLOB = json.JSONEncoder(sort_keys=True, default=str).encode  # a record as its id hashes it
 
 
 class SeedsStep(StepBase):
@@ -135,7 +136,7 @@ class SeedsStep(StepBase):
                     out.failed.append(failure(None, "bad_seed", rec.error, raw=rec.raw))
                     continue
                 rec = {k: v for k, v in rec.items() if k != PROVENANCE}
-                blob = json.dumps(rec, sort_keys=True, default=str)
+                blob = _BLOB(rec)
                 key = row_id("seeds", self.path, str(i), blob)
                 out.rows.append({**rec, PROVENANCE: provenance(key, [], ctx.name)})
             yield out

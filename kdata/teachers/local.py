@@ -151,12 +151,17 @@ def generate(model: str, messages: list[dict], params: dict[str, Any]) -> dict[s
     fmt = params.get("response_format") or {}
     if fmt.get("type") == "json_schema":  # OpenAI's form -> llama.cpp's grammar-constrained JSON
         kwargs["response_format"] = {"type": "json_object", "schema": fmt["json_schema"]["schema"]}
+    return _run(model, kwargs, lambda llm: llm.create_chat_completion(messages=messages, **kwargs))
+
+
+def _run(model: str, kwargs: dict[str, Any], call) -> dict[str, Any]:
+    """``call(llm)`` on the loaded model, alone, from a fresh state; its response dict."""
     with _lock:
         llm = _llama(model_path(model), bool(kwargs.get("logprobs")))
         # Evaluate each prompt from scratch: reusing a cached prefix changes the numerics, and
         # a request with a seed must give the same answer whatever ran before it.
         llm.reset()
-        out = llm.create_chat_completion(messages=messages, **kwargs)
+        out = call(llm)
     out["model"] = f"local/{model.removeprefix('local/')}"
     return out
 
@@ -197,12 +202,7 @@ def generate_text(model: str, prompt: str, params: dict[str, Any]) -> dict[str, 
     """Continue raw ``prompt`` text on a local GGUF (no chat template applied); returns an
     OpenAI-format text completion dict."""
     kwargs = {k: v for k, v in params.items() if k in _SUPPORTED and v is not None}
-    with _lock:
-        llm = _llama(model_path(model), bool(kwargs.get("logprobs")))
-        llm.reset()
-        out = llm.create_completion(prompt=prompt, **kwargs)
-    out["model"] = f"local/{model.removeprefix('local/')}"
-    return out
+    return _run(model, kwargs, lambda llm: llm.create_completion(prompt=prompt, **kwargs))
 
 
 def register(litellm: Any) -> None:
