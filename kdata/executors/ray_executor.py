@@ -296,10 +296,8 @@ class _RayBlocks:
             out.append(pieces)
         return out
 
-    async def map(
-        self, fn: Callable[[list[dict], Block], T], columns: list[str] | None = None
-    ) -> list[T]:
-        """``fn(rows, block)`` of every block, in block order, each in a Ray task."""
+    async def map(self, fn: Callable[[Block], T], columns: list[str] | None = None) -> list[T]:
+        """``fn(block)`` of every block, in block order, each in a Ray task."""
         import ray
 
         task = ray.remote(_summarise)
@@ -317,5 +315,4 @@ def _summarise(fn: Callable, pieces: list, index: int, start: int, columns: list
         pa.concat_tables(list(tables_of([Path(p)], columns))).slice(a, b - a) for p, a, b in pieces
     ]
     table = pa.concat_tables(tables, promote_options="permissive")
-    block = Block(index, start, table)
-    return fn(block.rows(), block)
+    return fn(Block(index, start, table))
