@@ -7,13 +7,12 @@ The session's model is distilled once per checkout into pytest's cache folder (c
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import write_jsonl
-from test_semantic import INSTRUCTIONS, PARAPHRASES
+from test_semantic import INSTRUCTIONS, PARAPHRASES, no_network  # noqa: F401 (autouse)
 
 import kdata
 from kdata.blocks import read_dropped
@@ -21,17 +20,6 @@ from kdata.recipe import ReportConfig
 from kdata.steps import embedders
 from kdata.steps.diversity import DiversityStep
 from kdata.steps.semantic import MINILM, STATIC, THRESHOLDS, SemanticDedupStep
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to reach the network (a model download, say) fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def test_static_is_the_default_with_a_threshold_of_its_own() -> None:
