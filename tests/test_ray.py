@@ -190,7 +190,17 @@ def test_quickstart_on_ray_gives_the_local_rows_on_loopback_only(
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
-    ["gsm8k_cot", "curate", "expand", "preferences", "self_instruct", "ultrachat", "dpo_validate"],
+    [
+        "gsm8k_cot",
+        "curate",
+        "expand",
+        "preferences",
+        "self_instruct",
+        "ultrachat",
+        "dpo_validate",
+        "r1_distill",
+        "code_verified",
+    ],  # magpie needs a template it can read: a local teacher, not the stand-in
 )
 def test_every_recipe_gives_the_local_rows_on_ray(cluster, tmp_path: Path, name: str) -> None:
     with StandIn(Config()) as s:

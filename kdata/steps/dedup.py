@@ -27,6 +27,7 @@ those of one pass over every row.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -328,6 +329,8 @@ class MinHashDedupStep(GlobalStep):
             yield Signatures(folder, n, self.num_perm, *self.lsh_shape())
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):  # tmp/ itself, once no step uses it
+                folder.parent.rmdir()
 
     def _graph(self, sig: Signatures, has: np.ndarray) -> Neighbours:
         """The neighbours of the texts in ``sig``, of which those at ``has`` have signatures."""
