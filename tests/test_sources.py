@@ -220,3 +220,45 @@ def test_an_unknown_hub_dataset_is_a_clear_error(tmp_path: Path, hub) -> None:
         kdata.KdataError, match="cannot find the current commit of Hub dataset 'alice/nope'"
     ):
         kdata.build(recipe, run_dir=tmp_path / "run")
+
+
+CONFIGS_CARD = """---
+configs:
+- config_name: easy
+  data_files:
+  - {split: train, path: easy/train.parquet}
+- config_name: hard
+  data_files:
+  - {split: train, path: hard/train.parquet}
+  - {split: test, path: hard/test.parquet}
+---
+"""
+
+
+def test_a_hub_dataset_is_streamed_by_config_and_split(tmp_path: Path, hub) -> None:
+    def table(rows: list[dict]) -> bytes:
+        return parquet(rows)["data/train-00000-of-00001.parquet"]
+
+    hub.commit_as_someone_else(
+        "alice/seeds",
+        {
+            "README.md": CONFIGS_CARD.encode(),
+            "easy/train.parquet": table(RECORDS[:1]),
+            "hard/train.parquet": table(RECORDS[1:3]),
+            "hard/test.parquet": table(RECORDS[3:]),
+        },
+    )
+
+    runs = iter(range(10))
+
+    def rows(fields: str) -> list[str]:
+        text = f"name: s\nsteps:\n  - {{type: seeds, path: alice/seeds{fields}}}\n"
+        run = kdata.build(kdata.recipe_from_yaml(text), run_dir=tmp_path / f"run{next(runs)}")
+        return [r["q"] for r in run.rows()]
+
+    assert rows(", config: easy") == ["question 0"]
+    assert rows(", config: hard") == ["question 1", "question 2"]
+    assert rows(", config: hard, split: test") == ["question 3"]
+    assert rows(", config: hard, limit: 1") == ["question 1"]
+    # Streamed: no Arrow copy of the dataset was prepared in the datasets cache.
+    assert not list((tmp_path / "datasets_cache").rglob("*.arrow"))

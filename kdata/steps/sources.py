@@ -52,8 +52,10 @@ class SeedsStep(StepBase):
     ``revision`` (a branch, tag or commit sha; default the main branch) resolved to its commit sha
     through the Hub's API when the build computes fingerprints. That sha is part of the step's
     fingerprint, so a dataset changed on the Hub is read again, and the rows are read at that very
-    commit. A full 40-digit commit sha is used as it is, without asking the Hub: with it, a
-    dataset in the local cache builds offline.
+    commit. A full 40-digit commit sha is used as it is, without asking the Hub. The dataset is
+    streamed (``datasets``' ``streaming=True``): records are read as the blocks need them, and
+    with ``limit`` no more than that is fetched. ``config`` names its configuration (subset),
+    ``split`` its split.
     """
 
     kind: ClassVar[str] = "source"
@@ -61,6 +63,7 @@ class SeedsStep(StepBase):
     path: str
     limit: int | None = Field(default=None, ge=1)
     split: str = "train"
+    config: str | None = None  # a Hub dataset's configuration (subset)
     revision: str | None = Field(default=None, min_length=1)
 
     _commit: str | None = PrivateAttr(default=None)  # the Hub commit the fingerprint names
@@ -153,8 +156,10 @@ class SeedsStep(StepBase):
             import datasets
 
             commit = self._commit or self.hub_commit()
-            ds = datasets.load_dataset(self.path, split=self.split, revision=commit)
-            return dataset_records(ds, DEFAULT_BLOCK_ROWS)
+            ds = datasets.load_dataset(
+                self.path, self.config, split=self.split, revision=commit, streaming=True
+            )
+            return iter(ds)
         if not p.exists():
             raise KdataError(f"seeds: no such file or folder: {p}")
         if self.revision is not None:
