@@ -1,6 +1,7 @@
 """Run a teacher's Python code against tests, isolated: the one place kdata executes model output.
 
-Each run gets a fresh temporary folder, the only place it can write. Everything else is
+Each run gets a fresh temporary folder, the only place it can write, which the program sees at
+``/tmp/run`` (so what it prints is the same from run to run). Everything else is
 read-only; ``/tmp`` is a private tmpfs that vanishes with the run; there is no network (a new,
 empty network namespace), no view of other processes, and an empty environment, so no API key
 reaches the code. The home folder is hidden behind an empty tmpfs (only the Python installation
@@ -151,6 +152,9 @@ def _process_cap(processes: int):
         group.rmdir()
 
 
+INSIDE = "/tmp/run"  # the program's folder, as the program sees it
+
+
 def _isolation(workdir: Path) -> list[str]:
     args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
     hidden = [Path("/tmp")]
@@ -165,8 +169,9 @@ def _isolation(workdir: Path) -> list[str]:
             args += ["--ro-bind", str(prefix), str(prefix)]
     return [
         *args,
-        "--bind", str(workdir), str(workdir),
-        "--chdir", str(workdir),
+        # At a fixed place: what the program prints (a traceback's paths) is the same each run.
+        "--bind", str(workdir), INSIDE,
+        "--chdir", INSIDE,
         "--unshare-all",
         "--unshare-user",  # also under root: the code runs as nobody in a namespace of its own
         "--uid", "65534",
@@ -174,7 +179,7 @@ def _isolation(workdir: Path) -> list[str]:
         "--die-with-parent",
         "--clearenv",
         "--setenv", "PATH", "/usr/bin:/bin",
-        "--setenv", "HOME", str(workdir),
+        "--setenv", "HOME", INSIDE,
     ]  # fmt: skip
 
 
