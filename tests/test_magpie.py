@@ -69,6 +69,9 @@ def test_magpie_through_a_servers_completions_endpoint(tmp_path, monkeypatch):
     t = tables(run.dir / "steps" / "m")
     assert sorted(r["instruction"] for r in t.rows) == ["Tell me a joke.", "What is 2 + 2?"]
     assert sorted(d["reason"] for d in t.dropped) == ["duplicate", "empty"]
+    (dup,) = [d for d in t.dropped if d["reason"] == "duplicate"]
+    first = next(r for r in t.rows if r["instruction"] == "Tell me a joke.")
+    assert json.loads(dup["detail"]) == {"duplicate_of": first["_kdata"]["id"]}
     assert all(r["response"] == "An answer." for r in t.rows)
 
 

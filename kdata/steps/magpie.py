@@ -14,6 +14,7 @@ from pydantic import Field
 
 from kdata.errors import KdataError, TeacherError
 from kdata.steps.base import (
+    PROVENANCE,
     StepBase,
     StepContext,
     StepOutput,
@@ -21,6 +22,7 @@ from kdata.steps.base import (
     failure,
     gather_requests,
     provenance,
+    rid,
     row_id,
 )
 
@@ -37,7 +39,8 @@ class MagpieStep(StepBase):
     ``end_of_turn``, the text that ends a user turn in that template. Each instruction request
     is a sample of its own (``temperature`` overrides the teacher's: a greedy teacher writes one
     instruction over and over). An instruction already written (compared without regard to case
-    and spacing) is dropped as ``duplicate`` before it is answered, an empty one as ``empty``.
+    and spacing) is dropped as ``duplicate`` (``duplicate_of``: the row that wrote it first)
+    before it is answered, an empty one as ``empty``.
     Rows out: ``instruction``, ``response``; the rows in pass through first.
     """
 
@@ -96,22 +99,22 @@ class MagpieStep(StepBase):
                 return e
 
         written = await gather_requests(write(i) for i in range(self.rows))
-        seen: set[str] = set()
+        seen: dict[str, str] = {}  # normalised instruction -> the id of the row that wrote it
         todo = []
         for i, c in enumerate(written):
-            rid_ = row_id("magpie", ctx.name, str(i))
             if isinstance(c, TeacherError):
                 out.failed.append(failure(None, c.error_class, str(c), attempts=c.attempts))
                 continue
             text = (c.text or "").strip()
-            row = {"instruction": text, "_kdata": provenance(rid_, [], ctx.name, c)}
+            row_key = row_id("magpie", ctx.name, str(i))
+            row = {"instruction": text, PROVENANCE: provenance(row_key, [], ctx.name, c)}
             key = _SPACE.sub(" ", text.lower())
             if not text:
                 out.dropped.append(dropped(row, "empty", finish_reason=c.finish_reason))
             elif key in seen:
-                out.dropped.append(dropped(row, "duplicate"))
+                out.dropped.append(dropped(row, "duplicate", duplicate_of=seen[key]))
             else:
-                seen.add(key)
+                seen[key] = row_key
                 todo.append((row, c))
         ctx.advance(len(written) - len(todo))
         answerer = self.response_teacher or self.teacher
@@ -122,7 +125,7 @@ class MagpieStep(StepBase):
                 c = await ctx.pool.complete(
                     answerer,
                     [*chat, {"role": "user", "content": row["instruction"]}],
-                    route_key=row["_kdata"]["id"],
+                    route_key=rid(row),
                 )
             except TeacherError as e:
                 return failure(row, e.error_class, str(e), attempts=e.attempts)
@@ -132,10 +135,10 @@ class MagpieStep(StepBase):
             if not text:
                 error = f"empty response (finish_reason={c.finish_reason})"
                 return failure(row, "parse", error, attempts=c.attempts, raw=c.text)
-            p = provenance(row["_kdata"]["id"], [], ctx.name, c)
+            p = provenance(rid(row), [], ctx.name, c)
             for k in ("prompt_tokens", "completion_tokens", "reasoning_tokens", "cost_usd"):
                 p[k] += getattr(asked, k)  # both requests of the row
-            return {**row, "response": text, "_kdata": p}
+            return {**row, "response": text, PROVENANCE: p}
 
         for r in await gather_requests(answer(row, c) for row, c in todo):
             (out.failed if "error_class" in r else out.rows).append(r)
