@@ -33,7 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests")]
+from ray_cluster import loopback_cluster  # noqa: E402
 from scale import write_seeds  # noqa: E402
 
 LABEL = """\
@@ -60,11 +61,6 @@ execution: {{block_rows: {block_rows}{ray}}}
 report: {{diversity: false}}
 """
 CHILD = "import sys, kdata; kdata.build(kdata.load_recipe(sys.argv[1]), run_dir=sys.argv[2])"
-LOCAL_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
 
 
 def descendants(root: int) -> set[int]:
@@ -192,20 +188,8 @@ def main() -> None:
     shutil.rmtree(a.work, ignore_errors=True)
     a.work.mkdir(parents=True)
     ray_tmp = Path(tempfile.mkdtemp(prefix="kray", dir="/tmp"))
-    (ray_tmp / "ray").mkdir()
-    os.environ.update(LOCAL_ENV, RAY_TMPDIR=str(ray_tmp), KDATA_TEST_KEY="unused")
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 2,
-            "node_ip_address": "127.0.0.1",
-            "include_dashboard": False,
-            "temp_dir": str(ray_tmp / "ray"),
-        },
-    )
-    cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    os.environ["KDATA_TEST_KEY"] = "unused"
+    cluster = loopback_cluster(ray_tmp)
     standin = subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "openai_standin.py"), "--latency", "0.2", "0.5"],
         stdout=subprocess.PIPE,

@@ -56,7 +56,6 @@ def _workers():
         if _pool is None:
             ctx = multiprocessing.get_context("forkserver")
             _pool = ctx.Pool(processes=max(1, min(4, multiprocessing.cpu_count())))
-            atexit.register(_close)
         return _pool
 
 
@@ -66,6 +65,9 @@ def _close() -> None:
         if _pool is not None:
             _pool.terminate()
             _pool = None
+
+
+atexit.register(_close)  # once: a replaced pool is closed by the same call
 
 
 def available() -> None:

@@ -16,14 +16,21 @@ from conftest import ROOT
 import kdata
 
 
-def test_an_installed_wheel_ships_every_module_and_renders_a_card(tmp_path: Path) -> None:
-    src = tmp_path / "src"  # a copy: building in the checkout would leave build/ there
+def source_copy(tmp_path: Path) -> Path:
+    """What a build of the package reads, copied to ``tmp_path/src`` (building in the checkout
+    would leave build/ there)."""
+    src = tmp_path / "src"
     src.mkdir()
     for part in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / part, src / part)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for folder in ("kdata", "hub_cards"):
         shutil.copytree(ROOT / folder, src / folder, ignore=ignore)
+    return src
+
+
+def test_an_installed_wheel_ships_every_module_and_renders_a_card(tmp_path: Path) -> None:
+    src = source_copy(tmp_path)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(
         [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), src],
@@ -77,13 +84,7 @@ def test_an_installed_wheel_ships_every_module_and_renders_a_card(tmp_path: Path
 
 
 def test_an_editable_install_maps_the_top_level_hub_cards(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    for part in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / part, src / part)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("kdata", "hub_cards"):
-        shutil.copytree(ROOT / folder, src / folder, ignore=ignore)
+    src = source_copy(tmp_path)
     prefix = tmp_path / "prefix"
     subprocess.run(
         [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "install"]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from openai_standin import Config, StandIn
+from ray_cluster import ENV, loopback_cluster
 
 import kdata
 from kdata.blocks import read_dataset, read_table
@@ -33,11 +34,6 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCAL_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
 SECRET = "sk-kdata-ray-secret-7f3a"
 
 
@@ -45,21 +41,8 @@ SECRET = "sk-kdata-ray-secret-7f3a"
 def cluster():
     """A head and a second node on 127.0.0.1, 2 CPUs each; Ray's files in a short temp dir."""
     tmp = Path(tempfile.mkdtemp(prefix="kray", dir="/tmp"))  # Ray's socket paths must be short
-    (tmp / "ray").mkdir()
-    saved = {k: os.environ.get(k) for k in [*LOCAL_ENV, "RAY_TMPDIR"]}
-    os.environ.update(LOCAL_ENV, RAY_TMPDIR=str(tmp))  # before Ray is imported: it reads them
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 2,
-            "node_ip_address": "127.0.0.1",
-            "include_dashboard": False,
-            "temp_dir": str(tmp / "ray"),
-        },
-    )
-    c.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    saved = {k: os.environ.get(k) for k in [*ENV, "RAY_TMPDIR"]}
+    c = loopback_cluster(tmp)
     c.tmp = tmp
     yield c
     c.shutdown()
@@ -440,7 +423,7 @@ print("ROWS", run.steps[-1].rows_out)
 def test_without_an_address_a_local_instance_runs_the_recipe(tmp_path: Path) -> None:
     ray_tmp = Path(tempfile.mkdtemp(prefix="kray", dir="/tmp"))  # socket paths must be short
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}  # the instance's own files go here
-    for k in LOCAL_ENV:
+    for k in ENV:
         env.pop(k, None)  # the executor sets them itself
     with StandIn(Config()) as s:
         code = _LOCAL_INSTANCE.format(

@@ -47,7 +47,7 @@ from kdata.steps.base import StepContext, StepOutput
 T = TypeVar("T")
 NAMESPACE = "kdata"
 BLOCKS_PER_WORKER = 2  # a teacher actor's blocks in flight: its pool stays full across a tail
-_LOCAL_ENV = {  # a Ray instance of this machine: loopback only, no token file
+LOCAL_ENV = {  # a Ray instance of this machine: loopback only, no token file
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "disabled",
 }
@@ -58,7 +58,7 @@ def connect(address: str | None) -> bool:
     127.0.0.1. Returns whether it connected (False: it was connected already)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # set before Ray is imported, which
     if address is None:  # reads them then
-        for k, v in _LOCAL_ENV.items():
+        for k, v in LOCAL_ENV.items():
             os.environ.setdefault(k, v)
     import ray
 

@@ -177,10 +177,16 @@ def chat_messages(request: list[dict[str, str]], c: Completion) -> list[dict[str
     """The ``messages`` a teacher step can emit: the turns it sent, then the teacher's answer,
     whose reasoning trace (when there is one) goes under ``reasoning_content``, the key that
     chat templates of reasoning models read."""
-    answer = {"role": "assistant", "content": c.text or ""}
+    return [*request, assistant_turn(c.text or "", c)]
+
+
+def assistant_turn(content: str, c: Completion) -> dict[str, str]:
+    """An assistant message saying ``content``, with ``c``'s reasoning trace, if any, under
+    ``reasoning_content``."""
+    turn = {"role": "assistant", "content": content}
     if c.reasoning is not None:
-        answer["reasoning_content"] = c.reasoning
-    return [*request, answer]
+        turn["reasoning_content"] = c.reasoning
+    return turn
 
 
 def rid(row: dict) -> str:

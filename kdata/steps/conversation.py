@@ -31,6 +31,7 @@ from kdata.steps.base import (
     TeacherRef,
     Template,
     ask,
+    assistant_turn,
     failure,
     provenance,
     render,
@@ -133,10 +134,8 @@ class ConversationStep(StepBase):
     ) -> dict[str, str]:
         c = await ask(ctx, self.assistant, [_sent(m) for m in history], row)
         used.append(c)
-        answer = {"role": "assistant", "content": self._text(row, c, "assistant")}
-        if c.reasoning is not None:  # kept with its turn, never sent back to the teacher
-            answer["reasoning_content"] = c.reasoning
-        return answer
+        # The trace is kept with its turn and never sent back to the teacher (`_sent`).
+        return assistant_turn(self._text(row, c, "assistant"), c)
 
     def _system(self, row: dict) -> list[dict[str, str]]:
         return [{"role": "system", "content": render(self.system, row)}] if self.system else []

@@ -1,0 +1,33 @@
+"""A two-node Ray cluster on 127.0.0.1, for tests/test_ray.py and benchmarks/ray_scale.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kdata.executors.ray_executor import LOCAL_ENV
+
+# What a Ray of this machine needs before it is imported: loopback only, no token file, no
+# usage stats.
+ENV = {**LOCAL_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def loopback_cluster(tmp: Path):
+    """A head and a second node on 127.0.0.1, 2 logical CPUs each (with 1, an actor pool starved
+    the read task), Ray's files under ``tmp`` (short: Ray's socket paths must be). Sets `ENV`
+    and ``RAY_TMPDIR`` first."""
+    (tmp / "ray").mkdir(exist_ok=True)
+    os.environ.update(ENV, RAY_TMPDIR=str(tmp))
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "temp_dir": str(tmp / "ray"),
+        },
+    )
+    cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    return cluster
