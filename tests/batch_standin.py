@@ -93,6 +93,7 @@ class Batch:
     cancelled_at: float | None = None
     finalizing: bool = False
     ended: str | None = None  # OpenAI's final status, or "ended"
+    ended_at: float | None = None  # time.monotonic() when it ended
     output: list[dict] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
     output_file_id: str | None = None
@@ -156,7 +157,7 @@ class _State:
         if b.cancelled_at is not None:
             self._end(b, "cancelled", answered=0)
         elif cfg.fail(b.ordinal) and age >= cfg.complete_after_s * 0.2:
-            b.ended = "failed"
+            b.ended, b.ended_at = "failed", time.monotonic()
         elif age >= cfg.complete_after_s:
             if not b.finalizing:  # one check sees it finalizing
                 b.finalizing = True
@@ -177,7 +178,7 @@ class _State:
                 b.errors.append({"custom_id": cid, "status": code})
             else:
                 b.output.append({"custom_id": cid, "answer": _answer(body, self.config, anthropic)})
-        b.ended = "ended" if anthropic else status
+        b.ended, b.ended_at = ("ended" if anthropic else status), time.monotonic()
         if not anthropic:
             b.output_file_id = self._file(
                 [

@@ -4,8 +4,10 @@ The runner hands it a step, the step's input blocks and the step's folder; it de
 blocks are scheduled and writes the step's parts (see `kdata.blocks`). By the step's ``kind``:
 
 - ``map``: each block is run on its own (``step.run(rows, ctx)`` on the block's rows). Teacher
-  steps keep two blocks in flight, so the teacher pool stays full across a block's tail; other
-  steps one. A block already finished by an earlier build of the same step is not run again.
+  steps keep two blocks in flight, so the teacher pool stays full across a block's tail; a step
+  with a ``batch: true`` teacher `BATCH_BLOCKS_IN_FLIGHT` (one batch per block, and a batch may
+  take hours: they must run side by side); other steps one. A block already finished by an
+  earlier build of the same step is not run again.
 - ``global``: ``step.decide`` sees every block through `Blocks.map` (compact per-row summaries,
   computed block by block in the thread pool), then each block is marked
   (``step.mark(block, decision)``, in the thread pool) and written, as map steps are.
@@ -37,6 +39,7 @@ from kdata.steps.base import StepContext, StepOutput, rid
 from kdata.teachers.batch import BLOCK
 
 T = TypeVar("T")
+BATCH_BLOCKS_IN_FLIGHT = 16  # blocks of a step with a batch teacher run at once: its batches
 
 
 @dataclass
@@ -133,7 +136,11 @@ class LocalExecutor:
             decision = await step.decide(Blocks(self, blocks), ctx)
             await self._blocks(target, ((b, _Marked(step, decision)) for b in blocks()))
         else:  # map: teacher steps keep a second block in flight to keep the pool full
-            in_flight = self.map_in_flight or (2 if step.teacher_names() else 1)
+            names = step.teacher_names()
+            batched = bool(names) and ctx.pool is not None and ctx.pool.batched(names)
+            in_flight = self.map_in_flight or (
+                BATCH_BLOCKS_IN_FLIGHT if batched else 2 if names else 1
+            )
             await self._blocks(target, ((b, _Mapped(step)) for b in blocks()), in_flight)
         counts = Counts()
         for index in sorted(target.results):

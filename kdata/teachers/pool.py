@@ -294,6 +294,10 @@ class TeacherPool:
 
             self._batches = Batches(self, batch_dir, note or (lambda text: None))
 
+    def batched(self, names: set[str]) -> bool:
+        """Whether any of the teachers ``names`` sends its requests through a batch API."""
+        return self._batches is not None and any(self._teachers[n].cfg.batch for n in names)
+
     def model(self, name: str) -> str:
         """The model a teacher name is bound to."""
         return self._teachers[name].cfg.model
