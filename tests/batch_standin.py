@@ -64,6 +64,8 @@ class Config:
         after_create: ``after_create(config)``, called after each create (to revoke the key...).
         answer_create_after_s: seconds between making a batch and answering its create (a
             client killed in between made a batch it never heard of).
+        throttled: how many of the next requests are answered 429 with ``Retry-After:
+            retry_after_s``.
     """
 
     complete_after_s: float = 0.2
@@ -77,6 +79,8 @@ class Config:
     lost_creates: int = 0
     after_create: Callable[[Config], None] | None = None
     answer_create_after_s: float = 0.0
+    throttled: int = 0
+    retry_after_s: float = 1.0
 
 
 @dataclass
@@ -147,6 +151,7 @@ class _State:
         self.batches: dict[str, Batch] = {}
         self.creates: list[Batch] = []
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request
+        self.arrivals: list[float] = []  # time.monotonic() of each, in the same order
         self.online: list[dict] = []  # bodies of POST /v1/chat/completions (online calls)
 
     def advance(self, b: Batch) -> None:
@@ -296,9 +301,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:
         pass
 
-    def _send(self, status: int, payload: Any, raw: bytes | None = None) -> None:
+    def _send(
+        self, status: int, payload: Any, raw: bytes | None = None, headers: dict | None = None
+    ) -> None:
         data = raw if raw is not None else json.dumps(payload).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -331,8 +340,17 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body() if method == "POST" else b""
         with st.lock:
             st.requests.append((method, path))
+            st.arrivals.append(time.monotonic())
+            throttled = st.config.throttled > 0
+            st.config.throttled -= throttled
         if not self._authorized():
             return
+        if throttled:
+            return self._send(
+                429,
+                {"error": {"message": "rate limited", "type": "rate_limit_error"}},
+                headers={"Retry-After": str(st.config.retry_after_s)},
+            )
         with st.lock:
             if parts[:3] == ["v1", "messages", "batches"]:
                 return self._anthropic(method, parts[3:], body)

@@ -234,6 +234,16 @@ def test_the_blocks_batches_run_side_by_side(tmp_path, standin):
     assert all(b.ended_at > last_created for b in standin.creates)  # all in flight at once
 
 
+def test_the_batch_calls_wait_as_long_as_retry_after_says(tmp_path, standin):
+    standin.config.throttled, standin.config.retry_after_s = 2, 0.5
+    write_seeds(tmp_path, 5)
+    run = kdata.build(recipe_from_yaml(recipe_yaml(standin), tmp_path), run_dir=tmp_path / "run")
+    check_rows(read_step(run.dir)[0], 5)
+    assert standin.state.requests[:3] == [("POST", "/v1/files")] * 3  # refused twice, then taken
+    first, second, third = standin.state.arrivals[:3]
+    assert second - first >= 0.5 - 0.05 and third - second >= 0.5 - 0.05  # not the 0.02 s backoff
+
+
 def test_kill_9_between_create_and_its_answer_does_not_submit_twice(tmp_path, standin):
     # The build dies after the provider made the batch, before the build heard its id: the
     # journal holds the uploaded file only, and the rerun finds the batch made from it.

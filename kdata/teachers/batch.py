@@ -358,8 +358,9 @@ def _as_teacher_error(error: Exception) -> TeacherError:
 
 
 async def _retrying(st: _TeacherState, call: Callable[[], Any]) -> Any:
-    """``call()`` with the pool's backoff, up to the teacher's ``max_retries`` retries."""
-    from kdata.teachers.pool import backoff_delay
+    """``call()`` with the pool's backoff and the server's ``Retry-After``, up to the teacher's
+    ``max_retries`` retries."""
+    from kdata.teachers.pool import backoff_delay, retry_after
 
     attempt = 0
     while True:
@@ -369,7 +370,8 @@ async def _retrying(st: _TeacherState, call: Callable[[], Any]) -> Any:
         except TeacherError as e:
             if not e.retryable or attempt > st.cfg.max_retries:
                 raise
-        await asyncio.sleep(backoff_delay(attempt, None))
+            after = retry_after(e)
+        await asyncio.sleep(backoff_delay(attempt, after))
 
 
 def _write_requests(path: Path, requests: dict) -> None:

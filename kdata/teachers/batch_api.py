@@ -105,7 +105,9 @@ class Http:
             ) from None
         if r.status_code >= 400:
             text = r.text[:500].replace(self.key, "***") if self.key else r.text[:500]
-            raise http_error(r.status_code, f"{method} {path}: {text}")
+            error = http_error(r.status_code, f"{method} {path}: {text}")
+            error.headers = r.headers  # its Retry-After, read by `kdata.teachers.pool.retry_after`
+            raise error
         return r
 
     async def lines(self, client, path: str) -> AsyncIterator[dict]:
