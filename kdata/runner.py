@@ -214,7 +214,8 @@ def fingerprints(recipe: Recipe) -> list[str]:
 
 async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: bool) -> Run:
     from kdata.steps.diversity import final_report, remove_final_report
-    from kdata.teachers.pool import LoopExecutor, TeacherPool
+    from kdata.teachers.loop import LoopExecutor
+    from kdata.teachers.pool import TeacherPool
 
     asyncio.get_running_loop().set_default_executor(LoopExecutor())
     executor = _executor(recipe, run_dir)  # first: joining a Ray cluster may fail

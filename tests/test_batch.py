@@ -22,7 +22,7 @@ import pytest
 
 import kdata
 import kdata.teachers.batch as batch_mod
-import kdata.teachers.pool as pool_mod
+import kdata.teachers.retries as retries
 from kdata import recipe_from_yaml
 from kdata.blocks import read_table
 from kdata.errors import BudgetExceeded, KdataError, RecipeError
@@ -42,7 +42,7 @@ MAX_TOKENS = 16
 def _env(monkeypatch):
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     monkeypatch.setenv("KDATA_TEST_KEY", "sk-test-" + uuid.uuid4().hex)
-    monkeypatch.setattr(pool_mod, "BACKOFF_BASE_S", 0.02)
+    monkeypatch.setattr(retries, "BACKOFF_BASE_S", 0.02)
     monkeypatch.setattr(batch_mod, "COLLECT_S", 0.05)
 
 

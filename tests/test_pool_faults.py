@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import kdata
-import kdata.teachers.pool as pool_mod
+import kdata.teachers.retries as retries
 from kdata import recipe_from_yaml
 from kdata.blocks import read_table
 
@@ -68,7 +68,7 @@ def client(request, monkeypatch):
 def _env(monkeypatch):
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     monkeypatch.setenv("KDATA_TEST_KEY", "sk-test-" + uuid.uuid4().hex)
-    monkeypatch.setattr(pool_mod, "BACKOFF_BASE_S", 0.05)
+    monkeypatch.setattr(retries, "BACKOFF_BASE_S", 0.05)
 
 
 def write_seeds(folder: Path, n: int) -> Path:
@@ -503,7 +503,7 @@ def test_unparsable_or_past_retry_after_falls_back_to_backoff(tmp_path, standin,
 
 def test_a_retry_after_beyond_the_ceiling_fails_the_row_at_once(tmp_path, standin):
     standin.config.decide = lambda body, attempt: RATE_LIMIT
-    standin.config.retry_after_header = str(int(pool_mod.MAX_RETRY_AFTER_S) * 12)
+    standin.config.retry_after_header = str(int(retries.MAX_RETRY_AFTER_S) * 12)
     write_seeds(tmp_path, 3)
     run = kdata.build(
         recipe_from_yaml(recipe_yaml(standin.port, max_retries=5), tmp_path),

@@ -33,7 +33,8 @@ import ray
 from kdata.errors import BudgetExceeded
 from kdata.steps.base import StepContext, StepOutput
 from kdata.teachers.cache import RequestCache
-from kdata.teachers.pool import Ledger, LoopExecutor, TeacherPool, _Bucket
+from kdata.teachers.loop import LoopExecutor
+from kdata.teachers.pool import Ledger, TeacherPool, _Bucket
 
 PERMITS = 20  # requests' worth of rpm permits or budget leased at once (fewer near the end)
 RESTARTS = 3  # times a dead teacher worker is restarted, its blocks run again

@@ -351,7 +351,7 @@ class Batches:
 def _as_teacher_error(error: Exception) -> TeacherError:
     if isinstance(error, TeacherError):
         return error
-    from kdata.teachers.pool import classify
+    from kdata.teachers.retries import classify
 
     error_class, retryable = classify(error)
     return TeacherError(error_class, f"{type(error).__name__}: {error}", retryable=retryable)
@@ -360,7 +360,7 @@ def _as_teacher_error(error: Exception) -> TeacherError:
 async def _retrying(st: _TeacherState, call: Callable[[], Any]) -> Any:
     """``call()`` with the pool's backoff and the server's ``Retry-After``, up to the teacher's
     ``max_retries`` retries."""
-    from kdata.teachers.pool import backoff_delay, retry_after
+    from kdata.teachers.retries import backoff_delay, retry_after
 
     attempt = 0
     while True:

@@ -106,7 +106,7 @@ class Http:
         if r.status_code >= 400:
             text = r.text[:500].replace(self.key, "***") if self.key else r.text[:500]
             error = http_error(r.status_code, f"{method} {path}: {text}")
-            error.headers = r.headers  # its Retry-After, read by `kdata.teachers.pool.retry_after`
+            error.headers = r.headers  # its Retry-After (`kdata.teachers.retries.retry_after`)
             raise error
         return r
 

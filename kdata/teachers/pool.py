@@ -9,16 +9,11 @@ cost, and refuses to send a request that could take spending past the budget.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import hashlib
-import inspect
 import os
-import random
 import time
-import weakref
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,44 +21,20 @@ from typing import TYPE_CHECKING, Any
 from kdata.errors import BudgetExceeded, TeacherError
 from kdata.teachers import openai_http, response
 from kdata.teachers.cache import RequestCache, request_key
+from kdata.teachers.retries import (
+    MAX_RETRY_AFTER_S,
+    backoff_delay,
+    classify,
+    describe,
+    retry_after,
+)
 
 if TYPE_CHECKING:
     from kdata.recipe import Teacher
     from kdata.steps.base import TeacherRef
 
-BACKOFF_BASE_S = 1.0  # first retry waits up to this long (full jitter), doubling each time
-BACKOFF_CAP_S = 60.0
-MAX_RETRY_AFTER_S = 300.0  # a server asking for a longer wait fails the request instead
 DEFAULT_MAX_TOKENS_ESTIMATE = 4096  # reserved against the budget when a teacher sets no max_tokens
 FATAL = {"auth", "permission", "not_found"}  # after one of these a teacher is sent nothing more
-
-# litellm exception name -> (error class, retryable). Checked most specific first.
-_ERRORS: list[tuple[str, str, bool]] = [
-    ("ContextWindowExceededError", "context_window", False),
-    ("ContentPolicyViolationError", "content_policy", False),
-    ("RateLimitError", "rate_limit", True),
-    ("Timeout", "timeout", True),
-    ("AuthenticationError", "auth", False),
-    ("PermissionDeniedError", "permission", False),
-    ("NotFoundError", "not_found", False),
-    ("BadRequestError", "bad_request", False),
-    ("UnprocessableEntityError", "bad_request", False),
-    ("UnsupportedParamsError", "bad_request", False),
-    ("ServiceUnavailableError", "server_error", True),
-    ("InternalServerError", "server_error", True),
-    ("BadGatewayError", "server_error", True),
-    ("APIConnectionError", "connection_error", True),
-]
-# Exception names that mean the connection failed before an answer came, wherever they sit in the
-# chain of causes: litellm reports a reset as an InternalServerError caused by one of them.
-_CONNECTION = {
-    "APIConnectionError",  # openai, litellm
-    "ConnectionError",  # ConnectionResetError, ConnectionRefusedError, BrokenPipeError...
-    "ClientConnectionError",  # aiohttp, ServerDisconnectedError included
-    "NetworkError",  # httpx ConnectError, ReadError, WriteError
-    "RemoteProtocolError",  # httpx: the server closed the connection without an answer
-}
-_TIMEOUT = {"Timeout", "TimeoutError", "TimeoutException", "APITimeoutError"}
 
 
 def _litellm():
@@ -83,67 +54,6 @@ def _litellm():
         register(litellm)
         litellm._kdata_ready = True
     return litellm
-
-
-class LoopExecutor(ThreadPoolExecutor):
-    """The default executor of a build's event loop: it closes what a cancelled job returns.
-
-    litellm's ``acompletion`` builds the provider's request coroutine in an executor thread and
-    then awaits it. A request cancelled in between (Ctrl+C) leaves that coroutine unstarted, so
-    nothing was sent, and Python warns that it was never awaited when it is collected; here a
-    job whose waiter is gone has a coroutine it returns closed instead. A request cancelled
-    just after its job finished, before it awaited the coroutine, leaves one too: the loop's
-    shutdown closes every coroutine a job returned that nobody started.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._returned: weakref.WeakSet = weakref.WeakSet()  # coroutines jobs handed out
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        return _Job(super().submit(fn, *args, **kwargs), self._returned)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        super().shutdown(wait=wait, cancel_futures=cancel_futures)
-        for coro in list(self._returned):
-            _close_unstarted(coro)
-
-
-class _Job(Future):
-    """A future over an executor job; asyncio cancels it only when its waiter was cancelled."""
-
-    def __init__(self, inner: Future, returned: weakref.WeakSet) -> None:
-        super().__init__()
-        self._inner, self._returned = inner, returned
-        inner.add_done_callback(self._settle)
-
-    def cancel(self) -> bool:
-        self._inner.cancel()  # a job not started yet never runs
-        if super().cancel():
-            return True
-        if self.exception() is None:  # it finished first: nobody will take its result now
-            _close_unstarted(self.result())
-        return False
-
-    def _settle(self, inner: Future) -> None:
-        if inner.cancelled():
-            super().cancel()
-            return
-        try:
-            if inner.exception() is not None:
-                self.set_exception(inner.exception())
-            else:
-                if inspect.iscoroutine(inner.result()):
-                    self._returned.add(inner.result())
-                self.set_result(inner.result())
-        except InvalidStateError:  # cancelled while it ran
-            if inner.exception() is None:
-                _close_unstarted(inner.result())
-
-
-def _close_unstarted(value: Any) -> None:
-    if inspect.iscoroutine(value) and inspect.getcoroutinestate(value) == inspect.CORO_CREATED:
-        value.close()
 
 
 @dataclass
@@ -569,7 +479,7 @@ class TeacherPool:
                 error_class, retryable = classify(error)
                 st.ledger.failures[error_class] += 1
                 wait = retry_after(error)
-                message = self.redact(_message(error))
+                message = self.redact(describe(error))
                 if retryable and wait is not None and wait > MAX_RETRY_AFTER_S:
                     retryable, message = (
                         False,
@@ -649,77 +559,3 @@ def prices(cfg: Teacher) -> tuple[float, float] | None:
     if info.get("input_cost_per_token") is None:
         return None
     return info["input_cost_per_token"], info.get("output_cost_per_token") or 0.0
-
-
-def classify(error: BaseException) -> tuple[str, bool]:
-    """The error class of a failed call and whether retrying could help."""
-    if isinstance(error, openai_http.StatusError):
-        return error.error_class, error.retryable
-    if isinstance(error, asyncio.TimeoutError):
-        return "timeout", True
-    if _lost_connection(error):
-        return "connection_error", True
-    names = {c.__name__ for c in type(error).__mro__}
-    for cls_name, error_class, retryable in _ERRORS:
-        if cls_name in names:
-            return error_class, retryable
-    status = getattr(error, "status_code", None)
-    if status == 429:
-        return "rate_limit", True
-    if isinstance(status, int) and status >= 500:
-        return "server_error", True
-    return type(error).__name__, False
-
-
-def _lost_connection(error: BaseException) -> bool:
-    """Whether the first timeout or connection failure in the error's chain is a connection one."""
-    seen: set[int] = set()
-    link: BaseException | None = error
-    while link is not None and id(link) not in seen:
-        seen.add(id(link))
-        names = {c.__name__ for c in type(link).__mro__}
-        if names & _TIMEOUT:
-            return False
-        if names & _CONNECTION:
-            return True
-        link = link.__cause__ or link.__context__
-    return False
-
-
-def retry_after(error: BaseException) -> float | None:
-    """Seconds the server asked us to wait (``Retry-After`` or ``retry-after-ms``), if any."""
-    headers = getattr(error, "litellm_response_headers", None)
-    if headers is None:
-        headers = getattr(error, "headers", None)  # the fast path's StatusError
-    if headers is None:
-        headers = getattr(getattr(error, "response", None), "headers", None)
-    if not headers:
-        return None
-    try:
-        if headers.get("retry-after-ms"):
-            return float(headers["retry-after-ms"]) / 1000
-        value = headers.get("retry-after")
-    except (TypeError, ValueError, AttributeError):
-        return None
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        parsed = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):  # neither seconds nor an HTTP-date: back off as usual
-        return None
-    return max(0.0, parsed.timestamp() - time.time()) if parsed else None
-
-
-def backoff_delay(attempt: int, after: float | None) -> float:
-    """Exponential backoff with full jitter, never shorter than the server's Retry-After."""
-    jittered = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
-    return jittered if after is None else after + jittered * 0.1
-
-
-def _message(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text if len(text) < 2000 else text[:2000] + "..."
