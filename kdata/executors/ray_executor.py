@@ -295,7 +295,7 @@ class _RayBlocks:
     """A global step's passes over its input blocks, one Ray task per block (`Blocks` of the
     local executor, distributed): each task reads its block's rows from the input parts.
     ``shuffle`` keeps the pieces in the object store, each reduce task taking its partition's
-    pieces from there; reduce and ``each`` tasks are spread over the nodes, and ``nodes`` records
+    pieces from there; reduce and ``each`` tasks go to the nodes in turn, and ``nodes`` records
     the nodes they ran on."""
 
     def __init__(self, source: Path | None, block_rows: int, partitions: int) -> None:
@@ -303,6 +303,7 @@ class _RayBlocks:
         self.nodes: set[str] = set()
         self._cut: list[list[tuple[str, int, int]]] | None = None
         self._step: tuple[Any, Any] | None = None
+        self._nodes: list[str] = []
 
     def _pieces(self) -> list[list[tuple[str, int, int]]]:
         """Per block: (part, first row, end row) of each input part it takes rows from."""
@@ -349,16 +350,29 @@ class _RayBlocks:
         f, r = ray.put(split), ray.put(reduce)
         maps = [task.remote(f, n, *self._read(i, columns)) for i in range(len(self._pieces()))]
         maps = [m if n > 1 else [m] for m in maps]
-        spread = _remote(_reduce).options(scheduling_strategy="SPREAD")
-        refs = [spread.remote(r, *(m[k] for m in maps)) for k in range(n)]
+        refs = [self._on(_reduce, k).remote(r, *(m[k] for m in maps)) for k in range(n)]
         return await self._results(refs)
 
     async def each(self, fn: Callable[[Any], T], items: list) -> list[T]:
         """``fn(item)`` of every item, each in a task, spread over the nodes."""
         import ray
 
-        spread, f = _remote(_each).options(scheduling_strategy="SPREAD"), ray.put(fn)
-        return await self._results([spread.remote(f, item) for item in items])
+        f = ray.put(fn)
+        return await self._results([self._on(_each, k).remote(f, x) for k, x in enumerate(items)])
+
+    def _on(self, fn: Callable, k: int) -> Any:
+        """``fn`` as a task for the ``k``-th node with CPUs, round robin (soft: another node
+        when it is gone), so a step's reduce tasks are spread evenly (Ray's ``SPREAD`` is best
+        effort: it ran them all on one node here)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if not self._nodes:
+            alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+            self._nodes = sorted(n["NodeID"] for n in alive)
+        node = self._nodes[k % len(self._nodes)]
+        where = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
+        return _remote(fn).options(scheduling_strategy=where)
 
     async def mark(self, step: Any, index: int, decision: Any) -> StepOutput:
         """``step.mark(block, decision)`` of block ``index``, read whole, in a task (the step
