@@ -15,11 +15,17 @@ the steps below in place of the recipe's). What runs on the cluster, by the step
   each worker stores its responses in ``cache/`` and reads every store, and the driver merges
   the stores into ``cache.sqlite`` once the step ends (and at the start of the next build, after
   a driver that died). A worker that dies is restarted by Ray and its blocks are run again.
-- ``map`` without teachers: each block is a task (`map_block`).
-- ``global``: each pass of ``decide`` over the blocks (``blocks.map``: the hashes, signatures
-  or other compact summaries of each block) runs as one task per block, reading its rows from
-  the input parts itself; the decision over those summaries (grouping, clustering) and the
-  marking of each block run on the driver, as the local executor runs them.
+- ``map`` without teachers: each block is a task (`map_block`); the step is put in the object
+  store once and each worker process fetches it once (``decontaminate``'s n-gram index of the
+  benchmarks is built on the driver before, so it is built once per build).
+- ``global``: ``decide``'s passes over the blocks run as tasks (`_RayBlocks`): ``blocks.map``
+  is one task per block, reading its rows from the input parts itself; ``blocks.shuffle`` is
+  a map task per block cutting its summaries into ``partitions`` (the cluster's CPUs) pieces
+  kept in the object store, then one reduce task per partition (``exact_dedup``: the
+  duplicates of its hashes); ``blocks.each`` runs a step's parts of one piece of work as tasks
+  (``minhash_dedup``: the candidate edges of a group of bands). Reduce and ``each`` tasks go to
+  the nodes in turn. The driver gets back only what they found (drops, edges), and each block
+  is marked in a task that reads it, the driver reading only its ids and writing its parts.
 - ``source`` and ``whole`` steps run on the driver, as the local executor runs them.
 """
 
@@ -140,8 +146,12 @@ class RayExecutor:
             self.local.map_in_flight = self.cpus
             import ray
 
-            setup = {**self._setup(ctx), "fingerprint": fingerprint}  # sent once, below
-            step = _Remote(step, functools.partial(_tasks, ray.put(step), setup))
+            if step.type == "decontaminate" and step.method == "ngram":
+                step.index(ctx.base_dir)  # the benchmark index, built here once: sent with it
+            setup = {**self._setup(ctx), "fingerprint": fingerprint}
+            # the step in the object store once, its ref nested so a task fetches it only when
+            # its worker process has no copy yet
+            step = _Remote(step, functools.partial(_tasks, [ray.put(step)], setup))
         return await self.local.run(step, source, folder, ctx, fingerprint)
 
     def _setup(self, ctx: StepContext) -> dict:
@@ -177,7 +187,7 @@ async def _await(ref: Any) -> Any:
         raise
 
 
-async def _tasks(step: Any, setup: dict, rows: list[dict]) -> StepOutput:
+async def _tasks(step: list, setup: dict, rows: list[dict]) -> StepOutput:
     from kdata.executors.ray_workers import map_block
 
     return await _await(map_block.remote(step, rows, setup))
