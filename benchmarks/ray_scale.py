@@ -17,7 +17,8 @@ hold the local build's rows. Results go to ``benchmarks/results/ray_scale.json``
 ``--workloads``, ``ray_scale_<workloads>.json``).
 
 The recipes: ``label`` is seeds -> label (one teacher, ``max_concurrency`` = ``--in-flight``);
-``minhash`` is seeds -> minhash_dedup on ``benchmarks/scale.py``'s synthetic instructions.
+``minhash`` is seeds -> exact_dedup -> minhash_dedup on ``benchmarks/scale.py``'s synthetic
+instructions.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ MINHASH = """\
 name: minhash
 steps:
   - {{type: seeds, path: seeds.jsonl}}
+  - {{type: exact_dedup, columns: [instruction]}}
   - {{type: minhash_dedup, columns: [instruction]}}
 execution: {{block_rows: {block_rows}{ray}}}
 report: {{diversity: false}}
@@ -115,11 +117,11 @@ class Watch:
     def _loop(self) -> None:
         while not self.stop.is_set():
             for pid in descendants(os.getpid()):
-                if pid not in self.first:  # a worker kept from an earlier build: its peak
-                    with contextlib.suppress(OSError):  # RSS counts from now (5: VmHWM)
-                        Path(f"/proc/{pid}/clear_refs").write_text("5")
                 s = sample(pid)
                 if s is not None and s[0].startswith("ray::"):
+                    if pid not in self.first:  # a worker kept from an earlier build: its
+                        with contextlib.suppress(OSError):  # peak RSS counts from now
+                            Path(f"/proc/{pid}/clear_refs").write_text("5")  # 5: VmHWM
                     self.first.setdefault(pid, s)
                     self.last[pid] = s
             steps = self.run_dir / "steps"
