@@ -23,6 +23,12 @@ signs each block into files on disk (signatures and band keys at the block's own
 `kdata.steps.lsh`), finds candidates band by band, and clusters with union-find over the rows
 in a pair. Each block is then marked, its kept rows a slice of its table. The decisions are
 those of one pass over every row.
+
+The work over every row is cut into the executor's partitions (one locally, the cluster's CPUs
+on Ray), with the same functions either way: ``exact_dedup`` shuffles (hash, place, row id) by
+hash and finds each partition's duplicates on its own (`_duplicates`), so only the duplicates
+come back; ``minhash_dedup`` finds the candidate edges of each group of bands on its own
+(`kdata.steps.lsh.edges`), a bucket never spanning two bands.
 """
 
 from __future__ import annotations
