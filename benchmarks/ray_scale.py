@@ -1,7 +1,8 @@
 """Ray against local: a label step on the stand-in and MinHash dedup, side by side.
 
     python benchmarks/ray_scale.py [--label-rows 10000] [--in-flight 1000] [--minhash-rows 1000000]
-        [--label-block-rows 1000] [--minhash-block-rows 10000]
+        [--label-block-rows 1000] [--minhash-block-rows 10000] [--workloads label minhash]
+        [--before DIR]
 
 Starts a two-node Ray cluster on 127.0.0.1 (`ray.cluster_utils.Cluster`, 2 logical CPUs per
 node) and the loopback OpenAI stand-in (``tests/openai_standin.py``, a process of its own,
@@ -10,16 +11,20 @@ local executor, and with ``execution: {executor: ray, address: <the cluster>}`` 
 workers). For each build: the driver's wall time, CPU time and peak RSS (``os.wait4``), and, for
 the Ray build, the CPU seconds and peak RSS (``VmHWM``) of every Ray worker process it used,
 sampled from ``/proc`` every 0.2 s, with the responses each teacher worker stored (its
-``cache/<host>-<pid>.sqlite``). Both builds' final datasets are checked to hold the same rows.
-Results go to ``benchmarks/results/ray_scale.json``.
+``cache/<host>-<pid>.sqlite``). With ``--before DIR`` (a checkout of older kdata) a third build,
+``ray_before``, runs that code on Ray, side by side. Every build's final dataset is checked to
+hold the local build's rows. Results go to ``benchmarks/results/ray_scale.json`` (with fewer
+``--workloads``, ``ray_scale_<workloads>.json``).
 
 The recipes: ``label`` is seeds -> label (one teacher, ``max_concurrency`` = ``--in-flight``);
-``minhash`` is seeds -> minhash_dedup on ``benchmarks/scale.py``'s synthetic instructions.
+``minhash`` is seeds -> exact_dedup -> minhash_dedup on ``benchmarks/scale.py``'s synthetic
+instructions.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -56,6 +61,7 @@ MINHASH = """\
 name: minhash
 steps:
   - {{type: seeds, path: seeds.jsonl}}
+  - {{type: exact_dedup, columns: [instruction]}}
   - {{type: minhash_dedup, columns: [instruction]}}
 execution: {{block_rows: {block_rows}{ray}}}
 report: {{diversity: false}}
@@ -103,6 +109,8 @@ class Watch:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir, self.first, self.last, self.stored = run_dir, {}, {}, {}
+        self.driver: int | None = None  # the build's pid, once it runs
+        self.step_cpu: dict[str, float] = {}  # the driver's CPU seconds when each step ended
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop)
 
@@ -111,8 +119,16 @@ class Watch:
             for pid in descendants(os.getpid()):
                 s = sample(pid)
                 if s is not None and s[0].startswith("ray::"):
+                    if pid not in self.first:  # a worker kept from an earlier build: its
+                        with contextlib.suppress(OSError):  # peak RSS counts from now
+                            Path(f"/proc/{pid}/clear_refs").write_text("5")  # 5: VmHWM
                     self.first.setdefault(pid, s)
                     self.last[pid] = s
+            steps = self.run_dir / "steps"
+            for stats in sorted(steps.glob("*/stats.json")) if self.driver else []:
+                s = sample(self.driver)
+                if stats.parent.name not in self.step_cpu and s is not None:
+                    self.step_cpu[stats.parent.name] = s[1]
             for p in (self.run_dir / "cache").glob("*.sqlite"):
                 try:
                     with sqlite3.connect(p) as db:
@@ -135,22 +151,28 @@ class Watch:
                         "peak_rss_mb": round(hwm / 1024),
                     }
                 )
-        return {"workers": sorted(workers, key=lambda w: -w["cpu_seconds"]), "stored": self.stored}
+        ends = sorted(self.step_cpu.items(), key=lambda kv: kv[1])
+        driver = {k: round(v - (ends[i - 1][1] if i else 0), 1) for i, (k, v) in enumerate(ends)}
+        return {
+            "driver_cpu_per_step": driver,
+            "workers": sorted(workers, key=lambda w: -w["cpu_seconds"]),
+            "stored": self.stored,
+        }
 
 
-def build(recipe: Path, run_dir: Path, watch: bool) -> dict:
+def build(recipe: Path, run_dir: Path, on_ray: bool, code: Path = REPO) -> dict:
+    """Build ``recipe`` in a child process with the kdata of ``code``."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    w = Watch(run_dir) if watch else None
-    if w:
-        w.thread.start()
+    env = {**os.environ, "PYTHONPATH": str(code), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    w = Watch(run_dir)
+    w.thread.start()
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(recipe), str(run_dir)], env=env)
+    w.driver = proc.pid
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - t0
-    if w:
-        w.stop.set()
-        w.thread.join()
+    w.stop.set()
+    w.thread.join()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"build of {recipe} failed")
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -161,8 +183,8 @@ def build(recipe: Path, run_dir: Path, watch: bool) -> dict:
         "steps": {s["name"]: s["stats"]["seconds"] for s in manifest["steps"]},
         "rows_out": manifest["steps"][-1]["stats"]["rows_out"],
     }
-    if w:
-        out.update(w.result())
+    out.update(w.result())
+    if on_ray:
         out["workers_cpu_seconds"] = round(sum(x["cpu_seconds"] for x in out["workers"]), 1)
     return out
 
@@ -184,6 +206,13 @@ def main() -> None:
     ap.add_argument("--label-block-rows", type=int, default=1_000)
     ap.add_argument("--minhash-block-rows", type=int, default=10_000)
     ap.add_argument("--work", type=Path, default=Path("/tmp/kdata-ray-scale"))
+    ap.add_argument("--workloads", nargs="+", default=["label", "minhash"])
+    ap.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout of older kdata (e.g. `git archive <commit> | tar -x -C DIR`): its Ray "
+        "build runs too, side by side (ray_before)",
+    )
     a = ap.parse_args()
     shutil.rmtree(a.work, ignore_errors=True)
     a.work.mkdir(parents=True)
@@ -203,35 +232,45 @@ def main() -> None:
             ("label", LABEL, a.label_rows, a.label_block_rows),
             ("minhash", MINHASH, a.minhash_rows, a.minhash_block_rows),
         ):
+            if name not in a.workloads:
+                continue
             folder = a.work / name
             folder.mkdir()
             write_seeds(folder / "seeds.jsonl", rows)
             runs = {}
-            for ex, extra in (("local", ""), ("ray", ray_exec)):
+            builds = [("local", "", REPO), ("ray", ray_exec, REPO)]
+            if a.before:
+                builds.append(("ray_before", ray_exec, a.before.resolve()))
+            for ex, extra, code in builds:
                 recipe = folder / f"{ex}.yaml"
                 recipe.write_text(
                     text.format(port=port, in_flight=a.in_flight, block_rows=block_rows, ray=extra)
                 )
-                runs[ex] = build(recipe, folder / f"run_{ex}", watch=ex == "ray")
+                runs[ex] = build(recipe, folder / f"run_{ex}", ex != "local", code)
                 print(name, ex, json.dumps({k: v for k, v in runs[ex].items() if k != "workers"}))
-            loc, on = runs["local"], runs["ray"]
+            loc = runs["local"]
             runs["rows"] = rows
-            runs["same_rows"] = same_rows(folder / "run_local", folder / "run_ray")
-            runs["ray_over_local"] = {
-                "seconds": round(on["seconds"] / loc["seconds"], 2),
-                "cpu_seconds": round(
-                    (on["driver_cpu_seconds"] + on["workers_cpu_seconds"])
-                    / loc["driver_cpu_seconds"],
-                    2,
-                ),
-            }
+            runs["same_rows"] = all(
+                same_rows(folder / "run_local", folder / f"run_{ex}") for ex, *_ in builds[1:]
+            )
+            for ex, *_ in builds[1:]:
+                on = runs[ex]
+                runs[f"{ex}_over_local"] = {
+                    "seconds": round(on["seconds"] / loc["seconds"], 2),
+                    "cpu_seconds": round(
+                        (on["driver_cpu_seconds"] + on["workers_cpu_seconds"])
+                        / loc["driver_cpu_seconds"],
+                        2,
+                    ),
+                }
             results[name] = runs
     finally:
         standin.terminate()
         cluster.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ray_scale.json").write_text(json.dumps(results, indent=2) + "\n")
+    out = RESULTS / f"ray_scale{'' if len(a.workloads) == 2 else '_' + '_'.join(a.workloads)}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

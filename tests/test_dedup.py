@@ -228,3 +228,44 @@ def test_values_of_the_wrong_type_fail_and_progress_counts_every_row_once() -> N
     assert [f["row_id"] for f in out.failed] == ["37", "38", "35", "36", "39", "40"]
     assert [f["error_class"] for f in out.failed][2:] == [*["wrong_type"] * 3, "missing_column"]
     assert [rid(r) for r in out.rows] == [str(i) for i in range(35)] and not out.dropped
+
+
+def test_partitioned_decisions_are_the_one_partition_decisions(tmp_path: Path) -> None:
+    """`shuffle` and `each` cut into several partitions (as on Ray) decide as one partition."""
+    from kdata.blocks import input_blocks
+    from kdata.executors.local import Blocks, LocalExecutor
+    from kdata.steps.dedup import ExactDedupStep
+
+    rows = [{"text": TEXTS[i % 7] if i % 3 else edit(TEXTS[i % 7], [i % 40])} for i in range(90)]
+    rows += [{"text": None}, {"text": " " + TEXTS[2].upper()}]  # a failure, an exact repeat
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    recipe = kdata.recipe_from_yaml(
+        "name: p\nsteps:\n  - {type: seeds, path: rows.jsonl}\nexecution: {block_rows: 10}\n"
+        "report: {diversity: false}\n",
+        tmp_path,
+    )
+    kdata.build(recipe, run_dir=tmp_path / "run")
+    seeds = tmp_path / "run" / "steps" / "00_seeds"
+    ctx = StepContext(name="dedup", base_dir=tmp_path, pool=None)
+    local = LocalExecutor(10)
+    steps = [
+        ExactDedupStep(columns=["text"]),
+        MinHashDedupStep(columns=["text"], threshold=0.8, keep="longest"),
+    ]
+    try:
+        for step in steps:
+            found = []
+            for partitions in (1, 3):
+                blocks = Blocks(local, lambda columns: input_blocks(seeds, 10, columns))
+                blocks.partitions = partitions
+                decision = asyncio.run(step.decide(blocks, ctx))
+                found.append(
+                    [
+                        [(list(k), ids, list(s)) for k, ids, s in decision.of(b).blocks.values()]
+                        for b in range(10)
+                    ]
+                )
+            assert found[0] == found[1], step.type
+            assert sum(len(b) for b in found[0]) > 0, step.type  # it found duplicates
+    finally:
+        local.close()

@@ -204,6 +204,78 @@ def test_dedup_and_filter_steps_keep_the_local_rows(cluster, tmp_path: Path) -> 
         assert tables[step]["counts"]["dropped"] > 0, step  # each had work to do
 
 
+def planted_recipe(folder: Path, n: int, keep: str = "longest") -> kdata.Recipe:
+    """Seeds with planted duplicates: exact repeats (case and spacing changed) and near
+    repeats (one word more), then exact and MinHash dedup."""
+    rows = []
+    for i in range(n):
+        t = f"record {i // 4} tells of river {i // 4 % 13} and the mill at bend {i // 4 % 7}"
+        if i % 4 == 1:
+            t = "  " + t.upper()  # an exact duplicate once normalised
+        elif i % 4 == 2:
+            t += " today"  # a near duplicate, longer
+        elif i % 4 == 3:
+            t = f"row {i} is unlike the others"
+        rows.append({"text": t})
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = f"""name: planted
+steps:
+  - {{type: seeds, path: rows.jsonl}}
+  - {{type: exact_dedup, columns: [text]}}
+  - {{type: minhash_dedup, columns: [text], threshold: 0.5, keep: {keep}}}
+execution: {{block_rows: 40}}
+report: {{diversity: false}}
+"""
+    return kdata.recipe_from_yaml(text, folder)
+
+
+def test_planted_duplicates_are_dropped_on_ray_as_locally(cluster, tmp_path: Path) -> None:
+    recipe = planted_recipe(tmp_path, 400)
+    local = kdata.build(recipe, run_dir=tmp_path / "local")
+    on = kdata.build(on_ray(recipe, cluster), run_dir=tmp_path / "ray")
+    tables = step_tables(on.dir)
+    assert tables == step_tables(local.dir)
+    assert tables["01_exact_dedup"]["counts"]["dropped"] == 100  # the planted exact repeats
+    assert tables["02_minhash_dedup"]["counts"]["dropped"] >= 100  # and the near ones
+    kept = {r["_kdata"]["id"] for r in tables["01_exact_dedup"]["rows"]}
+    for d in tables["01_exact_dedup"]["dropped"]:
+        detail = json.loads(d["detail"])
+        assert detail["similarity"] == 1.0 and detail["duplicate_of"] in kept
+
+
+def test_the_dedup_decisions_run_in_tasks_on_both_nodes(cluster, tmp_path: Path) -> None:
+    import asyncio
+
+    import ray
+
+    from kdata.blocks import input_blocks
+    from kdata.executors.local import Blocks, LocalExecutor
+    from kdata.executors.ray_executor import _RayBlocks, connect
+    from kdata.steps.base import StepContext
+    from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
+
+    kdata.build(planted_recipe(tmp_path, 400), run_dir=tmp_path / "run")
+    seeds = tmp_path / "run" / "steps" / "00_seeds"
+    ctx = StepContext(name="dedup", base_dir=tmp_path, pool=None)
+    local = LocalExecutor(40)
+    steps = [ExactDedupStep(columns=["text"]), MinHashDedupStep(columns=["text"], threshold=0.5)]
+    connect(cluster.address)
+    try:
+        for step in steps:
+            here = Blocks(local, lambda columns: input_blocks(seeds, 40, columns))
+            there = _RayBlocks(seeds, 40, partitions=4)
+            mine = asyncio.run(step.decide(here, ctx))
+            theirs = asyncio.run(step.decide(there, ctx))
+            for b in range(10):
+                k, ids, sim = mine.of(b).blocks.get(b, ([], [], []))
+                k2, ids2, sim2 = theirs.of(b).blocks.get(b, ([], [], []))
+                assert (list(k), ids, list(sim)) == (list(k2), ids2, list(sim2)), (step.type, b)
+            assert len(there.nodes) == 2, step.type  # the reduce tasks ran on both nodes
+    finally:
+        ray.shutdown()
+        local.close()
+
+
 def _listening(pids: set[int]) -> list[str]:
     """The local addresses (hex, as /proc/net/tcp* writes them) that ``pids`` listen on."""
     inodes = set()
@@ -467,4 +539,5 @@ report: {diversity: false}
     local = kdata.build(recipe, run_dir=tmp_path / "local")
     on = kdata.build(on_ray(recipe, cluster), run_dir=tmp_path / "ray")
     assert read_dataset(on.dir).to_pylist() == read_dataset(local.dir).to_pylist()
-    assert on.steps[2].dropped == local.steps[2].dropped > 0
+    assert step_tables(on.dir) == step_tables(local.dir)  # every step's rows and drops
+    assert on.steps[1].dropped > 0 and on.steps[2].dropped > 0

@@ -62,7 +62,13 @@ class Counts:
 
 
 class Blocks:
-    """A global step's view of its input: passes over the blocks, each block in the pool."""
+    """A global step's view of its input: passes over the blocks, each block in the pool.
+
+    ``partitions``: into how many parts a step cuts work that `shuffle` or `each` runs in
+    parallel (1 here; the Ray executor's `_RayBlocks` runs the same calls as tasks).
+    """
+
+    partitions = 1
 
     def __init__(self, executor: LocalExecutor, blocks: Callable[..., Iterator[Block]]) -> None:
         self._executor, self._blocks = executor, blocks
@@ -85,6 +91,22 @@ class Blocks:
                 await asyncio.wait([ahead])
         return out
 
+    async def shuffle(
+        self,
+        split: Callable[[Block, int], list],
+        reduce: Callable[[list], T],
+        columns: list[str] | None = None,
+    ) -> list[T]:
+        """``split(block, partitions)`` of every block cuts it into `partitions` pieces; then
+        ``reduce(pieces)`` of each partition, its pieces in block order: the results."""
+        pieces = await self.map(lambda b: split(b, self.partitions), columns)
+        return await self.each(reduce, [[p[k] for p in pieces] for k in range(self.partitions)])
+
+    async def each(self, fn: Callable[[Any], T], items: list) -> list[T]:
+        """``fn(item)`` of every item (a step's `partitions` parts of one piece of work)."""
+        loop = asyncio.get_running_loop()
+        return [await loop.run_in_executor(self._executor.pool, fn, item) for item in items]
+
 
 class OneBlock(Blocks):
     """Every row as one block: how a global step runs outside a build (``step.run(rows)``)."""
@@ -95,6 +117,9 @@ class OneBlock(Blocks):
     async def map(self, fn: Callable[[Block], T], columns: list[str] | None = None) -> list[T]:
         return [fn(self.block)]
 
+    async def each(self, fn: Callable[[Any], T], items: list) -> list[T]:
+        return [fn(item) for item in items]
+
 
 class LocalExecutor:
     """Runs steps over blocks in this process (see the module doc)."""
@@ -104,7 +129,7 @@ class LocalExecutor:
     ) -> None:
         self.block_rows = block_rows
         self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2)
-        self.map_in_flight = map_in_flight  # blocks of a map step run at once (default 2 or 1)
+        self.map_in_flight = map_in_flight  # blocks of a step run at once (default: 2 or 1)
 
     def close(self) -> None:
         """Stop the thread pool."""
@@ -134,7 +159,11 @@ class LocalExecutor:
             await self._blocks(target, _chain(blocks(), step.blocks(ctx, self.block_rows)))
         elif step.kind == "global":
             decision = await step.decide(Blocks(self, blocks), ctx)
-            await self._blocks(target, ((b, _Marked(step, decision)) for b in blocks()))
+            # a step marked elsewhere (on Ray) has the driver read only what writing needs
+            marks = (
+                (b, _Marked(step, decision)) for b in blocks(getattr(step, "mark_reads", None))
+            )
+            await self._blocks(target, marks, self.map_in_flight or 1)
         else:  # map: teacher steps keep a second block in flight to keep the pool full
             names = step.teacher_names()
             batched = bool(names) and ctx.pool is not None and ctx.pool.batched(names)
@@ -295,7 +324,11 @@ class _Marked(_Make):
 
     async def __call__(self, block, ctx, pool):
         mark = self.step.mark
-        out = await asyncio.get_running_loop().run_in_executor(pool, mark, block, self.decision)
+        if asyncio.iscoroutinefunction(mark):  # marked elsewhere (a Ray task)
+            out = await mark(block, self.decision)
+        else:
+            loop = asyncio.get_running_loop()
+            out = await loop.run_in_executor(pool, mark, block, self.decision)
         ctx.advance(len(block))
         return None, out
 

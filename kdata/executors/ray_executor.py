@@ -15,11 +15,17 @@ the steps below in place of the recipe's). What runs on the cluster, by the step
   each worker stores its responses in ``cache/`` and reads every store, and the driver merges
   the stores into ``cache.sqlite`` once the step ends (and at the start of the next build, after
   a driver that died). A worker that dies is restarted by Ray and its blocks are run again.
-- ``map`` without teachers: each block is a task (`map_block`).
-- ``global``: each pass of ``decide`` over the blocks (``blocks.map``: the hashes, signatures
-  or other compact summaries of each block) runs as one task per block, reading its rows from
-  the input parts itself; the decision over those summaries (grouping, clustering) and the
-  marking of each block run on the driver, as the local executor runs them.
+- ``map`` without teachers: each block is a task (`map_block`); the step is put in the object
+  store once and each worker process fetches it once (``decontaminate``'s n-gram index of the
+  benchmarks is built on the driver before, so it is built once per build).
+- ``global``: ``decide``'s passes over the blocks run as tasks (`_RayBlocks`): ``blocks.map``
+  is one task per block, reading its rows from the input parts itself; ``blocks.shuffle`` is
+  a map task per block cutting its summaries into ``partitions`` (the cluster's CPUs) pieces
+  kept in the object store, then one reduce task per partition (``exact_dedup``: the
+  duplicates of its hashes); ``blocks.each`` runs a step's parts of one piece of work as tasks
+  (``minhash_dedup``: the candidate edges of a group of bands). Reduce and ``each`` tasks go to
+  the nodes in turn. The driver gets back only what they found (drops, edges), and each block
+  is marked in a task that reads it, the driver reading only its ids and writing its parts.
 - ``source`` and ``whole`` steps run on the driver, as the local executor runs them.
 """
 
@@ -42,7 +48,7 @@ import pyarrow.parquet as pq
 from kdata.blocks import Block, parts, tables_of
 from kdata.errors import KdataError
 from kdata.executors.local import Counts, LocalExecutor
-from kdata.steps.base import StepContext, StepOutput
+from kdata.steps.base import PROVENANCE, StepContext, StepOutput
 
 T = TypeVar("T")
 NAMESPACE = "kdata"
@@ -128,7 +134,8 @@ class RayExecutor:
         merge_stores(ctx, self.run_dir)  # what the workers of a build that died stored
         self.local.map_in_flight = None
         if step.kind == "global":
-            step = _Global(step, _RayBlocks(source, self.block_rows))
+            self.local.map_in_flight = 2 * self.cpus  # blocks marked at once
+            step = _Global(step, _RayBlocks(source, self.block_rows, self.cpus))
         elif step.kind == "map" and step.teacher_names():
             async with _Workers(self, step, ctx) as workers:
                 self.local.map_in_flight = BLOCKS_PER_WORKER * self.workers
@@ -139,8 +146,12 @@ class RayExecutor:
             self.local.map_in_flight = self.cpus
             import ray
 
-            setup = {**self._setup(ctx), "fingerprint": fingerprint}  # sent once, below
-            step = _Remote(step, functools.partial(_tasks, ray.put(step), setup))
+            if step.type == "decontaminate" and step.method == "ngram":
+                step.index(ctx.base_dir)  # the benchmark index, built here once: sent with it
+            setup = {**self._setup(ctx), "fingerprint": fingerprint}
+            # the step in the object store once, its ref nested so a task fetches it only when
+            # its worker process has no copy yet
+            step = _Remote(step, functools.partial(_tasks, [ray.put(step)], setup))
         return await self.local.run(step, source, folder, ctx, fingerprint)
 
     def _setup(self, ctx: StepContext) -> dict:
@@ -176,7 +187,7 @@ async def _await(ref: Any) -> Any:
         raise
 
 
-async def _tasks(step: Any, setup: dict, rows: list[dict]) -> StepOutput:
+async def _tasks(step: list, setup: dict, rows: list[dict]) -> StepOutput:
     from kdata.executors.ray_workers import map_block
 
     return await _await(map_block.remote(step, rows, setup))
@@ -260,12 +271,15 @@ class _Workers:
 
 
 class _Global:
-    """A global step as the local executor sees it when its passes over blocks run on Ray."""
+    """A global step as the local executor sees it when its passes over blocks, its reduce
+    tasks and the marking of its blocks run on Ray (the driver reads only the blocks' ids)."""
 
     kind = "global"
+    mark_reads = [f"{PROVENANCE}.id"]
 
     def __init__(self, step: Any, blocks: _RayBlocks) -> None:
         self.step, self._blocks = step, blocks
+        self._decision: tuple[Any, Any] | None = None  # (decision, its object ref)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.step, name)
@@ -273,16 +287,38 @@ class _Global:
     async def decide(self, blocks: Any, ctx: StepContext) -> Any:
         return await self.step.decide(self._blocks, ctx)
 
+    async def mark(self, block: Block, decision: Any) -> StepOutput:
+        """The block marked in a task that reads it from the input parts; a decision that can
+        be cut per block (`Clusters`, `Drops`) is sent cut, any other once."""
+        import ray
+
+        if hasattr(decision, "of"):
+            part = decision.of(block.index)
+        else:
+            if self._decision is None or self._decision[0] is not decision:
+                self._decision = (decision, ray.put(decision))
+            part = self._decision[1]
+        return await self._blocks.mark(self.step, block.index, part)
+
 
 class _RayBlocks:
     """A global step's passes over its input blocks, one Ray task per block (`Blocks` of the
-    local executor, distributed): each task reads its block's rows from the input parts."""
+    local executor, distributed): each task reads its block's rows from the input parts.
+    ``shuffle`` keeps the pieces in the object store, each reduce task taking its partition's
+    pieces from there; reduce and ``each`` tasks go to the nodes in turn, and ``nodes`` records
+    the nodes they ran on."""
 
-    def __init__(self, source: Path | None, block_rows: int) -> None:
-        self.source, self.block_rows = source, block_rows
+    def __init__(self, source: Path | None, block_rows: int, partitions: int) -> None:
+        self.source, self.block_rows, self.partitions = source, block_rows, partitions
+        self.nodes: set[str] = set()
+        self._cut: list[list[tuple[str, int, int]]] | None = None
+        self._step: tuple[Any, Any] | None = None
+        self._nodes: list[str] = []
 
     def _pieces(self) -> list[list[tuple[str, int, int]]]:
         """Per block: (part, first row, end row) of each input part it takes rows from."""
+        if self._cut is not None:
+            return self._cut
         paths = parts(self.source) if self.source is not None else []
         counts = [pq.read_metadata(p).num_rows for p in paths]
         total, out, at = sum(counts), [], 0
@@ -294,25 +330,116 @@ class _RayBlocks:
                     pieces.append((str(path), a - at, b - at))
                 at += n
             out.append(pieces)
+        self._cut = out
         return out
+
+    def _read(self, index: int, columns: list[str] | None = None) -> tuple:
+        """What a task needs to read block ``index``: (its pieces, index, start, columns)."""
+        return self._pieces()[index], index, index * self.block_rows, columns
 
     async def map(self, fn: Callable[[Block], T], columns: list[str] | None = None) -> list[T]:
         """``fn(block)`` of every block, in block order, each in a Ray task."""
         import ray
 
-        task = ray.remote(_summarise)
-        f = ray.put(fn)
-        refs = [
-            task.remote(f, pieces, i, i * self.block_rows, columns)
-            for i, pieces in enumerate(self._pieces())
-        ]
+        task, f = _remote(_summarise), ray.put(fn)
+        refs = [task.remote(f, *self._read(i, columns)) for i in range(len(self._pieces()))]
         return list(await asyncio.gather(*(_await(r) for r in refs)))
 
+    async def shuffle(
+        self,
+        split: Callable[[Block, int], list],
+        reduce: Callable[[list], T],
+        columns: list[str] | None = None,
+    ) -> list[T]:
+        """As `Blocks.shuffle`: a map task per block returns its ``partitions`` pieces as
+        objects of their own; a reduce task per partition gets that partition's pieces."""
+        import ray
 
-def _summarise(fn: Callable, pieces: list, index: int, start: int, columns: list[str] | None):
-    """``fn`` of one block, read from the rows ``pieces`` of the input parts."""
+        n = self.partitions
+        task = _remote(_split).options(num_returns=n)
+        f, r = ray.put(split), ray.put(reduce)
+        maps = [task.remote(f, n, *self._read(i, columns)) for i in range(len(self._pieces()))]
+        maps = [m if n > 1 else [m] for m in maps]
+        refs = [self._on(_reduce, k).remote(r, *(m[k] for m in maps)) for k in range(n)]
+        return await self._results(refs)
+
+    async def each(self, fn: Callable[[Any], T], items: list) -> list[T]:
+        """``fn(item)`` of every item, each in a task, spread over the nodes."""
+        import ray
+
+        f = ray.put(fn)
+        return await self._results([self._on(_each, k).remote(f, x) for k, x in enumerate(items)])
+
+    def _on(self, fn: Callable, k: int) -> Any:
+        """``fn`` as a task for the ``k``-th node with CPUs, round robin (soft: another node
+        when it is gone), so a step's reduce tasks are spread evenly (Ray's ``SPREAD`` is best
+        effort: it ran them all on one node here)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if not self._nodes:
+            alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+            self._nodes = sorted(n["NodeID"] for n in alive)
+        node = self._nodes[k % len(self._nodes)]
+        where = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
+        return _remote(fn).options(scheduling_strategy=where)
+
+    async def mark(self, step: Any, index: int, decision: Any) -> StepOutput:
+        """``step.mark(block, decision)`` of block ``index``, read whole, in a task (the step
+        put in the object store once)."""
+        import ray
+
+        if self._step is None or self._step[0] is not step:
+            self._step = (step, ray.put(step))
+        task = _remote(_mark).remote(self._step[1], decision, *self._read(index))
+        return await _await(task)
+
+    async def _results(self, refs: list) -> list:
+        out = []
+        for node, result in await asyncio.gather(*(_await(r) for r in refs)):
+            self.nodes.add(node)
+            out.append(result)
+        return out
+
+
+@functools.cache
+def _remote(fn: Callable) -> Any:
+    """``fn`` as a Ray remote function, made once."""
+    import ray
+
+    return ray.remote(fn)
+
+
+def _block(pieces: list, index: int, start: int, columns: list[str] | None) -> Block:
+    """Block ``index`` read from the rows ``pieces`` of the input parts."""
     tables = [
         pa.concat_tables(list(tables_of([Path(p)], columns))).slice(a, b - a) for p, a, b in pieces
     ]
-    table = pa.concat_tables(tables, promote_options="permissive")
-    return fn(Block(index, start, table))
+    return Block(index, start, pa.concat_tables(tables, promote_options="permissive"))
+
+
+def _summarise(fn: Callable, *read: Any) -> Any:
+    return fn(_block(*read))
+
+
+def _split(split: Callable, partitions: int, *read: Any) -> Any:
+    pieces = split(_block(*read), partitions)
+    return pieces if partitions > 1 else pieces[0]
+
+
+def _node() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _reduce(reduce: Callable, *pieces: Any) -> tuple[str, Any]:
+    return _node(), reduce(list(pieces))
+
+
+def _each(fn: Callable, item: Any) -> tuple[str, Any]:
+    return _node(), fn(item)
+
+
+def _mark(step: Any, decision: Any, *read: Any) -> StepOutput:
+    return step.mark(_block(*read), decision)

@@ -12,7 +12,8 @@
   the end of the budget. What was spent is read from the stored responses (every store of the
   run), so a restarted `Limits` knows it again.
 - `map_block`: a task that runs one block of a map step that asks no teacher (a filter, or
-  ``decontaminate``, whose benchmark index each worker process builds once).
+  ``decontaminate``, whose benchmark index the driver builds once and each worker process
+  fetches once).
 """
 
 from __future__ import annotations
@@ -296,11 +297,14 @@ _STEPS: dict[str, Any] = {}  # per worker process: the step of each fingerprint,
 
 
 @ray.remote
-def map_block(step, rows: list[dict], setup: dict) -> StepOutput:
-    """One block of a map step that asks no teacher. A worker process keeps the first copy of
-    the step it receives, so what the step builds once (``decontaminate``'s benchmark index)
-    is built once per process, not per block."""
-    step = _STEPS.setdefault(setup["fingerprint"], step)
+def map_block(step: list, rows: list[dict], setup: dict) -> StepOutput:
+    """One block of a map step that asks no teacher; ``step``: the step's object ref, in a
+    list so that Ray does not fetch it for each task. A worker process fetches the step once
+    and keeps it, so what the step holds (``decontaminate``'s benchmark index, built by the
+    driver) is deserialised once per process, and what it builds once, once per process."""
+    if setup["fingerprint"] not in _STEPS:
+        _STEPS[setup["fingerprint"]] = ray.get(step[0])
+    step = _STEPS[setup["fingerprint"]]
     ctx = StepContext(
         name=setup["name"],
         base_dir=Path(setup["base_dir"]),

@@ -429,9 +429,14 @@ class GlobalStep(StepBase):
     ``decide`` computes what the step needs of all rows through ``blocks.map(fn, columns)``,
     which applies ``fn(block)`` to every block in order (in the executor's thread pool; the
     block's table holds only ``columns``) and returns the results: keep them compact (hashes,
-    signatures), never the rows. ``mark`` then makes one block's output from the block and the
-    decision; a curation step's kept rows may be a slice of ``block.table``. A block outside a
-    build (``run``) holds its rows as dicts instead (``block.given``).
+    signatures), never the rows. ``blocks.shuffle(split, reduce, columns)`` cuts each block's
+    summaries into ``blocks.partitions`` pieces and reduces each partition's pieces on their own
+    (``exact_dedup``, by hash); ``blocks.each(fn, items)`` runs independent parts of one piece of
+    work (``minhash_dedup``: its groups of bands). Locally there is one partition; on Ray these
+    are tasks. ``mark`` then makes one block's output from the block and the decision (on Ray,
+    in a task: a decision with ``of(block_index)`` is sent cut to that block); a curation step's
+    kept rows may be a slice of ``block.table``. A block outside a build (``run``) holds its
+    rows as dicts instead (``block.given``).
     """
 
     kind: ClassVar[str] = "global"

@@ -1,8 +1,9 @@
 """What the dedup steps share: comparable texts, clusters, and stored neighbours.
 
 A dedup step reads the text of one or more columns (`comparable`), orders the texts by its
-``keep`` rule (`preference`), and decides per text which kept text it duplicates
-(`Clusters`), from which `outcome` makes a block's kept and dropped rows. The near-duplicate
+``keep`` rule (`preference`), and decides per text which kept text it duplicates (`Clusters`,
+or only the duplicates, per block: `Drops`), from which `outcome` makes a block's kept and
+dropped rows (`Clusters.of` and `Drops.of`: what one block's marking needs). The near-duplicate
 steps find every pair of texts at least ``floor`` similar and keep them, with what clustering
 needs, as `Neighbours`, stored in the run directory (`neighbours_path`) for re-cutting.
 """
@@ -147,30 +148,51 @@ class Clusters:
         b = int(np.searchsorted(self.offsets, text, side="right")) - 1
         return self.ids[b][text - int(self.offsets[b])].as_py()
 
+    def of(self, block: int) -> Drops:
+        """The duplicates of block ``block``, what its marking needs."""
+        base = int(self.offsets[block])
+        keeper = self.canonical[base : int(self.offsets[block + 1])]
+        k = np.flatnonzero(keeper != np.arange(base, base + len(keeper)))
+        ids = [self.id_of(int(t)) for t in keeper[k].tolist()]
+        return Drops({block: (k, ids, self.similarity[base + k])})
 
-def outcome(block: Block, idx: Sequence[int], decision: Clusters, failed: list[dict]) -> StepOutput:
-    """Kept rows (their own canonical), a slice of the block's table (or its given rows), and
-    dropped duplicates naming their kept row; ``idx``: the block's rows with texts."""
-    base = int(decision.offsets[block.index])
+
+@dataclass
+class Drops:
+    """A dedup step's duplicates, per block index: ``(k, keepers, similarity)``, the indices of
+    its dropped texts among the block's comparable texts (ascending), the row id each
+    duplicates and the similarity to it. A block without duplicates may be absent."""
+
+    blocks: dict[int, tuple[np.ndarray, list[str], np.ndarray]]
+
+    def of(self, block: int) -> Drops:
+        """The duplicates of block ``block`` alone."""
+        return Drops({block: self.blocks[block]} if block in self.blocks else {})
+
+
+def outcome(
+    block: Block, idx: Sequence[int], decision: Clusters | Drops, failed: list[dict]
+) -> StepOutput:
+    """Kept rows, a slice of the block's table (or its given rows), and dropped duplicates
+    naming their kept row; ``idx``: the block's rows with texts."""
+    empty = (np.empty(0, np.int64), [], np.empty(0))
+    k, keepers, similarity = decision.of(block.index).blocks.get(block.index, empty)
     idx = np.asarray(idx, dtype=np.int64)
-    keeper = decision.canonical[base : base + len(idx)]
-    keep = keeper == np.arange(base, base + len(idx))
+    keep = np.ones(len(idx), dtype=bool)
+    keep[k] = False
     kept = idx[keep]
     if block.given is None:
         rows: Any = block.table.take(pa.array(kept, type=pa.int64()))
+        ids = block.ids()
     else:
         rows = [block.given[i] for i in kept.tolist()]
     out = StepOutput(rows=rows, expected=len(block), failed=failed)
-    ids = decision.ids[block.index]
-    for k in np.flatnonzero(~keep).tolist():
-        detail = {
-            "duplicate_of": decision.id_of(int(keeper[k])),
-            "similarity": float(decision.similarity[base + k]),
-        }
+    for i, keeper, sim in zip(idx[k].tolist(), keepers, similarity.tolist(), strict=True):
+        detail = {"duplicate_of": keeper, "similarity": float(sim)}
         if block.given is not None:
-            out.dropped.append(dropped(block.given[int(idx[k])], "duplicate", **detail))
+            out.dropped.append(dropped(block.given[i], "duplicate", **detail))
         else:  # the row is in the step's input parts: its id stands for it
-            row = {PROVENANCE: {"id": ids[k].as_py()}}
+            row = {PROVENANCE: {"id": ids[i].as_py()}}
             out.dropped.append({**dropped(row, "duplicate", **detail), "row": None})
     return out
 

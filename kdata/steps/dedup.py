@@ -23,11 +23,18 @@ signs each block into files on disk (signatures and band keys at the block's own
 `kdata.steps.lsh`), finds candidates band by band, and clusters with union-find over the rows
 in a pair. Each block is then marked, its kept rows a slice of its table. The decisions are
 those of one pass over every row.
+
+The work over every row is cut into the executor's partitions (one locally, the cluster's CPUs
+on Ray), with the same functions either way: ``exact_dedup`` shuffles (hash, place, row id) by
+hash and finds each partition's duplicates on its own (`_duplicates`), so only the duplicates
+come back; ``minhash_dedup`` finds the candidate edges of each group of bands on its own
+(`kdata.steps.lsh.edges`), a bucket never spanning two bands.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import re
@@ -52,6 +59,7 @@ from kdata.steps.base import (
 )
 from kdata.steps.clusters import (
     Clusters,
+    Drops,
     Neighbours,
     block_texts,
     block_values,
@@ -63,7 +71,7 @@ from kdata.steps.clusters import (
     text_digest,
     texts_key,
 )
-from kdata.steps.lsh import Signatures, candidates, similarity
+from kdata.steps.lsh import Signatures, edges, union
 
 if TYPE_CHECKING:
     from kdata.executors.local import Blocks
@@ -118,22 +126,33 @@ class ExactDedupStep(GlobalStep):
         digest = b"".join(hashlib.blake2b(k, digest_size=16).digest() for k in keys)
         return np.frombuffer(digest, dtype=">u8").reshape(-1, 2), ids
 
-    async def decide(self, blocks: Blocks, ctx: StepContext) -> Clusters:
-        """The first row of each normalised text, from every block's hashes."""
-        parts = await blocks.map(self._digests, self.read_columns())
-        digests = np.concatenate([d for d, _ in parts]) if parts else np.empty((0, 2), ">u8")
-        n = len(digests)
-        order = np.lexsort((np.arange(n), digests[:, 1], digests[:, 0]))  # equal texts: in order
-        new = np.ones(n, dtype=bool)
-        new[1:] = (digests[order[1:]] != digests[order[:-1]]).any(axis=1)
-        starts = np.flatnonzero(new)
-        canonical = np.empty(n, dtype=np.int64)
-        canonical[order] = np.repeat(order[starts], np.diff(np.append(starts, n)))
-        return Clusters(
-            offsets([len(d) for d, _ in parts]), canonical, np.ones(n), [i for _, i in parts]
-        )
+    def _split(self, block: Block, partitions: int) -> list[tuple]:
+        """A block's comparable texts cut by hash into ``partitions``: per partition, the
+        texts' hashes, block index and index in the block (their order), and row ids."""
+        digests, ids = self._digests(block)
+        part = digests[:, 0] % np.uint64(partitions)
+        out = []
+        for p in range(partitions):
+            at = np.flatnonzero(part == p)
+            index = np.full(len(at), block.index, dtype=np.int64)
+            out.append((digests[at], index, at, ids.take(pa.array(at, type=pa.int64()))))
+        return out
 
-    def mark(self, block: Block, decision: Clusters) -> StepOutput:
+    async def decide(self, blocks: Blocks, ctx: StepContext) -> Drops:
+        """The first row of each normalised text: the blocks' hashes shuffled by hash, each
+        partition's duplicates found on its own (`_duplicates`)."""
+        found = await blocks.shuffle(self._split, _duplicates, self.read_columns())
+        index = np.concatenate([f[0] for f in found])
+        k = np.concatenate([f[1] for f in found])
+        keepers = [i for f in found for i in f[2]]
+        order = np.lexsort((k, index))
+        cuts = np.flatnonzero(np.diff(index[order])) + 1
+        out = {}
+        for at in np.split(order, cuts) if len(order) else []:
+            out[int(index[at[0]])] = (k[at], [keepers[i] for i in at.tolist()], np.ones(len(at)))
+        return Drops(out)
+
+    def mark(self, block: Block, decision: Drops) -> StepOutput:
         idx, _, failed, _ = block_values(block, self.columns)
         return outcome(block, idx, decision, failed)
 
@@ -245,7 +264,10 @@ class MinHashDedupStep(GlobalStep):
                 has = await blocks.map(
                     lambda b: self._sign(b, sig, int(starts[b.index])), self.read_columns()
                 )
-                graph = self._graph(sig, np.concatenate(has) if has else np.empty(0, np.int64))
+                has = np.concatenate(has) if has else np.empty(0, np.int64)
+                groups = _band_groups(sig.bands, blocks.partitions)
+                find = functools.partial(edges, sig, has, floor=self.floor)
+                graph = self._graph(sig, await blocks.each(find, groups))
             if path is not None:
                 graph.save(path)
         canonical, similarity = graph.clusters(order, self.threshold)
@@ -312,7 +334,7 @@ class MinHashDedupStep(GlobalStep):
                 _signatures(hashes, counts[has], self.num_perm, self.seed, advance),
                 len(texts),
             )
-            return self._graph(sig, has)
+            return self._graph(sig, [edges(sig, has, range(sig.bands), self.floor)])
 
     @contextmanager
     def _signature_files(self, ctx: StepContext | None, n: int) -> Iterator[Signatures]:
@@ -332,12 +354,33 @@ class MinHashDedupStep(GlobalStep):
             with contextlib.suppress(OSError):  # tmp/ itself, once no step uses it
                 folder.parent.rmdir()
 
-    def _graph(self, sig: Signatures, has: np.ndarray) -> Neighbours:
-        """The neighbours of the texts in ``sig``, of which those at ``has`` have signatures."""
-        pairs = candidates(sig, has)
-        sim = similarity(sig, pairs)
-        hit = sim >= self.floor
-        return Neighbours.of(sig.n, "jaccard", pairs[:, hit], sim[hit], sig.take)
+    def _graph(self, sig: Signatures, found: list[tuple[np.ndarray, np.ndarray]]) -> Neighbours:
+        """The neighbours of the texts in ``sig``, from the `edges` of every band."""
+        return Neighbours.of(sig.n, "jaccard", *union(found, sig.n), sig.take)
+
+
+def _band_groups(bands: int, partitions: int) -> list[range]:
+    """The bands cut into at most ``partitions`` groups, one reduce task each."""
+    return [range(p, bands, partitions) for p in range(min(bands, partitions))]
+
+
+def _duplicates(pieces: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The duplicates among one partition's texts (`ExactDedupStep._split`'s pieces of it from
+    every block): each text whose hash an earlier text has, as its block index and index in the
+    block, and the row id of the first text of that hash."""
+    if not pieces:
+        return np.empty(0, np.int64), np.empty(0, np.int64), []
+    digests = np.concatenate([p[0] for p in pieces])
+    index = np.concatenate([p[1] for p in pieces])
+    k = np.concatenate([p[2] for p in pieces])
+    ids = pa.concat_arrays([p[3] for p in pieces])
+    order = np.lexsort((k, index, digests[:, 1], digests[:, 0]))  # equal texts: in row order
+    d = digests[order]
+    new = np.ones(len(d), dtype=bool)
+    new[1:] = (d[1:] != d[:-1]).any(axis=1)
+    first = order[np.maximum.accumulate(np.where(new, np.arange(len(d)), 0))]
+    dup = order[~new]
+    return index[dup], k[dup], ids.take(pa.array(first[~new], type=pa.int64())).to_pylist()
 
 
 def _shingle_hashes(texts: Sequence[str], kind: str, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,9 @@ signatures to one file and each band's keys to one file per band (`Signatures.wr
 may be written at any time, by any worker). Candidates are then found one band at a time: that
 band's keys of every text are sorted, and rows with equal keys paired (`candidates`), so memory
 is a few arrays of one number per text, and the pairs, which scale with the duplicates. The
+bands are the shuffle's partitions: a bucket (texts with equal keys on a band) never spans two
+bands, so the pairs of a group of bands (`edges`) are found and checked on their own, one group
+per reduce task under Ray, and the groups' pairs joined (`union`). The
 similarity of a pair reads the two signatures from the file, a bounded number of pages mapped
 at a time (`Signatures.take`), so the signatures do not count towards the process's memory.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -78,13 +82,33 @@ class Signatures:
         return out
 
 
-def candidates(sig: Signatures, has: np.ndarray) -> np.ndarray:
-    """Pairs (2, k) of texts, first < second, equal on a band, each pair once; of texts
-    ``has`` only (those with signatures). Within a band's bucket, each text is paired with
-    the `WINDOW` texts before it, so huge buckets cost linear time."""
+def edges(
+    sig: Signatures, has: np.ndarray, bands: Iterable[int], floor: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate pairs of the buckets of ``bands`` (`candidates`) at least ``floor``
+    similar, and their similarities: one reduce task's share of the pairs under Ray."""
+    pairs = candidates(sig, has, bands)
+    sim = similarity(sig, pairs)
+    hit = sim >= floor
+    return pairs[:, hit], sim[hit]
+
+
+def union(found: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs of several `edges` (a pair may be in several), each once, in order, with their
+    similarities."""
+    pairs = np.concatenate([p for p, _ in found], axis=1) if found else np.empty((2, 0), np.int64)
+    sims = np.concatenate([s for _, s in found]) if found else np.empty(0)
+    code, first = np.unique(pairs[0] * n + pairs[1], return_index=True)
+    return np.stack([code // n, code % n]), sims[first]
+
+
+def candidates(sig: Signatures, has: np.ndarray, bands: Iterable[int]) -> np.ndarray:
+    """Pairs (2, k) of texts, first < second, equal on one of ``bands``, each pair once; of
+    texts ``has`` only (those with signatures). Within a band's bucket, each text is paired
+    with the `WINDOW` texts before it, so huge buckets cost linear time."""
     n = sig.n
     found = []
-    for band in range(sig.bands):
+    for band in bands:
         key = sig.band(band)[has]
         order = np.argsort(key, kind="stable")
         key = key[order]
