@@ -342,6 +342,39 @@ def test_the_budget_holds_across_two_workers(cluster, tmp_path: Path) -> None:
     assert 3.0 - 0.1 < spent <= 3.0  # and spent it nearly all, never past it
 
 
+def test_a_batch_teacher_sends_its_batches_from_the_driver(cluster, tmp_path, monkeypatch) -> None:
+    # Its requests are the provider's work: no actor asks them online at twice the price.
+    from batch_standin import BatchStandIn
+    from batch_standin import Config as BatchConfig
+
+    monkeypatch.setenv("KDATA_TEST_KEY", SECRET)
+    (tmp_path / "seeds.jsonl").write_text(
+        "".join(json.dumps({"q": f"what is {i} plus {i}?"}) + "\n" for i in range(12))
+    )
+    with BatchStandIn(BatchConfig(api_key=SECRET, complete_after_s=0.1)) as s:
+        text = f"""name: batch-on-ray
+teachers:
+  t:
+    model: openai/standin-model
+    api_base: {s.openai_base}
+    api_key: ${{KDATA_TEST_KEY}}
+    batch: true
+    batch_poll_s: 0.05
+steps:
+  - type: seeds
+    path: seeds.jsonl
+  - type: label
+    teacher: t
+    prompt: "{{{{ q }}}}"
+execution: {{executor: ray, address: {cluster.address}, block_rows: 5}}
+report: {{diversity: false}}
+"""
+        run = kdata.build(kdata.recipe_from_yaml(text, tmp_path), run_dir=tmp_path / "run")
+        assert s.online == [] and len(s.creates) == 3  # one batch per block, none online
+        assert sorted(s.custom_ids()) == sorted(set(s.custom_ids()))
+    assert len(read_dataset(run.dir)) == 12
+
+
 def test_more_workers_than_cpus_is_an_error_not_a_hang(cluster, tmp_path: Path) -> None:
     recipe = on_standin(kdata.load_recipe(ROOT / "recipes" / "quickstart.yaml"), 1)
     with pytest.raises(KdataError, match="execution.workers is 5, but the Ray cluster has 4 CPUs"):

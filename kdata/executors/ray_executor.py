@@ -10,7 +10,9 @@ The driver keeps what the local executor does: it cuts the input into blocks, sk
 finished before, checks each block's accounting and writes its parts (`LocalExecutor`, handed
 the steps below in place of the recipe's). What runs on the cluster, by the step's ``kind``:
 
-- ``map`` with teachers: each block goes to one of ``workers`` `TeacherWorker` actors (one per
+- ``map`` with a ``batch: true`` teacher: on the driver, as the local executor runs it (its
+  requests go to the provider in batches, `kdata.teachers.batch`; there is nothing to spread).
+- ``map`` with other teachers: each block goes to one of ``workers`` `TeacherWorker` actors (one per
   node by default), two blocks per actor in flight; limits and budget are global (`Limits`),
   each worker stores its responses in ``cache/`` and reads every store, and the driver merges
   the stores into ``cache.sqlite`` once the step ends (and at the start of the next build, after
@@ -136,6 +138,8 @@ class RayExecutor:
         if step.kind == "global":
             self.local.map_in_flight = 2 * self.cpus  # blocks marked at once
             step = _Global(step, _RayBlocks(source, self.block_rows, self.cpus))
+        elif step.kind == "map" and ctx.pool is not None and ctx.pool.batched(step.teacher_names()):
+            pass  # on the driver, as locally: its batches are the provider's work
         elif step.kind == "map" and step.teacher_names():
             async with _Workers(self, step, ctx) as workers:
                 self.local.map_in_flight = BLOCKS_PER_WORKER * self.workers
