@@ -13,7 +13,8 @@ blocks are scheduled and writes the step's parts (see `kdata.blocks`). By the st
   ``self_instruct``'s rounds).
 - ``source``: the input blocks pass through, then the blocks the step reads or makes
   (``step.blocks(ctx, block_rows)``: an iterator, or an async one for a source that asks a
-  teacher).
+  teacher, ``curate`` or ``magpie``, which then counts its own progress). Such a step makes
+  a finished block again on a rerun, from the cache, and does not write it again.
 - ``whole``: the step gets every input row in one list and writes one part (steps not yet
   written over blocks: ``semantic_dedup``, ``diversity``).
 
@@ -310,13 +311,14 @@ class _Same(_Make):
 
 
 class _Read(_Make):
-    """A block a source step read."""
+    """A block a step read or made; ``counted``: the step advanced the progress for it."""
 
-    def __init__(self, out: StepOutput) -> None:
-        self.out = out
+    def __init__(self, out: StepOutput, counted: bool) -> None:
+        self.out, self.counted = out, counted
 
     async def __call__(self, block, ctx, pool):
-        ctx.advance(self.out.expected)
+        if not self.counted:
+            ctx.advance(self.out.expected)
         return [], self.out
 
 
@@ -333,8 +335,9 @@ async def _chain(
     async for block, make in _pooled(given, pool):
         yield block, make
         index, start = block.index + 1, block.start + len(block)
-    async for out in made if isinstance(made, AsyncIterator) else _pooled(iter(made), pool):
-        yield Block(index, start, to_table([])), _Read(out)
+    asked = isinstance(made, AsyncIterator)  # a teacher's: the step counts its progress
+    async for out in made if asked else _pooled(iter(made), pool):
+        yield Block(index, start, to_table([])), _Read(out, asked)
         index, start = index + 1, start + len(out.rows)
 
 

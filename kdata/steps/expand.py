@@ -160,6 +160,7 @@ class SelfInstructStep(GlobalStep):
         for s in seeds:
             pool.add(s[self.column])
         kept: list[dict] = []
+        ctx.set_total(2 * self.target)
         stale, sent = 0, 0
         records: list[dict] = []  # the drops and failures not written yet
         for rnd in range(self.max_rounds):
@@ -177,6 +178,7 @@ class SelfInstructStep(GlobalStep):
                     records += [v for v in verdicts if v is not None]
                 else:
                     records.append(reply)
+            ctx.advance(len(kept) - n_kept)
             stale = 0 if len(kept) > n_kept else stale + 1
             while len(records) >= block_rows:
                 yield _records(records[:block_rows])
@@ -187,6 +189,7 @@ class SelfInstructStep(GlobalStep):
             out = StepOutput(rows=[], expected=len(todo))
             for r in await gather_requests(self._instances(c, ctx) for c in todo):
                 (out.rows if PROVENANCE in r else out.failed).append(r)
+            ctx.advance(len(todo))
             yield out
 
     def _examples(self, seeds: list[dict], kept: list[dict], rnd: int, k: int) -> list[dict]:
