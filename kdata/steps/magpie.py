@@ -103,8 +103,8 @@ class MagpieStep(StepBase):
             records: list[dict | None] = []  # per instruction: its record, None: to answer
             todo = []
             for i, c in zip(numbers, written, strict=True):
-                if isinstance(c, TeacherError):
-                    records.append(failure(None, c.error_class, str(c), attempts=c.attempts))
+                if isinstance(c, dict):  # a failure record
+                    records.append(c)
                     continue
                 text = (c.text or "").strip()
                 row_key = row_id("magpie", ctx.name, str(i))
@@ -130,13 +130,14 @@ class MagpieStep(StepBase):
             yield out
 
     async def _write(self, i: int, prefix: str, params: dict, ctx: StepContext):
-        """Instruction ``i``, written from the pre-query text: a completion or the error."""
+        """Instruction ``i``, written from the pre-query text: a completion or a failure record
+        (returned, not raised: `gather_requests` re-raises exceptions)."""
         try:
             return await ctx.pool.complete(
                 self.teacher, prefix, route_key=f"magpie:{i}", sample=i, params=params
             )
         except TeacherError as e:
-            return e
+            return failure(None, e.error_class, str(e), attempts=e.attempts)
         finally:
             ctx.advance(1)
 
