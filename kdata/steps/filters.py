@@ -7,6 +7,7 @@ can be re-cut from the ``dropped`` parts without recomputing anything or asking 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -141,8 +142,6 @@ class FilterStep(StepBase):
     answer_agreement: bool = False
     min_score: ScoreBound | None = None
 
-    _patterns: tuple[re.Pattern, ...] = PrivateAttr(default=())
-
     @field_validator("refusal_patterns")
     @classmethod
     def _patterns_compile(cls, v: list[str]) -> list[str]:
@@ -175,8 +174,16 @@ class FilterStep(StepBase):
             raise ValueError("repetition_ngram is only used with max_repetition; set both")
         return self
 
-    def model_post_init(self, context: Any) -> None:
-        self._patterns = tuple(re.compile(p, re.IGNORECASE) for p in self.refusal_patterns)
+    @functools.cached_property
+    def _patterns(self) -> tuple[re.Pattern, ...]:
+        # Not a pydantic private attribute: those cost microseconds a read, and a row reads it.
+        return tuple(re.compile(p, re.IGNORECASE) for p in self.refusal_patterns)
+
+    @functools.cached_property
+    def _traced(self) -> bool:
+        """Whether a check of reasoning traces is set (7 to 9 in the class docstring)."""
+        mixing = self.language_mixing is not None
+        return self.max_reasoning_tokens is not None or mixing or self.answer_agreement
 
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
         out = StepOutput(rows=[], expected=len(rows))
@@ -239,8 +246,7 @@ class FilterStep(StepBase):
                     threshold=self.max_repetition,
                     ngram=self.repetition_ngram,
                 )
-        verdict = self._trace(row, text)
-        if verdict is not None:
+        if self._traced and (verdict := self._trace(row, text)) is not None:
             return verdict
         if self.min_score is not None:
             return self._score(row, self.min_score)
