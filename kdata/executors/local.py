@@ -3,7 +3,8 @@
 The runner hands it a step, the step's input blocks and the step's folder; it decides how the
 blocks are scheduled and writes the step's parts (see `kdata.blocks`). By the step's ``kind``:
 
-- ``map``: each block is run on its own (``step.run(rows, ctx)`` on the block's rows). Teacher
+- ``map``: each block is run on its own (``step.run(rows, ctx)`` on the block's rows, or
+  ``step.run_table(block)`` in the thread pool when the step can: ``filter``). Teacher
   steps keep two blocks in flight, so the teacher pool stays full across a block's tail; other
   steps one. A block already finished by an earlier build of the same step is not run again.
 - ``global``: ``step.decide`` sees every block through `Blocks.map` (compact per-row summaries,
@@ -38,7 +39,7 @@ import pyarrow as pa
 
 from kdata.blocks import Block, input_blocks, read_json, to_table, write_parts
 from kdata.errors import KdataError
-from kdata.steps.base import StepContext, StepOutput, rid
+from kdata.steps.base import StepBase, StepContext, StepOutput, rid
 from kdata.teachers.batch import BLOCK
 
 T = TypeVar("T")
@@ -287,7 +288,13 @@ class _Mapped(_Make):
         self.step = step
 
     async def __call__(self, block, ctx, pool):
-        rows = await asyncio.get_running_loop().run_in_executor(pool, block.rows)
+        loop = asyncio.get_running_loop()
+        if isinstance(self.step, StepBase):  # not a step another executor wraps (Ray's)
+            out = await loop.run_in_executor(pool, self.step.run_table, block)
+            if out is not None:  # made from the block's table: no dicts
+                ctx.advance(len(block))
+                return None, out
+        rows = await loop.run_in_executor(pool, block.rows)
         return rows, await self.step.run(rows, ctx)
 
 

@@ -422,6 +422,12 @@ class StepBase(StrictModel):
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:  # pragma: no cover
         raise NotImplementedError
 
+    def run_table(self, block: Any) -> StepOutput | None:
+        """A map step's output for a whole block from its Arrow table (``block.table``), when
+        the step can make it without the rows' dicts; None (the default): ``run`` on the rows.
+        Called in the executor's thread pool."""
+        return None
+
 
 class GlobalStep(StepBase):
     """A step that must see every row (dedup): phases over blocks, on compact summaries.
