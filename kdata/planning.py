@@ -14,8 +14,9 @@ fails, every fan-out at its most: ``n`` samples, ``turns``, ``rounds``, ``max_ro
   tokenizer is known (OpenAI and Azure models: tiktoken), and bounded by its UTF-8 bytes plus
   `MESSAGE_OVERHEAD` per message otherwise (a byte-level BPE token is at least one byte).
 - **Bounded**: every call of the step's plan that was not rendered (requests that follow an answer
-  not cached yet, such as later turns of a conversation; steps over rows that teachers make; steps
-  over all rows at once, ``curate``, ``self_instruct``, ``evol_instruct``) counts at the step's
+  not cached yet, such as later turns of a conversation or rounds of ``evol_instruct``; steps
+  over rows that teachers make; steps that are not per-row, ``self_instruct``, ``magpie`` and
+  ``curate`` from topics or files) counts at the step's
   most expensive teacher, its prompt bounded by the longest prompt rendered in the step, else by
   the bytes of the step's settings and templates plus the longest row that can reach it (every
   generated column counted at its teacher's ``max_tokens``), plus ``max_tokens`` for every other
@@ -400,8 +401,12 @@ def _known_blocks(
 ) -> Iterator[tuple[list[dict], int]]:
     """The blocks of the recipe's leading sources, each with the index of the step after them;
     records the longest row of each source in ``row_bounds``."""
-    lead = 0
-    while lead < len(recipe.steps) and recipe.steps[lead].kind == "source":
+    lead = 0  # the sources that read (one that asks a teacher makes rows not known yet)
+    while (
+        lead < len(recipe.steps)
+        and recipe.steps[lead].kind == "source"
+        and not recipe.steps[lead].teacher_names()
+    ):
         lead += 1
     for i in range(lead):
         ctx = StepContext(name=names[i], base_dir=recipe.base_dir, pool=None)

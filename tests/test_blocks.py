@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -298,3 +300,162 @@ def test_a_row_of_a_megabyte_goes_through_blocks_unchanged(tmp_path: Path) -> No
     assert [d["row"] for d in stored if d["reason"] == "too_long"] == [None]  # no copy kept
     joined = [json.loads(d["row"]) for d in read_dropped(folder) if d["reason"] == "too_long"]
     assert [(r["id"], r["text"]) for r in joined] == [(20, big)]
+
+
+# The expansion and synthesis steps over blocks: one recipe through every step kind they have
+# (evol_instruct and curate over a column: map; magpie and curate from topics: source;
+# self_instruct: global), on a scripted stand-in.
+EXPANSION = """\
+  - {type: seeds, path: seeds.jsonl}
+  - {type: evol_instruct, name: evol, teacher: t, rounds: 2, min_answer_words: 3}
+  - {type: curate, name: qa, teacher: t, document_column: text, chunk_chars: 100,
+     overlap_chars: 20, per_prompt: 2}
+  - {type: magpie, name: mp, teacher: t, rows: 9, pre_query: "<|user|>", end_of_turn: "</s>"}
+  - {type: self_instruct, name: si, teacher: t, target: 8, prompts_per_round: 2,
+     new_per_prompt: 5, max_rounds: 3, human_per_prompt: 2, machine_per_prompt: 1}
+  - {type: curate, name: topics, teacher: t, topics: [tea, broken, rivers], depth: 1,
+     breadth: 2, per_prompt: 3}
+"""
+WORDS = [
+    "river",
+    "mountain",
+    "recipe",
+    "poem",
+    "budget",
+    "garden",
+    "planet",
+    "violin",
+    "sentence",
+    "history",
+    "bridge",
+    "winter",
+    "market",
+    "engine",
+    "theorem",
+    "novel",
+    "harbour",
+    "forest",
+    "algebra",
+    "castle",
+    "desert",
+    "orchestra",
+    "pigment",
+    "tractor",
+    "glacier",
+    "lantern",
+    "meadow",
+    "compass",
+    "volcano",
+]
+
+
+def expansion_reply(body: dict) -> str:
+    """Answers for every request of EXPANSION, decided by the request alone."""
+    if "prompt" in body:  # magpie writes an instruction; some repeat, one is empty
+        return ["Name a bird.", "name a  BIRD.", "", "Sum 2 and 3.", "Name a tree."][
+            body["seed"] % 5
+        ] + ("" if body["seed"] < 5 else f" ({body['seed'] % 3})")
+    text = last_user_message(body)
+    if "Given prompt:" in text:  # evol_instruct rewrites
+        parent = text.split("Given prompt:\n", 1)[1].strip()
+        if "cat" in parent:
+            return "Rewritten prompt: " + parent
+        return parent + " Give one " + WORDS[len(parent) % len(WORDS)] + " example."
+    if text.startswith("Come up with a series"):  # self_instruct proposes
+        start = int(re.search(r"continuing from (\d+)", text).group(1))
+        rng = random.Random(body["seed"])
+        items = [" ".join(rng.sample(WORDS, 6)).capitalize() + "." for _ in range(5)]
+        items[body["seed"] % 5] = "Draw a map of " + items[0]
+        return "".join(f"{start + i}. {item}\n" for i, item in enumerate(items))
+    if text.startswith("Can the following task"):
+        return ("Yes", "No", "Maybe")[len(text) % 3]  # Maybe: a parse failure
+    if text.startswith("Given the classification task"):
+        return "Class label: yes\nInput: one\nClass label: no\nInput: two"
+    if text.startswith("List"):
+        return "Sorry." if '"broken"' in text else "1. leaves\n2. LEAVES\n3. water\n4. heat"
+    if text.startswith("Write"):
+        return "1. What is it?\n2. Why?\n3. Who?\n4. When?"
+    if text.startswith("Read the text below"):
+        chunk = text.split('"""\n', 1)[1].split('\n"""', 1)[0]
+        if "broken" in chunk:
+            return "I cannot."
+        quote = " ".join(chunk.split()[:4])
+        return (
+            f"Question: How does it begin?\nAnswer: {quote}\nQuote: {quote}\n"
+            "Question: Where?\nAnswer: Nowhere.\nQuote: not in the text"
+        )
+    return "A long enough answer of several words." if "Q3:" not in text else "I'm sorry, no."
+
+
+def expansion_seeds(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        doc = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(30 + i % 4 * 10))
+        out.append(
+            {
+                "id": i,
+                "instruction": None
+                if i % 6 == 5
+                else f"Q{i}: describe a {WORDS[i]} briefly" + (" like a cat" if i % 5 == 1 else ""),
+                "text": None if i % 7 == 3 else doc + (" broken" if i % 8 == 2 else ""),
+            }
+        )
+    return out
+
+
+def build_expansion(folder: Path, port: int, block_rows: int, name: str) -> kdata.Run:
+    text = (
+        f"name: t\nexecution: {{block_rows: {block_rows}}}\n"
+        + teachers_yaml(port, "t")
+        + "steps:\n"
+        + EXPANSION
+    )
+    return kdata.build(kdata.recipe_from_yaml(text, folder), run_dir=folder / name)
+
+
+def test_expansion_steps_give_the_same_tables_with_blocks_of_seven(tmp_path, standin) -> None:
+    standin.config.reply = expansion_reply
+    standin.config.decide = lambda body, attempt: "400" if body.get("seed") == 7 else None
+    write_seeds(tmp_path, expansion_seeds(20), bad_line=False)
+    small = build_expansion(tmp_path, standin.port, 7, "small")
+    sent = len(standin.records)
+    large = build_expansion(tmp_path, standin.port, 100_000, "one")
+    assert step_tables(small) == step_tables(large)  # same rows, drops, failures, in order
+    assert small.rows() == large.rows()
+    stats = [(s.rows_in, s.rows_out, s.dropped, s.failed, s.requests) for s in small.steps]
+    assert stats == [(s.rows_in, s.rows_out, s.dropped, s.failed, s.requests) for s in large.steps]
+    assert sent == sum(s.requests for s in small.steps) == len(standin.records) - sent
+    for s in small.steps[1:]:  # each step made rows, drops and failures
+        assert s.rows_out and s.dropped and s.failed, s
+    # every step wrote several blocks: a map step 7 rows in each, the others 7 rows out at most
+    for s in small.steps[1:]:
+        counts = [
+            json.loads(p.read_text())
+            for p in sorted((small.dir / "steps" / s.name / "blocks").glob("*.json"))
+        ]
+        size = "rows_in" if s.name in ("evol", "qa") else "rows"
+        assert len(counts) > 2 and all(c[size] <= 7 for c in counts), s.name
+    # evol_instruct: each row's rounds in order, rows in the order of the rows in
+    evol = step_tables(small)["evol"]["rows"]
+    order = [(r["id"], r["evol_round"]) for r in evol]
+    assert order == sorted(order) and {n for _, n in order} == {1, 2}
+
+
+def test_expansion_steps_resume_from_their_finished_blocks(tmp_path, standin) -> None:
+    standin.config.reply = expansion_reply
+    write_seeds(tmp_path, expansion_seeds(20), bad_line=False)
+    run = build_expansion(tmp_path, standin.port, 7, "run")
+    kept = {}
+    for s in run.steps[1:]:  # as a kill in the middle of each step leaves it
+        folder = run.dir / "steps" / s.name
+        counts = sorted((folder / "blocks").glob("*.json"))
+        for p in counts[len(counts) // 2 :]:
+            p.unlink()
+        (folder / "stats.json").unlink()
+        kept.update({p: p.stat().st_mtime_ns for p in counts[: len(counts) // 2]})
+    boundary = len(standin.records)
+    again = build_expansion(tmp_path, standin.port, 7, "run")
+    assert len(standin.records) == boundary  # every response came from the cache
+    assert [s.reused for s in again.steps] == [True] + [False] * 5
+    assert kept and all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    assert step_tables(again) == step_tables(run) and again.rows() == run.rows()

@@ -430,3 +430,29 @@ def test_decontaminate_fields_of_the_other_method_are_refused(extra: str, words:
             "name: t\nsteps:\n  - {type: decontaminate, columns: [q], "
             f"benchmarks: [{{name: b, path: x.jsonl, columns: [q]}}], {extra}}}\n"
         )
+
+
+def test_a_block_judged_on_its_table_as_on_its_rows() -> None:
+    from kdata.blocks import Block, to_table
+
+    texts = ["", "  ", "ok", "one two three four", "I'm sorry, but I can't help with that."]
+    texts += ["the cat the cat the cat the cat", "x" * 80, "A fine answer of five words."]
+    rows = [
+        {"text": t, "n": i, "_kdata": provenance(f"r{i}", [], "seeds")} for i, t in enumerate(texts)
+    ]
+    block = Block(0, 0, to_table(rows))
+    step = FilterStep(
+        column="text", drop_empty=True, min_words=2, max_chars=60, refusal=True,
+        refusal_patterns=["fine"], max_repetition=0.3,
+    )  # fmt: skip
+    fast = step.run_table(block)
+    slow = asyncio.run(step.run(block.rows(), StepContext(name="f", base_dir=Path("."), pool=None)))
+    assert fast.rows.to_pylist() == slow.rows and fast.dropped == slow.dropped
+    assert fast.expected == slow.expected == len(texts) and fast.failed == slow.failed == []
+    assert {d["reason"] for d in slow.dropped} == {
+        "empty", "too_short", "too_long", "refusal", "repetition"
+    }  # fmt: skip
+    # a check that needs more of the row, or a column with nulls: the rows' own path
+    assert FilterStep(column="text", drop_truncated=True).run_table(block) is None
+    nulls = Block(0, 0, to_table([*rows, {"text": None, "_kdata": provenance("z", [], "s")}]))
+    assert step.run_table(nulls) is None

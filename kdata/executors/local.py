@@ -3,17 +3,23 @@
 The runner hands it a step, the step's input blocks and the step's folder; it decides how the
 blocks are scheduled and writes the step's parts (see `kdata.blocks`). By the step's ``kind``:
 
-- ``map``: each block is run on its own (``step.run(rows, ctx)`` on the block's rows). Teacher
+- ``map``: each block is run on its own (``step.run(rows, ctx)`` on the block's rows, or
+  ``step.run_table(block)`` in the thread pool when the step can: ``filter``). Teacher
   steps keep two blocks in flight, so the teacher pool stays full across a block's tail; a step
   with a ``batch: true`` teacher `BATCH_BLOCKS_IN_FLIGHT` (one batch per block, and a batch may
   take hours: they must run side by side); other steps one. A block already finished by an
   earlier build of the same step is not run again.
 - ``global``: ``step.decide`` sees every block through `Blocks.map` (compact per-row summaries,
   computed block by block in the thread pool), then each block is marked
-  (``step.mark(block, decision)``, in the thread pool) and written, as map steps are.
-- ``source``: the input blocks pass through, then the blocks the step reads (``step.blocks``).
+  (``step.mark(block, decision)``, in the thread pool) and written, as map steps are; then the
+  blocks the step makes from its decision, if any (``step.blocks(ctx, block_rows, decision)``:
+  ``self_instruct``'s rounds).
+- ``source``: the input blocks pass through, then the blocks the step reads or makes
+  (``step.blocks(ctx, block_rows)``: an iterator, or an async one for a source that asks a
+  teacher, ``curate`` or ``magpie``, which then counts its own progress). Such a step makes
+  a finished block again on a rerun, from the cache, and does not write it again.
 - ``whole``: the step gets every input row in one list and writes one part (steps not yet
-  written over blocks: ``semantic_dedup``, the expansion rounds, ``curate``, ``diversity``).
+  written over blocks: ``semantic_dedup``, ``diversity``).
 
 Parquet encoding and decoding, and a global step's summaries, run in a thread pool sized to the
 cores, off the event loop, so teacher calls and CPU work overlap.
@@ -25,7 +31,7 @@ import asyncio
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +41,7 @@ import pyarrow as pa
 
 from kdata.blocks import Block, input_blocks, read_json, to_table, write_parts
 from kdata.errors import KdataError
-from kdata.steps.base import StepContext, StepOutput, rid
+from kdata.steps.base import StepBase, StepContext, StepOutput, rid
 from kdata.teachers.batch import BLOCK
 
 T = TypeVar("T")
@@ -156,30 +162,33 @@ class LocalExecutor:
             out = await step.run(rows, ctx)
             target.results[0] = await self._write(target, Block(0, 0, to_table([])), rows, out)
         elif step.kind == "source":
-            await self._blocks(target, _chain(blocks(), step.blocks(ctx, self.block_rows)))
+            passed = ((b, _Same()) for b in blocks())
+            await self._blocks(target, _chain(passed, step.blocks(ctx, self.block_rows), self.pool))
         elif step.kind == "global":
             decision = await step.decide(Blocks(self, blocks), ctx)
             # a step marked elsewhere (on Ray) has the driver read only what writing needs
-            marks = (
+            marked = (
                 (b, _Marked(step, decision)) for b in blocks(getattr(step, "mark_reads", None))
             )
-            await self._blocks(target, marks, self.map_in_flight or 1)
+            made = step.blocks(ctx, self.block_rows, decision)
+            await self._blocks(target, _chain(marked, made, self.pool), self.map_in_flight or 1)
         else:  # map: teacher steps keep a second block in flight to keep the pool full
             names = step.teacher_names()
             batched = bool(names) and ctx.pool is not None and ctx.pool.batched(names)
             in_flight = self.map_in_flight or (
                 BATCH_BLOCKS_IN_FLIGHT if batched else 2 if names else 1
             )
-            await self._blocks(target, ((b, _Mapped(step)) for b in blocks()), in_flight)
+            work = ((b, _Mapped(step)) for b in blocks())
+            await self._blocks(target, _chain(work, (), self.pool), in_flight)
         counts = Counts()
         for index in sorted(target.results):
             counts.add(target.results[index])
         return counts
 
-    async def _blocks(self, target: _Target, work: Iterator, in_flight: int = 1) -> None:
-        """Run each ``(block, make)`` of ``work``, at most ``in_flight`` at once, skipping the
-        blocks already finished. After a failure no block starts; those in flight finish."""
-        loop = asyncio.get_running_loop()
+    async def _blocks(self, target: _Target, work: AsyncIterator, in_flight: int = 1) -> None:
+        """Run each ``(block, make)`` of ``work`` (`_chain`), at most ``in_flight`` at once,
+        skipping the blocks already finished. After a failure no block starts; those in flight
+        finish."""
         running: set[asyncio.Task] = set()
         error: BaseException | None = None
 
@@ -190,7 +199,7 @@ class LocalExecutor:
 
         try:
             while error is None:
-                unit = await loop.run_in_executor(self.pool, next, work, None)
+                unit = await anext(work, None)
                 if unit is None:
                     break
                 block, make = unit
@@ -314,7 +323,13 @@ class _Mapped(_Make):
         self.step = step
 
     async def __call__(self, block, ctx, pool):
-        rows = await asyncio.get_running_loop().run_in_executor(pool, block.rows)
+        loop = asyncio.get_running_loop()
+        if isinstance(self.step, StepBase):  # not a step another executor wraps (Ray's)
+            out = await loop.run_in_executor(pool, self.step.run_table, block)
+            if out is not None:  # made from the block's table: no dicts
+                ctx.advance(len(block))
+                return None, out
+        rows = await loop.run_in_executor(pool, block.rows)
         return rows, await self.step.run(rows, ctx)
 
 
@@ -342,22 +357,38 @@ class _Same(_Make):
 
 
 class _Read(_Make):
-    """A block a source step read."""
+    """A block a step read or made; ``counted``: the step advanced the progress for it."""
 
-    def __init__(self, out: StepOutput) -> None:
-        self.out = out
+    def __init__(self, out: StepOutput, counted: bool) -> None:
+        self.out, self.counted = out, counted
 
     async def __call__(self, block, ctx, pool):
-        ctx.advance(self.out.expected)
+        if not self.counted:
+            ctx.advance(self.out.expected)
         return [], self.out
 
 
-def _chain(passed: Iterator[Block], made: Iterator[StepOutput]) -> Iterator[tuple[Block, _Make]]:
-    """The passed-through blocks, then the source's own, numbered on from them."""
+async def _chain(
+    given: Iterator[tuple[Block, _Make]],
+    made: Iterable[StepOutput] | AsyncIterator[StepOutput],
+    pool: ThreadPoolExecutor,
+) -> AsyncIterator[tuple[Block, _Make]]:
+    """The units of the input blocks, then the blocks a step made, numbered on from them.
+
+    Blocks are read (and a plain iterator's outputs made) in the thread pool, off the loop.
+    """
     index = start = 0
-    for block in passed:
-        yield block, _Same()
+    async for block, make in _pooled(given, pool):
+        yield block, make
         index, start = block.index + 1, block.start + len(block)
-    for out in made:
-        yield Block(index, start, to_table([])), _Read(out)
+    asked = isinstance(made, AsyncIterator)  # a teacher's: the step counts its progress
+    async for out in made if asked else _pooled(iter(made), pool):
+        yield Block(index, start, to_table([])), _Read(out, asked)
         index, start = index + 1, start + len(out.rows)
+
+
+async def _pooled(it: Iterator[T], pool: ThreadPoolExecutor) -> AsyncIterator[T]:
+    """The items of ``it``, each read in the pool (a block read from Parquet, say)."""
+    loop = asyncio.get_running_loop()
+    while (item := await loop.run_in_executor(pool, next, it, None)) is not None:
+        yield item

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
@@ -422,6 +422,12 @@ class StepBase(StrictModel):
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:  # pragma: no cover
         raise NotImplementedError
 
+    def run_table(self, block: Any) -> StepOutput | None:
+        """A map step's output for a whole block from its Arrow table (``block.table``), when
+        the step can make it without the rows' dicts; None (the default): ``run`` on the rows.
+        Called in the executor's thread pool."""
+        return None
+
 
 class GlobalStep(StepBase):
     """A step that must see every row (dedup): phases over blocks, on compact summaries.
@@ -436,7 +442,9 @@ class GlobalStep(StepBase):
     are tasks. ``mark`` then makes one block's output from the block and the decision (on Ray,
     in a task: a decision with ``of(block_index)`` is sent cut to that block); a curation step's
     kept rows may be a slice of ``block.table``. A block outside a build (``run``) holds its
-    rows as dicts instead (``block.given``).
+    rows as dicts instead (``block.given``). A step that makes rows of its own from the decision
+    (``self_instruct``) yields them after the marked blocks, from ``blocks``, at most
+    ``block_rows`` rows a block.
     """
 
     kind: ClassVar[str] = "global"
@@ -447,8 +455,14 @@ class GlobalStep(StepBase):
     def mark(self, block: Any, decision: Any) -> StepOutput:  # pragma: no cover
         raise NotImplementedError
 
+    def blocks(
+        self, ctx: StepContext, block_rows: int, decision: Any
+    ) -> Iterable[StepOutput] | AsyncIterator[StepOutput]:
+        """The blocks the step makes from its decision, after the marked ones: none."""
+        return ()
+
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
-        """Every row as one block: how the step runs outside a build."""
+        """Every row as one block, then the blocks it makes: how the step runs outside a build."""
         from kdata.executors.local import OneBlock
 
         ctx.set_total(len(rows))
@@ -456,6 +470,12 @@ class GlobalStep(StepBase):
         decision = await self.decide(one, ctx)
         out = self.mark(one.block, decision)
         ctx.advance(len(rows))
+        made = self.blocks(ctx, max(len(rows), 1), decision)
+        for more in [o async for o in made] if isinstance(made, AsyncIterator) else made:
+            out.rows = [*out.rows, *more.rows]
+            out.dropped += more.dropped
+            out.failed += more.failed
+            out.expected += more.expected
         return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from jinja2 import TemplateError
 from pydantic import Field, model_validator
 
 from kdata import prompts
+from kdata.blocks import batched
 from kdata.errors import KdataError, TeacherError
 from kdata.steps.base import (
     PROVENANCE,
@@ -67,6 +69,12 @@ class CurateStep(StepBase):
     other columns. Units of work: the rows passed through, every item the teacher proposed, every
     failed request (a failed subtopic request loses its subtree), and every row in without text
     in ``document_column``. Items past ``per_prompt`` in a reply are dropped (``over_count``).
+
+    Over blocks: with ``document_column`` a map step (each row's pairs follow the order of the
+    rows, and of each row's chunks). With topics or files a source step: the topic tree (its
+    paths only) is grown first and its failed requests written, then the leaves, or the files'
+    chunks (a file read when its chunks' turn comes), ``block_rows // per_prompt`` (at least
+    one) a block, so that a block keeps at most ``block_rows`` rows.
     """
 
     type: Literal["curate"] = "curate"
@@ -148,37 +156,53 @@ class CurateStep(StepBase):
         """A chunk (4 bytes a character at most) or a row; topic paths are in the settings."""
         return max(4 * self.chunk_chars, row_bytes)
 
+    @property
+    def kind(self) -> str:
+        """``map`` over a column of documents; a ``source`` of topics or files."""
+        return "map" if self.document_column else "source"
+
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
-        if self.topics is not None:
-            out = StepOutput(rows=list(rows), expected=len(rows))
-            await self._from_topics(out, ctx)
-            return out
-        if self.documents is not None:
-            out = StepOutput(rows=list(rows), expected=len(rows))
-            sources = [
-                (_relative(f, ctx.base_dir), _read(f), None) for f in self.files(ctx.base_dir)
-            ]
-        else:
-            out = StepOutput(rows=[], expected=0)
-            sources = []
-            for row in rows:
-                text = row.get(self.document_column)
-                if isinstance(text, str) and text.strip():
-                    sources.append((rid(row), text, row))
-                else:
-                    out.expected += 1
-                    out.failed.append(
-                        failure(row, "missing_column", f"no text in '{self.document_column}'")
-                    )
-        jobs = [
-            (source, text, span, parent)
-            for source, text, parent in sources
-            for span in self._spans(text)
-        ]
-        ctx.set_total(len(jobs))
-        for result in await gather_requests(self._from_chunk(*job, ctx) for job in jobs):
-            self._collect(out, result)
+        """``document_column``: each row's pairs, in the order of the rows (and of its chunks)."""
+        out = StepOutput(rows=[], expected=0)
+        for results in await gather_requests(self._from_row(row, ctx) for row in rows):
+            for result in results:
+                self._collect(out, result)
         return out
+
+    async def _from_row(self, row: dict, ctx: StepContext) -> list[dict | list[dict]]:
+        text = row.get(self.document_column)
+        if not (isinstance(text, str) and text.strip()):
+            return [failure(row, "missing_column", f"no text in '{self.document_column}'")]
+        spans = self._spans(text)
+        ctx.set_total(len(spans))
+        return await gather_requests(
+            self._from_chunk(rid(row), text, span, row, ctx) for span in spans
+        )
+
+    async def blocks(self, ctx: StepContext, block_rows: int) -> AsyncIterator[StepOutput]:
+        """Topics or files: the new rows, from ``block_rows // per_prompt`` leaves or chunks a
+        block (at least one), so that a block keeps at most ``block_rows`` rows. A topic tree's
+        failed requests come first."""
+        if self.topics is not None:
+            leaves, failed = await self._tree(ctx)
+            for batch in batched(failed, block_rows):
+                yield StepOutput(rows=[], expected=len(batch), failed=batch)
+            jobs, make = ((path,) for path in leaves), self._from_leaf
+        else:
+            jobs, make = self._chunks(ctx), self._from_chunk
+        for batch in batched(jobs, max(1, block_rows // self.per_prompt)):
+            ctx.set_total(len(batch))
+            out = StepOutput(rows=[], expected=0)
+            for result in await gather_requests(make(*job, ctx) for job in batch):
+                self._collect(out, result)
+            yield out
+
+    def _chunks(self, ctx: StepContext) -> Iterator[tuple[str, str, tuple[int, int], None]]:
+        """The chunks of the files, one file read at a time."""
+        for f in self.files(ctx.base_dir):
+            text = _read(f)
+            for span in self._spans(text):
+                yield _relative(f, ctx.base_dir), text, span, None
 
     def _spans(self, text: str) -> list[tuple[int, int]]:
         return chunk_spans(text, self.chunk_chars, self.overlap_chars)
@@ -195,17 +219,20 @@ class CurateStep(StepBase):
             else:
                 out.failed.append(r)
 
-    async def _from_topics(self, out: StepOutput, ctx: StepContext) -> None:
-        level = [[t] for t in self.topics]  # each node is its path from the root
-        ctx.set_total(len(self.topics) * self.breadth**self.depth)
+    async def _tree(self, ctx: StepContext) -> tuple[list[list[str]], list[dict]]:
+        """The topic tree's leaves (each its path from the root), and its failed requests."""
+        level = [[t] for t in self.topics]
+        failed = []
         for _ in range(self.depth):
+            ctx.set_total(len(level))
             replies = await gather_requests(
                 self._ask_list(self.subtopics_prompt, p, self.breadth, ctx) for p in level
             )
+            ctx.advance(len(level))
             children = []
             for path, reply in zip(level, replies, strict=True):
                 if isinstance(reply, dict):  # a failure: the subtree is lost
-                    self._collect(out, reply)
+                    failed.append(reply)
                     continue
                 items, _ = reply
                 seen: set[str] = set()
@@ -214,26 +241,27 @@ class CurateStep(StepBase):
                         seen.add(item.lower())
                         children.append([*path, item])
             level = children
-        ctx.set_total(len(level))
-        replies = await gather_requests(
-            self._ask_list(self.topic_prompt, p, self.per_prompt, ctx) for p in level
-        )
-        for path, reply in zip(level, replies, strict=True):
-            ctx.advance(1)
-            if isinstance(reply, dict):
-                self._collect(out, reply)
-                continue
-            items, c = reply
-            for i, item in enumerate(items):
-                row = {
-                    "instruction": item,
-                    "topic": path[-1],
-                    "topic_path": path,
-                    PROVENANCE: provenance(row_id(ctx.name, "q", *path, str(i)), [], ctx.name, c),
-                }
-                if i >= self.per_prompt:
-                    row = dropped(row, "over_count", asked=self.per_prompt, got=len(items))
-                self._collect(out, row)
+        return level, failed
+
+    async def _from_leaf(self, path: list[str], ctx: StepContext) -> dict | list[dict]:
+        """A leaf's questions or tasks (rows and drop records), or a failure record."""
+        reply = await self._ask_list(self.topic_prompt, path, self.per_prompt, ctx)
+        ctx.advance(1)
+        if isinstance(reply, dict):
+            return reply
+        items, c = reply
+        made = []
+        for i, item in enumerate(items):
+            row = {
+                "instruction": item,
+                "topic": path[-1],
+                "topic_path": path,
+                PROVENANCE: provenance(row_id(ctx.name, "q", *path, str(i)), [], ctx.name, c),
+            }
+            if i >= self.per_prompt:
+                row = dropped(row, "over_count", asked=self.per_prompt, got=len(items))
+            made.append(row)
+        return made
 
     async def _ask_list(self, template: str, path: list[str], n: int, ctx: StepContext):
         """A numbered list about the topic at ``path``: (items, completion), or a failure record."""

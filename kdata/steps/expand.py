@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from jinja2 import TemplateError
 from pydantic import Field, model_validator
 
 from kdata import prompts
 from kdata.answers import normalize, rouge_l, words
+from kdata.blocks import batched
 from kdata.errors import KdataError, TeacherError
 from kdata.steps.base import (
     PROVENANCE,
+    GlobalStep,
     ParseError,
     StepBase,
     StepContext,
@@ -55,7 +58,7 @@ def _missing(row: dict, column: str) -> dict:
     return failure(row, "missing_column", why)
 
 
-class SelfInstructStep(StepBase):
+class SelfInstructStep(GlobalStep):
     """Self-Instruct (Wang et al. 2022): bootstrap new instructions from the rows in.
 
     The rows in are the human seed pool (their ``column`` holds the instruction). Each round
@@ -77,6 +80,12 @@ class SelfInstructStep(StepBase):
     (``too_similar`` with the most similar pool instruction and its score; ``truncated``, the last
     item of a reply cut at the token limit; ``bad_length``; ``unsuitable``; ``target_reached``)
     or failed (classification or instance request).
+
+    A global step over blocks: ``decide`` reads the seed pool through the blocks (each row's id
+    and instruction, nothing else), ``mark`` fails each block's rows without an instruction, and
+    the rounds run on the pool and the kept instructions (at most ``target``). Their drops and
+    failed requests, then the kept rows, are written in blocks of at most ``block_rows``; the
+    tables are the same whatever ``block_rows``.
     """
 
     type: Literal["self_instruct"] = "self_instruct"
@@ -111,26 +120,49 @@ class SelfInstructStep(StepBase):
     def plan_prompt_bytes(self, row_bytes: int) -> int:
         return (self.human_per_prompt + self.machine_per_prompt) * row_bytes
 
-    async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
-        out = StepOutput(rows=[], expected=0)
-        seeds = []
-        for row in rows:
-            text = row.get(self.column)
-            if isinstance(text, str) and text.strip():
-                seeds.append(row)
-            else:
-                out.failed.append(_missing(row, self.column))
-        out.expected = len(out.failed)
+    async def decide(self, blocks: Any, ctx: StepContext) -> list[dict]:
+        """The seed pool: each row in with an instruction, as its id and instruction only."""
+        pools = await blocks.map(self._seeds, columns=[self.column, f"{PROVENANCE}.id"])
+        seeds = [s for pool in pools for s in pool]
         if not seeds:
             raise KdataError(
                 f"step {ctx.name}: self_instruct needs seed rows with a '{self.column}' column"
             )
+        return seeds
+
+    def _seeds(self, block: Any) -> list[dict]:
+        texts = block.strings(self.column) or [r.get(self.column) for r in block.rows()]
+        return [
+            {self.column: t, PROVENANCE: {"id": i}}
+            for t, i in zip(texts, block.ids().to_pylist(), strict=True)
+            if isinstance(t, str) and t.strip()
+        ]
+
+    def mark(self, block: Any, decision: list[dict]) -> StepOutput:
+        """A block in: its rows without an instruction fail; the others are the seed pool."""
+        texts = block.strings(self.column)
+        if texts is not None and all(t.strip() for t in texts):
+            return StepOutput(rows=[], expected=0)
+        failed = [
+            _missing(row, self.column)
+            for row in block.rows()
+            if not (isinstance(row.get(self.column), str) and row[self.column].strip())
+        ]
+        return StepOutput(rows=[], expected=len(failed), failed=failed)
+
+    async def blocks(
+        self, ctx: StepContext, block_rows: int, seeds: list[dict]
+    ) -> AsyncIterator[StepOutput]:
+        """The rounds' drops and failed requests, then the kept instructions with their
+        instances, in blocks of at most ``block_rows`` records (the same tables whatever
+        ``block_rows``)."""
         pool = NoveltyIndex()
         for s in seeds:
             pool.add(s[self.column])
         kept: list[dict] = []
         ctx.set_total(2 * self.target)
         stale, sent = 0, 0
+        records: list[dict] = []  # the drops and failures not written yet
         for rnd in range(self.max_rounds):
             if len(kept) >= self.target or stale >= self.patience:
                 break
@@ -142,19 +174,23 @@ class SelfInstructStep(StepBase):
             n_kept = len(kept)
             for reply in replies:
                 if PROVENANCE in reply:  # a failure record carries no provenance key
-                    for verdict in self._judge_candidates(reply, pool, kept):
-                        out.expected += 1
-                        if verdict is not None:
-                            out.dropped.append(verdict)
+                    verdicts = self._judge_candidates(reply, pool, kept)
+                    records += [v for v in verdicts if v is not None]
                 else:
-                    out.expected += 1
-                    out.failed.append(reply)
+                    records.append(reply)
             ctx.advance(len(kept) - n_kept)
             stale = 0 if len(kept) > n_kept else stale + 1
-        ctx.set_total(2 * len(kept))
-        for r in await gather_requests(self._instances(c, ctx) for c in kept):
-            (out.rows if PROVENANCE in r else out.failed).append(r)
-        return out
+            while len(records) >= block_rows:
+                yield _records(records[:block_rows])
+                records = records[block_rows:]
+        if records:
+            yield _records(records)
+        for todo in batched(kept, block_rows):
+            out = StepOutput(rows=[], expected=len(todo))
+            for r in await gather_requests(self._instances(c, ctx) for c in todo):
+                (out.rows if PROVENANCE in r else out.failed).append(r)
+            ctx.advance(len(todo))
+            yield out
 
     def _examples(self, seeds: list[dict], kept: list[dict], rnd: int, k: int) -> list[dict]:
         """The pool rows shown in prompt ``k`` of round ``rnd``: seeded, shuffled."""
@@ -227,33 +263,38 @@ class SelfInstructStep(StepBase):
         """Identify the task type, then write its instances: a row, or a failure record."""
         text = cand[self.column]
         try:
-            try:
-                c = await self._ask(self.classify_prompt, text, cand, ctx)
-                if not (m := _YES_NO.match(c.text or "")):
-                    raise ParseError("expected Yes or No")
-                is_cls = m.group(1).lower() == "yes"
-                template = self.output_first_prompt if is_cls else self.input_first_prompt
-                c = await self._ask(template, text, cand, ctx)
-                instances = parse_instances(c.text, output_first=is_cls)
-            except TemplateError as e:
-                return failure(cand, "template", f"prompt template: {e}")
-            except TeacherError as e:
-                return failure(cand, e.error_class, str(e), attempts=e.attempts)
-            except ParseError as e:
-                return failure(cand, "parse", str(e), attempts=c.attempts, raw=c.text)
-            prov = cand[PROVENANCE]
-            return {
-                self.column: text,
-                "is_classification": is_cls,
-                "instances": instances,
-                PROVENANCE: provenance(prov["id"], prov["parent_ids"], ctx.name, c),
-            }
-        finally:
-            ctx.advance(1)
+            c = await self._ask(self.classify_prompt, text, cand, ctx)
+            if not (m := _YES_NO.match(c.text or "")):
+                raise ParseError("expected Yes or No")
+            is_cls = m.group(1).lower() == "yes"
+            template = self.output_first_prompt if is_cls else self.input_first_prompt
+            c = await self._ask(template, text, cand, ctx)
+            instances = parse_instances(c.text, output_first=is_cls)
+        except TemplateError as e:
+            return failure(cand, "template", f"prompt template: {e}")
+        except TeacherError as e:
+            return failure(cand, e.error_class, str(e), attempts=e.attempts)
+        except ParseError as e:
+            return failure(cand, "parse", str(e), attempts=c.attempts, raw=c.text)
+        prov = cand[PROVENANCE]
+        return {
+            self.column: text,
+            "is_classification": is_cls,
+            "instances": instances,
+            PROVENANCE: provenance(prov["id"], prov["parent_ids"], ctx.name, c),
+        }
 
     async def _ask(self, template: str, instruction: str, cand: dict, ctx: StepContext):
         messages = [{"role": "user", "content": render(template, {"instruction": instruction})}]
         return await ctx.pool.complete(self.teacher, messages, route_key=rid(cand))
+
+
+def _records(records: list[dict]) -> StepOutput:
+    """A block of drop and failure records."""
+    out = StepOutput(rows=[], expected=len(records))
+    for r in records:
+        (out.dropped if "reason" in r else out.failed).append(r)
+    return out
 
 
 def parse_instances(text: str | None, *, output_first: bool) -> list[dict[str, str]]:
@@ -329,10 +370,15 @@ class EvolInstructStep(StepBase):
 
     Rows out are the successful evolutions of every round (the rows in are their parents and are
     not passed through): the row's columns, with ``column`` evolved, ``output`` the answer,
-    ``evol_operation`` and ``evol_round``. Units of work: one per evolution attempted, plus one
-    per row in without an instruction.
+    ``evol_operation`` and ``evol_round``. They come in the order of the rows in, each row's
+    rounds in order (``block_rows`` changes nothing); so do the drop and failure records. Units
+    of work: one per evolution attempted, plus one per row in without an instruction.
+
+    A map step: each lineage evolves on its own (its rounds one after another, the lineages of
+    a block at once), so blocks are run as other teacher steps' are.
     """
 
+    kind: ClassVar[str] = "map"
     type: Literal["evol_instruct"] = "evol_instruct"
     teacher: TeacherRef
     column: str = "instruction"
@@ -369,31 +415,32 @@ class EvolInstructStep(StepBase):
         return random.Random(f"{self.seed}:{root_id}:{rnd}").choice(self.operations)
 
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
+        ctx.set_total(len(rows) * self.rounds)
         out = StepOutput(rows=[], expected=0)
-        live: list[tuple[str, dict]] = []  # (lineage root id, current row)
-        for row in rows:
-            if isinstance(row.get(self.column), str) and row[self.column].strip():
-                live.append((rid(row), row))
-            else:
-                out.failed.append(_missing(row, self.column))
-        out.expected = len(out.failed)
-        ctx.set_total(len(live) * self.rounds)
-        for rnd in range(1, self.rounds + 1):
-            results = await gather_requests(self._evolve(row, root, rnd, ctx) for root, row in live)
-            out.expected += len(live)
-            survivors = []
-            for (root, _), r in zip(live, results, strict=True):
+        for records in await gather_requests(self._lineage(row, ctx) for row in rows):
+            out.expected += len(records)
+            for r in records:
                 if PROVENANCE in r:
                     out.rows.append(r)
-                    survivors.append((root, r))
-                    continue
-                if "reason" in r:
+                elif "reason" in r:
                     out.dropped.append(r)
                 else:
                     out.failed.append(r)
-                ctx.advance(self.rounds - rnd)  # the lineage ends: its later rounds are done
-            live = survivors
         return out
+
+    async def _lineage(self, row: dict, ctx: StepContext) -> list[dict]:
+        """A row's evolutions, round by round until one is dropped or fails: the records."""
+        if not (isinstance(row.get(self.column), str) and row[self.column].strip()):
+            ctx.advance(self.rounds)
+            return [_missing(row, self.column)]
+        records, parent = [], row
+        for rnd in range(1, self.rounds + 1):
+            records.append(r := await self._evolve(parent, rid(row), rnd, ctx))
+            if PROVENANCE not in r:
+                ctx.advance(self.rounds - rnd)  # the lineage ends: its later rounds are done
+                break
+            parent = r
+        return records
 
     async def _evolve(self, parent: dict, root: str, rnd: int, ctx: StepContext) -> dict:
         """One evolution attempt: the evolved row, a drop record or a failure record."""

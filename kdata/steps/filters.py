@@ -7,6 +7,7 @@ can be re-cut from the ``dropped`` parts without recomputing anything or asking 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -16,8 +17,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import pyarrow as pa
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from kdata.blocks import Block
 from kdata.errors import KdataError
 from kdata.steps.base import (
     PROVENANCE,
@@ -141,8 +144,6 @@ class FilterStep(StepBase):
     answer_agreement: bool = False
     min_score: ScoreBound | None = None
 
-    _patterns: tuple[re.Pattern, ...] = PrivateAttr(default=())
-
     @field_validator("refusal_patterns")
     @classmethod
     def _patterns_compile(cls, v: list[str]) -> list[str]:
@@ -175,8 +176,16 @@ class FilterStep(StepBase):
             raise ValueError("repetition_ngram is only used with max_repetition; set both")
         return self
 
-    def model_post_init(self, context: Any) -> None:
-        self._patterns = tuple(re.compile(p, re.IGNORECASE) for p in self.refusal_patterns)
+    @functools.cached_property
+    def _patterns(self) -> tuple[re.Pattern, ...]:
+        # Not a pydantic private attribute: those cost microseconds a read, and a row reads it.
+        return tuple(re.compile(p, re.IGNORECASE) for p in self.refusal_patterns)
+
+    @functools.cached_property
+    def _traced(self) -> bool:
+        """Whether a check of reasoning traces is set (7 to 9 in the class docstring)."""
+        mixing = self.language_mixing is not None
+        return self.max_reasoning_tokens is not None or mixing or self.answer_agreement
 
     async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
         out = StepOutput(rows=[], expected=len(rows))
@@ -190,6 +199,32 @@ class FilterStep(StepBase):
                 out.failed.append(verdict)
         ctx.advance(len(rows))
         return out
+
+    def run_table(self, block: Block) -> StepOutput | None:
+        """A block judged on its ``column`` alone, as `run` would judge its rows, when no check
+        set needs more of a row and the column is text without nulls (else None): the kept rows
+        a slice of the block's table, the dropped ones alone decoded for their records."""
+        if self.drop_truncated or self._traced or self.min_score is not None:
+            return None
+        texts = block.strings(self.column)
+        if texts is None:
+            return None
+        kept, verdicts = [], {}
+        for i, text in enumerate(texts):
+            if self.drop_empty and not text.strip():
+                verdicts[i] = ("empty", {})
+            elif (verdict := self._text(text)) is not None:
+                verdicts[i] = verdict
+            else:
+                kept.append(i)
+        rows = block.table.take(pa.array(list(verdicts), pa.int64())).to_pylist()
+        drops = [
+            dropped(r, why, **detail)
+            for r, (why, detail) in zip(rows, verdicts.values(), strict=True)
+        ]
+        return StepOutput(
+            rows=block.table.take(pa.array(kept, pa.int64())), expected=len(texts), dropped=drops
+        )
 
     def check(self, row: dict) -> dict | None:
         """None to keep the row, else its `dropped` or `failure` record."""
@@ -205,12 +240,22 @@ class FilterStep(StepBase):
             return failure(
                 row, "not_text", f"filter: column '{self.column}' holds a {type(text).__name__}"
             )
-        stripped = text.strip()
-        if self.drop_empty and not stripped:
+        if self.drop_empty and not text.strip():
             return dropped(row, "empty")
         if self.drop_truncated and row[PROVENANCE].get("finish_reason") == "length":
             return dropped(row, "truncated", finish_reason="length")
-        n_chars, n_words = len(stripped), len(text.split())
+        if (verdict := self._text(text)) is not None:
+            return dropped(row, verdict[0], **verdict[1])
+        if self._traced and (verdict := self._trace(row, text)) is not None:
+            return verdict
+        if self.min_score is not None:
+            return self._score(row, self.min_score)
+        return None
+
+    def _text(self, text: str) -> tuple[str, dict[str, Any]] | None:
+        """The checks of the text alone (3 to 6 in the class docstring): a drop reason and its
+        detail, or None."""
+        n_chars, n_words = len(text.strip()), len(text.split())
         for bound, measured in (
             ("min_chars", n_chars),
             ("max_chars", n_chars),
@@ -221,29 +266,19 @@ class FilterStep(StepBase):
             if limit is None:
                 continue
             if bound.startswith("min") and measured < limit:
-                return dropped(row, "too_short", score=measured, threshold=limit, bound=bound)
+                return "too_short", {"score": measured, "threshold": limit, "bound": bound}
             if bound.startswith("max") and measured > limit:
-                return dropped(row, "too_long", score=measured, threshold=limit, bound=bound)
+                return "too_long", {"score": measured, "threshold": limit, "bound": bound}
         if self.refusal and (m := builtin_refusal(text)):
-            return dropped(row, "refusal", pattern=m.re.pattern, match=m.group(0))
+            return "refusal", {"pattern": m.re.pattern, "match": m.group(0)}
         for pattern in self._patterns:
             if m := pattern.search(text):
-                return dropped(row, "refusal", pattern=pattern.pattern, match=m.group(0))
+                return "refusal", {"pattern": pattern.pattern, "match": m.group(0)}
         if self.max_repetition is not None:
             ratio = repetition(text, self.repetition_ngram)
             if ratio > self.max_repetition:
-                return dropped(
-                    row,
-                    "repetition",
-                    score=ratio,
-                    threshold=self.max_repetition,
-                    ngram=self.repetition_ngram,
-                )
-        verdict = self._trace(row, text)
-        if verdict is not None:
-            return verdict
-        if self.min_score is not None:
-            return self._score(row, self.min_score)
+                detail = {"score": ratio, "threshold": self.max_repetition}
+                return "repetition", {**detail, "ngram": self.repetition_ngram}
         return None
 
     def _trace(self, row: dict, text: str) -> dict | None:

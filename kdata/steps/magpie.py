@@ -8,7 +8,8 @@ through the chat API, it answers. No seed data and no prompt engineering.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -42,8 +43,13 @@ class MagpieStep(StepBase):
     and spacing) is dropped as ``duplicate`` (``duplicate_of``: the row that wrote it first)
     before it is answered, an empty one as ``empty``.
     Rows out: ``instruction``, ``response``; the rows in pass through first.
+
+    A source step: its instructions are written and answered ``block_rows`` at a time, each
+    block written as it is done; what it keeps across blocks is the set of instructions seen.
+    Each block's rows, drops and failures are in the order of the instructions' numbers.
     """
 
+    kind: ClassVar[str] = "source"
     type: Literal["magpie"] = "magpie"
     teacher: str
     response_teacher: str | None = None
@@ -76,7 +82,9 @@ class MagpieStep(StepBase):
 
         return pre_query(model, self.system)
 
-    async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
+    async def blocks(self, ctx: StepContext, block_rows: int) -> AsyncIterator[StepOutput]:
+        """The instructions ``block_rows`` at a time (each written, deduplicated against every
+        one before it, then answered), each block's records in the order of the instructions."""
         assert ctx.pool is not None
         prefix, end = self._prompt(ctx.pool.model(self.teacher))
         if not prefix:
@@ -87,59 +95,71 @@ class MagpieStep(StepBase):
         }
         if end:
             params["stop"] = [end]
-        out = StepOutput(rows=list(rows), expected=len(rows) + self.rows)
-        ctx.advance(len(rows))
-
-        async def write(i: int):
-            try:
-                return await ctx.pool.complete(
-                    self.teacher, prefix, route_key=f"magpie:{i}", sample=i, params=params
-                )
-            except TeacherError as e:
-                return e
-
-        written = await gather_requests(write(i) for i in range(self.rows))
         seen: dict[str, str] = {}  # normalised instruction -> the id of the row that wrote it
-        todo = []
-        for i, c in enumerate(written):
-            if isinstance(c, TeacherError):
-                out.failed.append(failure(None, c.error_class, str(c), attempts=c.attempts))
-                continue
-            text = (c.text or "").strip()
-            row_key = row_id("magpie", ctx.name, str(i))
-            row = {"instruction": text, PROVENANCE: provenance(row_key, [], ctx.name, c)}
-            key = _SPACE.sub(" ", text.lower())
-            if not text:
-                out.dropped.append(dropped(row, "empty", finish_reason=c.finish_reason))
-            elif key in seen:
-                out.dropped.append(dropped(row, "duplicate", duplicate_of=seen[key]))
-            else:
-                seen[key] = row_key
-                todo.append((row, c))
-        ctx.advance(len(written) - len(todo))
+        for first in range(0, self.rows, block_rows):
+            numbers = range(first, min(first + block_rows, self.rows))
+            ctx.set_total(2 * len(numbers))
+            written = await gather_requests(self._write(i, prefix, params, ctx) for i in numbers)
+            records: list[dict | None] = []  # per instruction: its record, None: to answer
+            todo = []
+            for i, c in zip(numbers, written, strict=True):
+                if isinstance(c, dict):  # a failure record
+                    records.append(c)
+                    continue
+                text = (c.text or "").strip()
+                row_key = row_id("magpie", ctx.name, str(i))
+                row = {"instruction": text, PROVENANCE: provenance(row_key, [], ctx.name, c)}
+                key = _SPACE.sub(" ", text.lower())
+                if not text:
+                    records.append(dropped(row, "empty", finish_reason=c.finish_reason))
+                elif key in seen:
+                    records.append(dropped(row, "duplicate", duplicate_of=seen[key]))
+                else:
+                    seen[key] = row_key
+                    records.append(None)
+                    todo.append((row, c))
+            ctx.advance(2 * len(numbers) - len(todo))
+            answers = iter(await gather_requests(self._answer(row, c, ctx) for row, c in todo))
+            out = StepOutput(rows=[], expected=len(numbers))
+            for r in records:
+                r = r or next(answers)
+                if PROVENANCE in r:
+                    out.rows.append(r)
+                else:
+                    (out.failed if "error_class" in r else out.dropped).append(r)
+            yield out
+
+    async def _write(self, i: int, prefix: str, params: dict, ctx: StepContext):
+        """Instruction ``i``, written from the pre-query text: a completion or a failure record
+        (returned, not raised: `gather_requests` re-raises exceptions)."""
+        try:
+            return await ctx.pool.complete(
+                self.teacher, prefix, route_key=f"magpie:{i}", sample=i, params=params
+            )
+        except TeacherError as e:
+            return failure(None, e.error_class, str(e), attempts=e.attempts)
+        finally:
+            ctx.advance(1)
+
+    async def _answer(self, row: dict, asked: Any, ctx: StepContext) -> dict:
+        """The answer to an instruction: its row, or a failure record."""
         answerer = self.response_teacher or self.teacher
         chat = [{"role": "system", "content": self.system}] if self.system else []
-
-        async def answer(row: dict, asked) -> dict:
-            try:
-                c = await ctx.pool.complete(
-                    answerer,
-                    [*chat, {"role": "user", "content": row["instruction"]}],
-                    route_key=rid(row),
-                )
-            except TeacherError as e:
-                return failure(row, e.error_class, str(e), attempts=e.attempts)
-            finally:
-                ctx.advance(1)
-            text = (c.text or "").strip()
-            if not text:
-                error = f"empty response (finish_reason={c.finish_reason})"
-                return failure(row, "parse", error, attempts=c.attempts, raw=c.text)
-            p = provenance(rid(row), [], ctx.name, c)
-            for k in ("prompt_tokens", "completion_tokens", "reasoning_tokens", "cost_usd"):
-                p[k] += getattr(asked, k)  # both requests of the row
-            return {**row, "response": text, PROVENANCE: p}
-
-        for r in await gather_requests(answer(row, c) for row, c in todo):
-            (out.failed if "error_class" in r else out.rows).append(r)
-        return out
+        try:
+            c = await ctx.pool.complete(
+                answerer,
+                [*chat, {"role": "user", "content": row["instruction"]}],
+                route_key=rid(row),
+            )
+        except TeacherError as e:
+            return failure(row, e.error_class, str(e), attempts=e.attempts)
+        finally:
+            ctx.advance(1)
+        text = (c.text or "").strip()
+        if not text:
+            error = f"empty response (finish_reason={c.finish_reason})"
+            return failure(row, "parse", error, attempts=c.attempts, raw=c.text)
+        p = provenance(rid(row), [], ctx.name, c)
+        for k in ("prompt_tokens", "completion_tokens", "reasoning_tokens", "cost_usd"):
+            p[k] += getattr(asked, k)  # both requests of the row
+        return {**row, "response": text, PROVENANCE: p}
