@@ -38,7 +38,6 @@ import hashlib
 import json
 import math
 import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +50,7 @@ from pydantic import Field
 
 from kdata.blocks import Block, dataset_files, parts, schema_of, tables_of
 from kdata.errors import KdataError
+from kdata.steps import diversity_plots as plots
 from kdata.steps.base import PROVENANCE, GlobalStep, StepContext, StepOutput, TeacherStep
 from kdata.steps.dedup import MinHashDedupStep
 from kdata.steps.embedders import missing
@@ -61,7 +61,6 @@ SAMPLE = 10_000  # rows per set for distinct n-grams and MinHash: those whose id
 EMBED_SAMPLE = 2_000  # the first of them, embedded for the pairwise distance and k-means
 REPORT_DIR = "diversity"
 _MINHASH = MinHashDedupStep(columns=["text"])  # its defaults say what a near duplicate is
-_DPI = 100
 
 
 class DiversityStep(GlobalStep):
@@ -200,11 +199,11 @@ def write_report(
         if len(b_embed) >= 2:
             alive = _survivors(run_dir, curation, after.keys)
             kept = np.isin(before.keys[b_embed], alive)
-            projection = _plot_projection(run_dir, out, b_emb, kept, column)
+            projection = plots.plot_projection(run_dir, out, b_emb, kept, column)
     report["plots"] = {
         "projection": projection,
-        "lengths": _plot_lengths(run_dir, out, b_lengths, a_lengths, column),
-        "waterfall": _plot_waterfall(run_dir, out, before.n, report["waterfall"], after.n),
+        "lengths": plots.plot_lengths(run_dir, out, b_lengths, a_lengths, column),
+        "waterfall": plots.plot_waterfall(run_dir, out, before.n, report["waterfall"], after.n),
     }
     report["settings"] = {
         "sample": SAMPLE,
@@ -521,83 +520,6 @@ def _survivors(run_dir: Path, steps: list[dict], final: np.ndarray) -> np.ndarra
             found.append(_keys(parents.drop_null().to_pylist()))
         alive = np.union1d(alive, np.concatenate(found)) if found else alive
     return alive
-
-
-def _figure(width: float = 6.4, height: float = 4.2):
-    from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    return fig, fig.subplots()
-
-
-def _save(fig, run_dir: Path, out: Path, name: str) -> str:
-    fig.savefig(run_dir / out / name, dpi=_DPI)
-    return (out / name).as_posix()
-
-
-def _plot_projection(run_dir: Path, out: Path, emb: np.ndarray, kept: np.ndarray, column: str):
-    centred = emb.astype(np.float64) - emb.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    xy = centred @ vt[:2].T
-    fig, ax = _figure()
-    for mask, label, colour in ((kept, "kept", "tab:blue"), (~kept, "dropped", "tab:red")):
-        ax.scatter(
-            xy[mask, 0], xy[mask, 1], s=8, alpha=0.6, c=colour, label=f"{label} ({mask.sum()})"
-        )
-    ax.set(title=f"'{column}' embeddings of the generated rows (PCA)", xlabel="PC 1", ylabel="PC 2")
-    ax.legend()
-    return _save(fig, run_dir, out, "projection.png")
-
-
-def _plot_lengths(
-    run_dir: Path, out: Path, before: np.ndarray, after: np.ndarray, column: str | None
-) -> str:
-    fig, ax = _figure()
-    b, a = before[before >= 0], after[after >= 0]
-    if len(b) or len(a):
-        bins = np.histogram_bin_edges(np.concatenate([b, a]), bins=40)
-        ax.hist(b, bins=bins, alpha=0.5, label=f"generated ({len(b)})", color="tab:gray")
-        ax.hist(a, bins=bins, alpha=0.6, label=f"final ({len(a)})", color="tab:blue")
-        ax.legend()
-    ax.set(title=f"length of '{column}'", xlabel="characters", ylabel="rows")
-    return _save(fig, run_dir, out, "lengths.png")
-
-
-def _plot_waterfall(
-    run_dir: Path, out: Path, generated: int, waterfall: list[dict], final: int
-) -> str:
-    fig, ax = _figure(max(6.4, 1.1 * (len(waterfall) + 2)), 4.2)
-    names = ["generated", *(w["step"] for w in waterfall), "final"]
-    ax.bar(0, generated, color="tab:gray")
-    ax.bar(len(names) - 1, final, color="tab:blue")
-    colours: dict[str, Any] = {}
-    palette = iter(["tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive"])
-    for x, w in enumerate(waterfall, start=1):
-        ax.bar(x, w["rows_out"], color="tab:blue", alpha=0.35)
-        bottom = w["rows_out"]
-        removed = Counter(w["dropped"])
-        if w["failed"]:
-            removed["failed"] = w["failed"]
-        for reason, count in sorted(removed.items()):
-            if reason not in colours:
-                colours[reason] = next(palette, "tab:cyan")
-                label = reason
-            else:
-                label = None
-            ax.bar(x, count, bottom=bottom, color=colours[reason], label=label)
-            bottom += count
-        if w["rows_out"] > w["rows_in"]:  # a step that makes rows (n samples per row, say)
-            ax.bar(
-                x, w["rows_out"] - w["rows_in"], bottom=w["rows_in"], color="tab:green", alpha=0.5
-            )
-        ax.annotate(str(w["rows_out"]), (x, w["rows_out"]), ha="center", va="bottom", fontsize=8)
-    ax.annotate(str(generated), (0, generated), ha="center", va="bottom", fontsize=8)
-    ax.annotate(str(final), (len(names) - 1, final), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set(title="rows through curation (coloured: removed, by reason)", ylabel="rows")
-    if colours:
-        ax.legend(fontsize=8)
-    return _save(fig, run_dir, out, "waterfall.png")
 
 
 def _round(x: float) -> float:
