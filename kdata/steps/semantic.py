@@ -248,8 +248,7 @@ class SemanticDedupStep(GlobalStep):
         return np.concatenate(parts)
 
     def build_index(self, emb: np.ndarray | Matrix) -> Any:
-        """A faiss inner-product index of ``emb``: exact, or HNSW above ``approximate_above``;
-        a `Matrix` is added block by block."""
+        """A faiss inner-product index of ``emb``: exact, or HNSW above ``approximate_above``."""
         faiss = _import("faiss")
         m = Matrix.of(emb)
         if m.n > self.approximate_above:
@@ -258,8 +257,9 @@ class SemanticDedupStep(GlobalStep):
             index.hnsw.efSearch = max(HNSW_EF_SEARCH, 2 * (self.k + 1))
         else:
             index = faiss.IndexFlatIP(m.dim)
-        for _, chunk in m.chunks():
-            index.add(chunk)
+        for part in m.parts:  # in one add per part: an HNSW graph depends on how it is filled
+            if len(part):
+                index.add(part)
         return index
 
     def neighbours(self, emb: np.ndarray | Matrix, index: Any = None) -> Neighbours:
@@ -327,15 +327,34 @@ class Matrix:
 
     @classmethod
     def of_folder(cls, folder: Path, counts: Sequence[int]) -> Matrix:
-        """The parts ``folder/<block id>.npy`` of blocks of ``counts`` texts."""
-        parts = [np.load(folder / f"{block_id(i)}.npy", mmap_mode="r") for i in range(len(counts))]
-        for i, (part, count) in enumerate(zip(parts, counts, strict=True)):
-            if len(part) != count:
-                raise KdataError(
-                    f"block {block_id(i)}: {len(part)} embeddings for {count} texts; "
-                    "this is a kdata bug, please report it"
-                )
-        return cls(parts)
+        """The files ``folder/<block id>.npy`` of blocks of ``counts`` texts, copied one by one
+        into one file, ``folder/matrix.npy`` (each removed once copied), memory-mapped: one
+        part, so that an HNSW index is filled in one ``add``, as it is from one array (its graph
+        depends on how its vectors are added)."""
+        paths = [folder / f"{block_id(i)}.npy" for i in range(len(counts))]
+        if not sum(counts):
+            return cls([np.empty((0, 0), np.float32)])
+        first = next(i for i, c in enumerate(counts) if c)
+        dim = np.load(paths[first], mmap_mode="r").shape[1]
+        matrix = np.lib.format.open_memmap(
+            folder / "matrix.npy", mode="w+", dtype=np.float32, shape=(sum(counts), dim)
+        )
+        at = 0
+        for i, (path, count) in enumerate(zip(paths, counts, strict=True)):
+            if count:
+                part = np.load(path, mmap_mode="r")
+                if part.shape != (count, dim):
+                    raise KdataError(
+                        f"block {block_id(i)}: embeddings of shape {part.shape} for {count} "
+                        "texts; this is a kdata bug, please report it"
+                    )
+                matrix[at : at + count] = part
+                at += count
+                del part
+            path.unlink()
+        matrix.flush()
+        del matrix
+        return cls([np.load(folder / "matrix.npy", mmap_mode="r")])
 
     def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(index of its first row, rows) of each part, at most `_CHUNK` rows at a time."""
