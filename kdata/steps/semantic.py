@@ -8,10 +8,11 @@ The step is a global step over blocks (`kdata.executors.local`): a pass over the
 per text its length or score, its `text_digest` and its row id; unless the neighbours are
 stored, a second pass embeds each block (texts read column-wise from Arrow, looked up first in
 the run's `EmbeddingStore`) into a file of its own under ``<run_dir>/tmp/<step>/`` (float32,
-normalised: texts x dim x 4 bytes on disk); the index is filled from those files, memory-mapped,
-a chunk at a time, and searched the same way, so memory holds the index (texts x dim x 4 bytes,
-plus HNSW's links) and the pairs found, which scale with the duplicates. Clustering and each
-block's marks are those of ``minhash_dedup``; the folder is removed when the step ends.
+normalised), any block in any worker. Those files are then copied into one matrix file (texts x
+dim x 4 bytes on disk), memory-mapped; the index is filled from it and it is searched a chunk at
+a time, so memory holds the index (texts x dim x 4 bytes, plus HNSW's links) and the pairs
+found, which scale with the duplicates. Clustering and each block's marks are those of
+``minhash_dedup``; the folder is removed when the step ends.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ _PIP_HINT = "pip install 'kdata[embed]'"
 # searching). No training, no parameter that grows with the data. benchmarks/semantic_dedup.py,
 # 100,000 rows, 2 cores: pair recall 0.9996 against exact search, in 6% of its search time.
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 16, 64, 32
-_CHUNK = 16_384  # embeddings added to the index, or searched, at once
+_CHUNK = 16_384  # rows searched at once
 _LOOKUP = 500  # keys looked up in the embedding store per query
 
 
@@ -139,7 +140,7 @@ class SemanticDedupStep(GlobalStep):
     async def decide(self, blocks: Blocks, ctx: StepContext) -> Clusters:
         """Clusters of every block's texts: their stored neighbours, else each block embedded
         into a file of its own (`embed_block`), then the neighbours of every text (`neighbours`
-        over the files, memory-mapped) and the clusters."""
+        over those files as one matrix, memory-mapped: `embeddings_matrix`) and the clusters."""
         parts = await blocks.map(self.summary, self.read_columns())
         lengths = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
         order = preference(self.keep, lengths, [x for p in parts for x in p[1]])
@@ -157,7 +158,7 @@ class SemanticDedupStep(GlobalStep):
                     self.embed_block, folder=folder, store=store, base_dir=ctx.base_dir
                 )
                 await blocks.map(embed, self.read_columns())
-                graph = self.neighbours(Matrix.of_folder(folder, counts))
+                graph = self.neighbours(embeddings_matrix(folder, counts))
             if path is not None:
                 graph.save(path)
         canonical, similarity = graph.clusters(order, self.threshold)
@@ -247,49 +248,51 @@ class SemanticDedupStep(GlobalStep):
             advance(len(part))
         return np.concatenate(parts)
 
-    def build_index(self, emb: np.ndarray | Matrix) -> Any:
-        """A faiss inner-product index of ``emb``: exact, or HNSW above ``approximate_above``."""
+    def build_index(self, emb: np.ndarray) -> Any:
+        """A faiss inner-product index of ``emb``: exact, or HNSW above ``approximate_above``.
+        ``emb`` is added in one ``add`` (an HNSW graph depends on how it is filled)."""
         faiss = _import("faiss")
-        m = Matrix.of(emb)
-        if m.n > self.approximate_above:
-            index = faiss.IndexHNSWFlat(m.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        n, dim = emb.shape
+        if n > self.approximate_above:
+            index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
             index.hnsw.efSearch = max(HNSW_EF_SEARCH, 2 * (self.k + 1))
         else:
-            index = faiss.IndexFlatIP(m.dim)
-        for part in m.parts:  # in one add per part: an HNSW graph depends on how it is filled
-            if len(part):
-                index.add(part)
+            index = faiss.IndexFlatIP(dim)
+        index.add(emb)
         return index
 
-    def neighbours(self, emb: np.ndarray | Matrix, index: Any = None) -> Neighbours:
+    def neighbours(self, emb: np.ndarray, index: Any = None) -> Neighbours:
         """Each row and its ``k`` nearest rows, where at least ``floor`` similar, as `Neighbours`.
 
         Args:
-            emb: one normalised embedding per row, in memory or as a `Matrix` (searched block by
-                block: only the index and the pairs found are held).
+            emb: one normalised embedding per row (in memory, or memory-mapped: it is searched
+                `_CHUNK` rows at a time, so only the index and the pairs found are held).
             index: a faiss index of ``emb`` (default: `build_index` makes one).
         """
-        m = Matrix.of(emb)
-        n = m.n
+        n = len(emb)
+
+        def take(rows: np.ndarray) -> np.ndarray:
+            return np.array(emb[rows], dtype=np.float32)
+
         if n < 2:
-            none = np.empty((2, 0), np.int64)
-            return Neighbours.of(n, "cosine", none, np.empty(0), m.take)
-        index = self.build_index(m) if index is None else index
-        codes, sims_found = [], []
-        for start, chunk in m.chunks():
+            return Neighbours.of(n, "cosine", np.empty((2, 0), np.int64), np.empty(0), take)
+        index = self.build_index(emb) if index is None else index
+        codes, found = [], []
+        for start in range(0, n, _CHUNK):
+            chunk = np.ascontiguousarray(emb[start : start + _CHUNK])
             sims, nbrs = index.search(chunk, min(self.k + 1, n))  # the row itself is among them
             sims = np.round(sims, COSINE_DECIMALS)
             me = np.broadcast_to(np.arange(start, start + len(chunk))[:, None], nbrs.shape)
             hit = (nbrs >= 0) & (nbrs != me) & (sims >= self.floor)
             a, b = me[hit], nbrs[hit].astype(np.int64)
             codes.append(np.minimum(a, b) * n + np.maximum(a, b))  # a pair found both ways
-            sims_found.append(sims[hit])  # counts once, at the higher of its two similarities
-        code, sim = np.concatenate(codes), np.concatenate(sims_found)
+            found.append(sims[hit])  # counts once, at the higher of its two similarities
+        code, sim = np.concatenate(codes), np.concatenate(found)
         by_code = np.lexsort((-sim, code))
         code, first = np.unique(code[by_code], return_index=True)
         pairs = np.stack([code // n, code % n])
-        return Neighbours.of(n, "cosine", pairs, sim[by_code][first], m.take)
+        return Neighbours.of(n, "cosine", pairs, sim[by_code][first], take)
 
     def find(
         self, emb: np.ndarray, order: np.ndarray | None = None
@@ -309,68 +312,35 @@ class SemanticDedupStep(GlobalStep):
         return self.neighbours(emb).clusters(order, self.threshold)
 
 
-class Matrix:
-    """Embeddings of texts in row order, as parts (one per block): read part by part, or rows
-    by index. A build's parts are ``.npy`` files, memory-mapped (`of_folder`), so the matrix
-    does not count towards the process's memory."""
-
-    def __init__(self, parts: list[np.ndarray]) -> None:
-        self.parts = parts
-        self.starts = offsets([len(p) for p in parts])
-        self.n = int(self.starts[-1])
-        self.dim = next((p.shape[1] for p in parts if len(p)), 0)
-
-    @classmethod
-    def of(cls, emb: np.ndarray | Matrix) -> Matrix:
-        """``emb`` as a matrix (an array is one part)."""
-        return emb if isinstance(emb, Matrix) else cls([emb])
-
-    @classmethod
-    def of_folder(cls, folder: Path, counts: Sequence[int]) -> Matrix:
-        """The files ``folder/<block id>.npy`` of blocks of ``counts`` texts, copied one by one
-        into one file, ``folder/matrix.npy`` (each removed once copied), memory-mapped: one
-        part, so that an HNSW index is filled in one ``add``, as it is from one array (its graph
-        depends on how its vectors are added)."""
-        paths = [folder / f"{block_id(i)}.npy" for i in range(len(counts))]
-        if not sum(counts):
-            return cls([np.empty((0, 0), np.float32)])
-        first = next(i for i, c in enumerate(counts) if c)
-        dim = np.load(paths[first], mmap_mode="r").shape[1]
-        matrix = np.lib.format.open_memmap(
-            folder / "matrix.npy", mode="w+", dtype=np.float32, shape=(sum(counts), dim)
-        )
-        at = 0
-        for i, (path, count) in enumerate(zip(paths, counts, strict=True)):
-            if count:
-                part = np.load(path, mmap_mode="r")
-                if part.shape != (count, dim):
-                    raise KdataError(
-                        f"block {block_id(i)}: embeddings of shape {part.shape} for {count} "
-                        "texts; this is a kdata bug, please report it"
-                    )
-                matrix[at : at + count] = part
-                at += count
-                del part
-            path.unlink()
-        matrix.flush()
-        del matrix
-        return cls([np.load(folder / "matrix.npy", mmap_mode="r")])
-
-    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(index of its first row, rows) of each part, at most `_CHUNK` rows at a time."""
-        for start, part in zip(self.starts.tolist(), self.parts, strict=False):
-            for lo in range(0, len(part), _CHUNK):
-                yield start + lo, np.ascontiguousarray(part[lo : lo + _CHUNK], dtype=np.float32)
-
-    def take(self, index: np.ndarray) -> np.ndarray:
-        """Rows ``index`` (sorted or not)."""
-        index = np.asarray(index, dtype=np.int64)
-        out = np.empty((len(index), self.dim), dtype=np.float32)
-        part = np.searchsorted(self.starts, index, side="right") - 1
-        for p in np.unique(part).tolist():
-            at = np.flatnonzero(part == p)
-            out[at] = self.parts[p][index[at] - self.starts[p]]
-        return out
+def embeddings_matrix(folder: Path, counts: Sequence[int]) -> np.ndarray:
+    """The files ``folder/<block id>.npy`` of blocks of ``counts`` texts, copied one by one into
+    one file, ``folder/matrix.npy`` (each removed once copied), memory-mapped: so that an HNSW
+    index is filled in one ``add``, as from one array (its graph depends on how it is filled),
+    and the matrix does not count towards the process's memory."""
+    paths = [folder / f"{block_id(i)}.npy" for i in range(len(counts))]
+    if not sum(counts):
+        return np.empty((0, 0), np.float32)
+    first = next(i for i, c in enumerate(counts) if c)
+    dim = np.load(paths[first], mmap_mode="r").shape[1]
+    matrix = np.lib.format.open_memmap(
+        folder / "matrix.npy", mode="w+", dtype=np.float32, shape=(sum(counts), dim)
+    )
+    at = 0
+    for i, (path, count) in enumerate(zip(paths, counts, strict=True)):
+        if count:
+            part = np.load(path, mmap_mode="r")
+            if part.shape != (count, dim):
+                raise KdataError(
+                    f"block {block_id(i)}: embeddings of shape {part.shape} for {count} texts; "
+                    "this is a kdata bug, please report it"
+                )
+            matrix[at : at + count] = part
+            at += count
+            del part
+        path.unlink()
+    matrix.flush()
+    del matrix
+    return np.load(folder / "matrix.npy", mmap_mode="r")
 
 
 @contextmanager
