@@ -11,7 +11,7 @@ blocks are scheduled and writes the step's parts (see `kdata.blocks`). By the st
   (``step.mark(block, decision)``, in the thread pool) and written, as map steps are.
 - ``source``: the input blocks pass through, then the blocks the step reads (``step.blocks``).
 - ``whole``: the step gets every input row in one list and writes one part (steps not yet
-  written over blocks: ``semantic_dedup``, the expansion rounds, ``curate``, ``diversity``).
+  written over blocks: the expansion rounds, ``curate``).
 
 Parquet encoding and decoding, and a global step's summaries, run in a thread pool sized to the
 cores, off the event loop, so teacher calls and CPU work overlap.
