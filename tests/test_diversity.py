@@ -274,6 +274,7 @@ def test_the_sample_is_the_rows_whose_ids_hash_lowest(monkeypatch: pytest.Monkey
     ids = [f"row{i}" for i in range(20)]
     texts = [None if i % 5 == 0 else f"text {i}" for i in range(20)]
     notes: list[str] = []
+
     def sample_of(ids: list[str], texts: list[str | None], notes: list[str]):
         present = np.array([t is not None for t in texts])
         return diversity._sample(diversity._keys(ids), present, notes, "final")
