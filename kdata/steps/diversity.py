@@ -267,7 +267,6 @@ class _Side:
             schema = pq.read_schema(p)
             columns.update(schema.names)
             strings.update((f.name, None) for f in schema if _is_text(f.type))
-        strings.pop(PROVENANCE, None)
         h, keys, n = hashlib.sha256(), [], 0
         length = dict.fromkeys(strings, (0, 0))
         for t in tables_of(paths, [_ID, *strings]):
@@ -316,7 +315,8 @@ class _Side:
         return out
 
     def _tables(self, column: str | None):
-        """The files' row groups, column ``column`` only (one column of nulls when None)."""
+        """The files' row groups, column ``column`` only (the row ids when None: the rows are
+        counted)."""
         return tables_of(self.paths, [column] if column is not None else [_ID])
 
 
