@@ -2,6 +2,8 @@
 
     python benchmarks/scale.py --rows 100000 1000000 [--old COMMIT] [--with-report]
     python benchmarks/scale.py --label 200000 [--old COMMIT]
+    python benchmarks/scale.py --recipe semantic --rows 100000 1000000 --old ba56b0b
+    python benchmarks/scale.py --recipe report --rows 1000000 --old ba56b0b
 
 For each size, writes ``N`` short instructions (8 to 14 words from a synthetic vocabulary,
 seeded) of which 10% are planted near-duplicates of an earlier row (half of them the same text
@@ -15,6 +17,10 @@ RSS (``os.wait4``, the child's own ``ru_maxrss``) are reported and written to
 ``--label N``: seeds -> a ``label`` step over ``N`` short questions instead, its teacher the
 loopback OpenAI stand-in (``tests/openai_standin.py``, in this process) answering 8 KB to each
 request; results in ``benchmarks/results/scale_label_<N>.json``.
+
+``--recipe semantic``: seeds -> ``semantic_dedup`` (the static model) instead; ``--recipe report``:
+seeds -> a ``filter`` (min_words: 3) with the final diversity report kept, which measures the
+report; results in ``benchmarks/results/scale_<recipe>_<N>.json``.
 
 The final diversity report is left out by default in both (``kdata.steps.diversity.
 final_report`` replaced by a no-op in the child): its cost is measured and fixed elsewhere, and
@@ -45,6 +51,23 @@ steps:
   - {{type: minhash_dedup, columns: [instruction]}}
   - {{type: filter, column: instruction, min_words: 3}}
 """
+RECIPES = {
+    "curation": RECIPE,
+    "semantic": """\
+name: scale_semantic
+execution: {{block_rows: {block_rows}}}
+steps:
+  - {{type: seeds, path: seeds.jsonl}}
+  - {{type: semantic_dedup, columns: [instruction]}}
+""",
+    "report": """\
+name: scale_report
+execution: {{block_rows: {block_rows}}}
+steps:
+  - {{type: seeds, path: seeds.jsonl}}
+  - {{type: filter, column: instruction, min_words: 3}}
+""",
+}
 LABEL_RECIPE = """\
 name: scale_label
 {execution}teachers:
@@ -189,6 +212,7 @@ def main() -> None:
     ap.add_argument("--block-rows", type=int, default=10_000)
     ap.add_argument("--old", default=OLD, help="commit of the baseline runner ('' for none)")
     ap.add_argument("--with-report", action="store_true", help="keep the diversity report")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="curation")
     ap.add_argument("--work", type=Path, default=Path("/tmp/kdata-scale"))
     a = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -198,16 +222,19 @@ def main() -> None:
         work = a.work / str(n)
         work.mkdir(parents=True, exist_ok=True)
         planted = write_seeds(work / "seeds.jsonl", n)
+        report = a.with_report or a.recipe == "report"
         result = {
+            "recipe": a.recipe,
             "rows": n,
             "planted_near_duplicates": planted,
             "block_rows": a.block_rows,
-            "diversity_report": a.with_report,
+            "diversity_report": report,
             "cores": os.cpu_count(),
         }
-        recipe = RECIPE.format(block_rows=a.block_rows)
-        compare(n, work, recipe, a.old, a.with_report, result)
-        out = RESULTS / f"scale_{n}{'_report' if a.with_report else ''}.json"
+        recipe = RECIPES[a.recipe].format(block_rows=a.block_rows)
+        compare(n, work, recipe, a.old, report, result)
+        name = f"{n}{'_report' if a.with_report else ''}"
+        out = RESULTS / f"scale_{name if a.recipe == 'curation' else f'{a.recipe}_{n}'}.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
         print("written", out, flush=True)
 

@@ -65,9 +65,17 @@ def build(folder: Path, steps: str, block_rows: int, name: str) -> kdata.Run:
     return kdata.build(kdata.recipe_from_yaml(text, folder), run_dir=folder / name)
 
 
+# The global steps written over blocks besides the dedup ones: semantic_dedup and diversity.
+GLOBAL = """\
+  - {type: semantic_dedup, columns: [text], keep: longest, threshold: 0.99, floor: 0.97}
+  - {type: diversity, name: mid, column: text}
+"""
+
+
 def test_curation_gives_the_same_tables_with_blocks_of_seven(tmp_path: Path) -> None:
     write_seeds(tmp_path, seeds(200))
-    small, large = build(tmp_path, CURATION, 7, "small"), build(tmp_path, CURATION, 100_000, "one")
+    steps = CURATION + GLOBAL
+    small, large = build(tmp_path, steps, 7, "small"), build(tmp_path, steps, 100_000, "one")
     blocks = -(-small.steps[2].rows_in // 7)  # the rows exact_dedup kept, 7 a block
     assert blocks > 20 and len(parts(small.dir / "steps" / "02_minhash_dedup")) == blocks
     assert len(parts(large.dir / "steps" / "02_minhash_dedup")) == 1
@@ -85,6 +93,12 @@ def test_curation_gives_the_same_tables_with_blocks_of_seven(tmp_path: Path) -> 
     assert all(c["expected"] == c["rows"] + c["dropped"] + c["failed"] for c in counts)
     assert sum(c["rows_in"] for c in counts) == small.steps[2].rows_in
     assert [c["start"] for c in counts] == [7 * i for i in range(len(counts))]
+    assert small.steps[4].dropped > 0 and small.steps[4].rows_out > 0  # semantic_dedup
+    assert small.steps[5].rows_in == small.steps[5].rows_out  # diversity passes rows on
+    assert not (small.dir / "tmp").exists()  # the steps' block files are removed
+    for report in ("diversity/mid/report.json", "diversity/report.json"):
+        got, want = (json.loads((r.dir / report).read_text()) for r in (small, large))
+        assert got["after"]["rows"] > 0 and got == want
 
 
 def test_teacher_steps_give_the_same_rows_with_blocks_of_three(tmp_path: Path, standin) -> None:

@@ -16,7 +16,7 @@ from test_dedup import BASE, TEXTS, edit
 import kdata
 from kdata.blocks import read_table
 from kdata.rethreshold import rethreshold
-from kdata.steps.diversity import _survivors
+from kdata.steps.diversity import _keys, _survivors
 from kdata.steps.semantic import SemanticDedupStep
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -201,9 +201,9 @@ def test_default_column_and_survivors_with_a_teacher_step(
     assert r["text_column"] == "prompt" and r["after"]["rows"] == 35
     seeds = [row["_kdata"]["id"] for row in _rows(run, "00_seeds")]
     final_ids = [row["_kdata"]["id"] for row in run.rows()]
-    alive = _survivors(run.dir, [{"name": s.name} for s in run.steps[1:]], final_ids)
+    alive = _survivors(run.dir, [{"name": s.name} for s in run.steps[1:]], _keys(final_ids))
     kept = [row["_kdata"]["id"] for row in _rows(run, "01_minhash_dedup")]
-    assert [i for i in seeds if i in alive] == kept and len(kept) == 35
+    assert [i for i in seeds if np.isin(_keys([i]), alive)[0]] == kept and len(kept) == 35
     # Curation after the teacher: the column the teacher added is measured.
     (tmp_path / "b").mkdir()
     r = report(build(tmp_path / "b", label + dedup.replace("prompt", "response"), rows, head))
@@ -274,14 +274,19 @@ def test_the_sample_is_the_rows_whose_ids_hash_lowest(monkeypatch: pytest.Monkey
     ids = [f"row{i}" for i in range(20)]
     texts = [None if i % 5 == 0 else f"text {i}" for i in range(20)]
     notes: list[str] = []
-    sample, embed = diversity._sample(ids, texts, notes, "final")
+
+    def sample_of(ids: list[str], texts: list[str | None], notes: list[str]):
+        present = np.array([t is not None for t in texts])
+        return diversity._sample(diversity._keys(ids), present, notes, "final")
+
+    sample, embed = sample_of(ids, texts, notes)
     rank = sorted(
         (i for i, t in enumerate(texts) if t),
         key=lambda i: hashlib.blake2b(ids[i].encode(), digest_size=8).digest(),
     )
     assert list(sample) == sorted(rank[:6]) and list(embed) == sorted(rank[:3])
     kept = [i for i in range(20) if i not in rank[:2]]  # two of the embedded rows dropped
-    _, embed_kept = diversity._sample([ids[i] for i in kept], [texts[i] for i in kept], [], "final")
+    _, embed_kept = sample_of([ids[i] for i in kept], [texts[i] for i in kept], [])
     assert {kept[j] for j in embed_kept} >= set(rank[2:3])  # the survivor stays sampled
     assert notes == [
         "final rows: distinct n-grams and MinHash over a sample of 6 of 16 texts",

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -189,21 +190,59 @@ def test_embeddings_are_cached_in_the_run_dir_and_reused(
     )
     rows = [{"t": t} for t in [*INSTRUCTIONS[:10], *PARAPHRASES[6]]]
     _, out, _ = build(tmp_path, rows, STEP + "}")
-    shards = list((tmp_path / "run" / "embeddings").glob("*.keys.npy"))
-    assert len(out) == 10 and len(shards) == 1 and calls == [len(rows)]
-    mtime = shards[0].stat().st_mtime_ns
+    store = tmp_path / "run" / "embeddings" / "store.sqlite"
+    assert len(out) == 10 and stored(store) == len(rows) and calls == [len(rows)]
+    assert not (tmp_path / "run" / "tmp").exists()  # the step's block files are removed
+    mtime = store.stat().st_mtime_ns
     _, out, _ = build(tmp_path, rows, STEP + ", threshold: 0.99}")  # the step runs again
     assert len(out) == 13 and calls == [len(rows)]  # ... without encoding anything
-    assert shards[0].stat().st_mtime_ns == mtime
+    assert store.stat().st_mtime_ns == mtime
     rows[0]["t"] += " Please."
-    build(tmp_path, rows, STEP + "}")  # one text changed: it alone is embedded, in a new shard
-    assert calls == [len(rows), 1] and len(list(shards[0].parent.glob("*.keys.npy"))) == 2
+    build(tmp_path, rows, STEP + "}")  # one text changed: it alone is embedded
+    assert calls == [len(rows), 1] and stored(store) == len(rows) + 1
     emb = SemanticDedupStep(columns=["t"], model=semantic.MINILM).embed(
-        [r["t"] for r in rows], shards[0].parent
+        [r["t"] for r in rows], store.parent
     )
     assert calls == [len(rows), 1]  # all stored
     fresh = model.encode([r["t"] for r in rows], normalize_embeddings=True)
     assert np.allclose(emb, fresh, atol=1e-5)  # each text's own embedding, in order
+
+
+def stored(store: Path) -> int:
+    """How many embeddings the store holds."""
+    with sqlite3.connect(store) as db:
+        return db.execute("SELECT count(*) FROM emb").fetchone()[0]
+
+
+def test_a_build_stopped_mid_step_keeps_the_blocks_it_embedded(
+    tmp_path: Path, model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    encode = model.encode
+
+    def failing_third(texts, **kw):
+        calls.append(len(texts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill in the middle of the third block
+        return encode(texts, **kw)
+
+    monkeypatch.setattr(model, "encode", failing_third)
+    rows = [{"t": t} for t in [*INSTRUCTIONS[:14], *PARAPHRASES[6]]]  # 4 blocks of 5
+    write_jsonl(tmp_path / "seeds.jsonl", rows)
+    recipe = kdata.recipe_from_yaml(
+        f"name: t\nexecution: {{block_rows: 5}}\nreport: {{model: {semantic.MINILM}}}\n"
+        f"steps:\n  - {{type: seeds, path: seeds.jsonl}}\n  - {STEP}}}\n",
+        base_dir=tmp_path,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        kdata.build(recipe, run_dir=tmp_path / "run")
+    store = tmp_path / "run" / "embeddings" / "store.sqlite"
+    assert calls == [5, 5, 5] and stored(store) == 10  # two blocks finished and stored
+    assert not (tmp_path / "run" / "tmp").exists()
+    calls.clear()
+    run = kdata.build(recipe, run_dir=tmp_path / "run")
+    assert calls[:2] == [5, 2]  # only the two unfinished blocks are embedded
+    assert len(run.rows()) == 14 and stored(store) == len(rows)
 
 
 def test_the_store_finds_every_key_even_those_ending_in_a_nul_byte(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ blocks are scheduled and writes the step's parts (see `kdata.blocks`). By the st
   teacher, ``curate`` or ``magpie``, which then counts its own progress). Such a step makes
   a finished block again on a rerun, from the cache, and does not write it again.
 - ``whole``: the step gets every input row in one list and writes one part (steps not yet
-  written over blocks: ``semantic_dedup``, ``diversity``).
+  written over blocks: a user's own step that does not say its kind).
 
 Parquet encoding and decoding, and a global step's summaries, run in a thread pool sized to the
 cores, off the event loop, so teacher calls and CPU work overlap.

@@ -51,24 +51,15 @@ def column_texts(
     return idx, values, failed
 
 
-def ranked_texts(
-    rows: list[dict], columns: list[str], keep: str, score_column: str | None
-) -> tuple[list[int], list[str], np.ndarray, list[dict]]:
-    """The rows that can be compared, their texts, their order of preference, and failures.
-
-    Returns ``idx`` (positions in ``rows``), ``texts`` (the columns joined by a newline),
-    ``order`` (indices of ``texts``, the one to keep first by ``keep``; ties go to the earliest)
-    and ``failed`` (rows lacking a column, or a finite number in ``score_column``).
-    """
-    idx, texts, scores, failed = comparable(rows, columns, keep, score_column)
-    return idx, texts, preference(keep, [len(t) for t in texts], scores), failed
-
-
 def comparable(
     rows: list[dict], columns: list[str], keep: str, score_column: str | None
 ) -> tuple[list[int], list[str], list[float], list[dict]]:
-    """``idx``, ``texts`` and ``failed`` as `ranked_texts` gives them, and the texts' scores
-    (``keep: score``; else empty)."""
+    """The rows that can be compared, their texts, their scores, and failures.
+
+    Returns ``idx`` (positions in ``rows``), ``texts`` (the columns joined by a newline),
+    ``scores`` (``keep: score``; else empty) and ``failed`` (rows lacking a column, or a finite
+    number in ``score_column``).
+    """
     idx, values, failed = column_texts(rows, columns)
     scores: list[float] = []
     if keep == "score":
@@ -117,6 +108,16 @@ def block_texts(
     rows = block.rows()
     idx, texts, scores, failed = comparable(rows, columns, keep, score_column)
     return idx, texts, scores, failed, pa.array([rid(rows[i]) for i in idx], pa.string())
+
+
+def summary(
+    block: Block, columns: list[str], keep: str, score_column: str | None
+) -> tuple[np.ndarray, list[float], bytes, pa.Array]:
+    """What a near-duplicate step keeps of a block's comparable texts to decide over every
+    block: their lengths, scores (``keep: score``), `text_digest`s joined, and row ids."""
+    _, texts, scores, _, ids = block_texts(block, columns, keep, score_column)
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    return lengths, scores, b"".join(map(text_digest, texts)), ids
 
 
 def preference(keep: str, lengths: Sequence[int], scores: Sequence[float]) -> np.ndarray:
@@ -311,20 +312,6 @@ def neighbours_path(run_dir: Path | None, settings: dict, key: bytes) -> Path | 
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     h.update(key)
     return Path(run_dir) / "neighbours" / f"{h.hexdigest()[:32]}.npz"
-
-
-def stored(
-    path: Path | None, n: int, find: Callable[[], Neighbours], advance: Callable[[int], None]
-) -> Neighbours:
-    """The neighbours of ``n`` texts stored at ``path``; else ``find()``, stored there."""
-    graph = Neighbours.load(path, n) if path else None
-    if graph is not None:
-        advance(n)
-        return graph
-    graph = find()
-    if path is not None:
-        graph.save(path)
-    return graph
 
 
 def check_floor(threshold: float, floor: float) -> None:

@@ -68,7 +68,7 @@ from kdata.steps.clusters import (
     offsets,
     outcome,
     preference,
-    text_digest,
+    summary,
     texts_key,
 )
 from kdata.steps.lsh import Signatures, edges, union
@@ -230,12 +230,9 @@ class MinHashDedupStep(GlobalStep):
                 return b, r
         return self.num_perm, 1
 
-    def _summary(self, block: Block) -> tuple:
-        """Per comparable text of a block: its length, its score, its `text_digest`s joined,
-        and its row ids."""
-        _, texts, scores, _, ids = block_texts(block, self.columns, self.keep, self.score_column)
-        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-        return lengths, scores, b"".join(map(text_digest, texts)), ids
+    def summary(self, block: Block) -> tuple:
+        """`summary` of a block's comparable texts."""
+        return summary(block, self.columns, self.keep, self.score_column)
 
     def _sign(self, block: Block, sig: Signatures, start: int) -> np.ndarray:
         """Sign a block's texts, the first of them text ``start``, into ``sig``; the indices
@@ -251,7 +248,7 @@ class MinHashDedupStep(GlobalStep):
         """Clusters of every block's texts: their stored neighbours, else each block signed
         into files on disk (`kdata.steps.lsh`), then LSH candidates band by band, their
         similarities and the clusters."""
-        parts = await blocks.map(self._summary, self.read_columns())
+        parts = await blocks.map(self.summary, self.read_columns())
         lengths = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
         scores = [x for p in parts for x in p[1]]
         order = preference(self.keep, lengths, scores)

@@ -33,23 +33,25 @@ the ``embed`` extra the two embedding figures and the projection plot are null, 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
 import os
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import Field
 
-from kdata.blocks import read_dataset, read_table, schema_of
+from kdata.blocks import Block, dataset_files, parts, schema_of, tables_of
 from kdata.errors import KdataError
-from kdata.steps.base import PROVENANCE, StepBase, StepContext, StepOutput, TeacherStep
+from kdata.steps import diversity_plots as plots
+from kdata.steps.base import PROVENANCE, GlobalStep, StepContext, StepOutput, TeacherStep
 from kdata.steps.dedup import MinHashDedupStep
 from kdata.steps.embedders import missing
 from kdata.steps.filters import normalise
@@ -59,10 +61,9 @@ SAMPLE = 10_000  # rows per set for distinct n-grams and MinHash: those whose id
 EMBED_SAMPLE = 2_000  # the first of them, embedded for the pairwise distance and k-means
 REPORT_DIR = "diversity"
 _MINHASH = MinHashDedupStep(columns=["text"])  # its defaults say what a near duplicate is
-_DPI = 100
 
 
-class DiversityStep(StepBase):
+class DiversityStep(GlobalStep):
     """Measure the rows at this point against the generated rows; they pass through unchanged.
 
     Writes ``<run_dir>/diversity/<step name>/`` (``report.json`` and three plots). ``column`` is
@@ -70,46 +71,59 @@ class DiversityStep(StepBase):
     rows have it too), else the text column with the longest texts on average. The ``column`` of
     the recipe's last ``diversity`` step that has one is also measured at the end of the build.
     ``model`` embeds the texts, as in ``semantic_dedup`` (default ``static``).
+
+    A global step: the report is made from the step's input parts as `write_report` reads them
+    (per-row numbers, and the texts of the sampled rows only), then each block is passed on.
     """
 
     type: Literal["diversity"] = "diversity"
     column: str | None = None
     model: str = Field(default=DEFAULT_MODEL, min_length=1)
 
-    async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
+    async def decide(self, blocks: Any, ctx: StepContext) -> None:
         if ctx.run_dir is None:
             raise KdataError(
                 f"step {ctx.name}: diversity writes its report into the run directory; "
                 "run it with kdata.build"
             )
-        write_report(Path(ctx.run_dir), rows, self.column, until=ctx.name, model=self.model)
-        ctx.advance(len(rows))
-        return StepOutput(rows=rows, expected=len(rows))
+        run_dir = Path(ctx.run_dir)
+        steps = _manifest_steps(run_dir, ctx.name)
+        paths = parts(run_dir / "steps" / steps[-1]["name"]) if steps else []
+        await asyncio.to_thread(
+            write_report, run_dir, paths, self.column, until=ctx.name, model=self.model
+        )
+
+    def mark(self, block: Block, decision: None) -> StepOutput:
+        rows = block.table if block.given is None else block.given
+        return StepOutput(rows=rows, expected=len(block))
 
 
 def final_report(recipe: Any, run_dir: Path) -> dict:
-    """The report on a build's final rows (read from ``<run_dir>/data``), in
+    """The report on a build's final rows (the shards of ``<run_dir>/data``), in
     ``<run_dir>/diversity/``."""
-    rows = read_dataset(run_dir)  # read column by column: no row becomes a dict
     column = next(
         (s.column for s in reversed(recipe.steps) if isinstance(s, DiversityStep) and s.column),
         None,
     )
-    return write_report(run_dir, rows, column, model=recipe.report.model)
+    return write_report(run_dir, dataset_files(run_dir), column, model=recipe.report.model)
 
 
 def write_report(
     run_dir: Path,
-    rows: list[dict] | pa.Table,
+    paths: list[Path],
     column: str | None,
     until: str | None = None,
     model: str = DEFAULT_MODEL,
 ) -> dict:
-    """Measure ``rows`` against the generated rows of the run and write report and plots.
+    """Measure the rows of the Parquet files ``paths`` against the generated rows of the run and
+    write report and plots.
+
+    Both sets are read a row group at a time, in passes (`_Side`): what is held of them is a
+    few numbers per row (an id hash, a length) and the texts of the sampled rows.
 
     Args:
         run_dir: the run directory; its ``manifest.json`` and finished steps are read.
-        rows: the rows to measure ("after"), as dicts or as a table.
+        paths: the Parquet files of the rows to measure ("after"), in order.
         column: the text column (None: the default described in `DiversityStep`).
         until: the name of the ``diversity`` step writing the report (None: the final report);
             only the steps before it count.
@@ -122,15 +136,13 @@ def write_report(
     """
     from kdata.recipe import STEP_TYPES
 
-    steps = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))["steps"]
-    if until is not None:
-        steps = steps[: [s["name"] for s in steps].index(until)]
+    steps = _manifest_steps(run_dir, until)
     out = Path(REPORT_DIR) / until if until else Path(REPORT_DIR)
-    after = _Set.of_table(rows) if isinstance(rows, pa.Table) else _Set.of_rows(rows)
+    after = _Side.of(paths)
     source = {
         "fingerprint": steps[-1]["fingerprint"] if steps else None,
         "column": column,
-        "rows": _digest(after.ids),
+        "rows": after.digest,
         "model": model,
     }
     old = _read_json(run_dir / out / "report.json") or {}
@@ -143,9 +155,9 @@ def write_report(
     if not curation:
         before = after
     elif first == 0:
-        before = _Set.of_rows([])
+        before = _Side.of([])
     else:
-        before = _Set.of_table(read_table(run_dir / "steps" / steps[first - 1]["name"]))
+        before = _Side.of(parts(run_dir / "steps" / steps[first - 1]["name"]))
     if column is None:
         column = _default_column(run_dir, steps, kinds, after, before)
     elif (after.n or before.n) and column not in after.columns | before.columns:
@@ -156,25 +168,28 @@ def write_report(
     notes: list[str] = []
     if column is not None and before.n and column not in before.columns:
         notes.append(f"the generated rows have no column '{column}'")
-    before_texts, after_texts = before.texts(column), after.texts(column)
+    b_lengths, a_lengths = before.lengths(column), after.lengths(column)
     (b_sample, b_embed), (a_sample, a_embed) = (
-        _sample(before.ids, before_texts, notes, "generated"),
-        _sample(after.ids, after_texts, notes, "final" if until is None else "measured"),
+        _sample(before.keys, b_lengths >= 0, notes, "generated"),
+        _sample(after.keys, a_lengths >= 0, notes, "final" if until is None else "measured"),
     )
-    before_source = {"column": column, "rows": _digest(before.ids)}
+    b_texts, a_texts = before.texts(column, b_sample), after.texts(column, a_sample)
+    before_source = {"column": column, "rows": before.digest}
     report: dict[str, Any] = {
         "text_column": column,
         "before": (
             old["before"]
             if old.get("before_source") == before_source
-            else _measure(before_texts, b_sample)
+            else _measure(b_lengths, b_texts)
         ),
-        "after": _measure(after_texts, a_sample),
+        "after": _measure(a_lengths, a_texts),
         "waterfall": [_waterfall_entry(run_dir, s) for s in curation],
     }
     (run_dir / out).mkdir(parents=True, exist_ok=True)
     projection, k = None, None
-    embedded = _embed(run_dir, (before_texts, b_embed), (after_texts, a_embed), notes, model)
+    b_embed_texts = [b_texts[i] for i in np.searchsorted(b_sample, b_embed)]
+    a_embed_texts = [a_texts[i] for i in np.searchsorted(a_sample, a_embed)]
+    embedded = _embed(run_dir, b_embed_texts, a_embed_texts, notes, model)
     if embedded is not None:
         b_emb, a_emb, pooled = embedded
         labels, k = _kmeans_labels(pooled, [b_emb, a_emb])
@@ -182,13 +197,13 @@ def write_report(
             report[key]["mean_cosine_distance"] = _mean_cosine_distance(emb)
             report[key]["kmeans_entropy"] = _entropy(lab, k) if lab is not None else None
         if len(b_embed) >= 2:
-            alive = _survivors(run_dir, curation, after.ids)
-            kept = np.array([before.ids[i] in alive for i in b_embed])
-            projection = _plot_projection(run_dir, out, b_emb, kept, column)
+            alive = _survivors(run_dir, curation, after.keys)
+            kept = _among(before.keys[b_embed], alive)
+            projection = plots.plot_projection(run_dir, out, b_emb, kept, column)
     report["plots"] = {
         "projection": projection,
-        "lengths": _plot_lengths(run_dir, out, before_texts, after_texts, column),
-        "waterfall": _plot_waterfall(run_dir, out, before.n, report["waterfall"], after.n),
+        "lengths": plots.plot_lengths(run_dir, out, b_lengths, a_lengths, column),
+        "waterfall": plots.plot_waterfall(run_dir, out, before.n, report["waterfall"], after.n),
     }
     report["settings"] = {
         "sample": SAMPLE,
@@ -205,6 +220,14 @@ def write_report(
     return report
 
 
+def _manifest_steps(run_dir: Path, until: str | None) -> list[dict]:
+    """The steps of the run's manifest; those before step ``until`` only, when given."""
+    steps = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))["steps"]
+    if until is not None:
+        steps = steps[: [s["name"] for s in steps].index(until)]
+    return steps
+
+
 def remove_final_report(run_dir: Path) -> None:
     """Remove the end-of-build report and its plots, so that no card shows stale figures."""
     path = run_dir / REPORT_DIR / "report.json"
@@ -215,71 +238,112 @@ def remove_final_report(run_dir: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+_ID = f"{PROVENANCE}.id"
+
+
 @dataclass
-class _Set:
-    """One side of a report as it is read: the rows' ids, and their texts column by column."""
+class _Side:
+    """One side of a report: rows in Parquet files, read in passes a row group at a time.
 
-    ids: list[str]
+    What `of` keeps is per row an 8-byte hash of its id (``keys``: the sample's order), and per
+    text column its total length and count (the default column's mean); a column's lengths
+    (`lengths`) and the texts of sampled rows (`texts`) are read by passes of their own.
+    """
+
+    paths: list[Path]
+    n: int
+    digest: str  # of the rows' ids, in order
+    keys: np.ndarray  # uint64, per row: blake2b of its id (`_keys`)
     columns: set[str]
-    text_columns: list[str]  # columns holding a string in some row, in the order first seen
-    texts: Callable[[str | None], list[str | None]]  # a column's strings, None where none
-
-    @property
-    def n(self) -> int:
-        return len(self.ids)
+    text_columns: list[str]  # string columns, in the order first seen
+    text_length: dict[str, tuple[int, int]]  # per text column: characters, texts
 
     @classmethod
-    def of_rows(cls, rows: list[dict]) -> _Set:
+    def of(cls, paths: list[Path]) -> _Side:
+        """A side's ids and text columns, from one pass over ``paths``."""
+        columns: set[str] = set()
+        strings: dict[str, None] = {}
+        for p in paths:
+            schema = pq.read_schema(p)
+            columns.update(schema.names)
+            strings.update((f.name, None) for f in schema if _is_text(f.type))
+        h, keys, n = hashlib.sha256(), [], 0
+        length = dict.fromkeys(strings, (0, 0))
+        for t in tables_of(paths, [_ID, *strings]):
+            if PROVENANCE in t.column_names and t.num_rows:
+                ids = t.column(PROVENANCE).combine_chunks().field("id").to_pylist()
+                h.update(("\n" if n else "").encode() + "\n".join(ids).encode())
+                keys.append(_keys(ids))
+                n += len(ids)
+            for c in t.column_names:
+                if c in length and _is_text(t.schema.field(c).type):
+                    col = t.column(c)
+                    chars = pc.sum(pc.utf8_length(col)).as_py() or 0
+                    total, count = length[c]
+                    length[c] = (total + chars, count + len(col) - col.null_count)
         return cls(
-            ids=[r[PROVENANCE]["id"] for r in rows],
-            columns={k for r in rows for k in r},
-            text_columns=_text_columns(rows),
-            texts=lambda c: _texts(rows, c),
+            paths=paths,
+            n=n,
+            digest=h.hexdigest()[:16],
+            keys=np.concatenate(keys) if keys else np.empty(0, np.uint64),
+            columns=columns,
+            text_columns=list(strings),
+            text_length=length,
         )
 
-    @classmethod
-    def of_table(cls, table: pa.Table) -> _Set:
-        """A step's rows.parquet, read column by column: no row becomes a dict."""
-        names = table.schema.names
-        ids = (
-            table.column(PROVENANCE).combine_chunks().field("id").to_pylist()
-            if PROVENANCE in names
-            else []
-        )
-        strings = [
-            f.name
-            for f in table.schema
-            if f.name != PROVENANCE
-            and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))
-        ]
+    def lengths(self, column: str | None) -> np.ndarray:
+        """Characters of each row's text in ``column``; -1 where it has none."""
+        out = []
+        for t in self._tables(column):
+            if column in t.column_names and _is_text(t.schema.field(column).type):
+                lengths = pc.fill_null(pc.utf8_length(t.column(column)), -1)
+                out.append(lengths.to_numpy().astype(np.int64))
+            else:
+                out.append(np.full(t.num_rows, -1, np.int64))
+        return np.concatenate(out) if out else np.empty(0, np.int64)
 
-        def texts(c: str | None) -> list[str | None]:
-            return table.column(c).to_pylist() if c in strings else [None] * len(ids)
+    def texts(self, column: str | None, rows: np.ndarray) -> list[str]:
+        """The texts in ``column`` of the rows at the sorted indices ``rows`` (all have one)."""
+        out: list[str] = []
+        start = 0
+        for t in self._tables(column):
+            lo, hi = np.searchsorted(rows, [start, start + t.num_rows])
+            if hi > lo:
+                at = pa.array(rows[lo:hi] - start, pa.int64())
+                out += t.column(column).take(at).to_pylist()
+            start += t.num_rows
+        return out
 
-        return cls(ids=ids, columns=set(names), text_columns=strings, texts=texts)
+    def _tables(self, column: str | None):
+        """The files' row groups, column ``column`` only (the row ids when None: the rows are
+        counted)."""
+        return tables_of(self.paths, [column] if column is not None else [_ID])
 
 
-def _digest(ids: list[str]) -> str:
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _keys(ids: list[str]) -> np.ndarray:
+    """Each id's 8-byte blake2b hash, as a number: the order rows are sampled in."""
+    digest = b"".join(hashlib.blake2b(i.encode(), digest_size=8).digest() for i in ids)
+    return np.frombuffer(digest, dtype=">u8").astype(np.uint64)
 
 
 def _sample(
-    ids: list[str], texts: list[str | None], notes: list[str], side: str
+    keys: np.ndarray, present: np.ndarray, notes: list[str], side: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """The rows measured on a sample: at most `SAMPLE` and `EMBED_SAMPLE` rows with a text.
 
-    Both are the rows whose ids hash lowest (blake2b), so the embedding sample lies inside the
+    Both are the rows whose ids hash lowest (``keys``), so the embedding sample lies inside the
     other, and a row sampled on one side is sampled on the other wherever it is still there:
-    rows a curation step kept keep their embeddings. Indices in row order.
+    rows a curation step kept keep their embeddings. ``present``: the rows with a text.
+    Indices in row order.
     """
-    present = np.flatnonzero([t is not None for t in texts])
+    present = np.flatnonzero(present)
     order = np.arange(len(present))
     if len(present) > EMBED_SAMPLE:
-        keys = [
-            int.from_bytes(hashlib.blake2b(ids[i].encode(), digest_size=8).digest())
-            for i in present
-        ]
-        order = np.argsort(np.array(keys, dtype=np.uint64), kind="stable")
+        order = np.argsort(keys[present], kind="stable")
     for size, what in (
         (SAMPLE, "distinct n-grams and MinHash"),
         (EMBED_SAMPLE, "pairwise cosine distance and k-means"),
@@ -301,22 +365,8 @@ def _waterfall_entry(run_dir: Path, step: dict) -> dict[str, Any]:
     }
 
 
-def _text_columns(rows: list[dict]) -> list[str]:
-    """Columns holding a string in at least one row, in the order they first appear."""
-    cols: dict[str, None] = {}
-    for r in rows:
-        for k, v in r.items():
-            if k != PROVENANCE and k not in cols and isinstance(v, str):
-                cols[k] = None
-    return list(cols)
-
-
-def _texts(rows: list[dict], column: str | None) -> list[str | None]:
-    return [r.get(column) if isinstance(r.get(column), str) else None for r in rows]
-
-
 def _default_column(
-    run_dir: Path, steps: list[dict], kinds: list, after: _Set, before: _Set
+    run_dir: Path, steps: list[dict], kinds: list, after: _Side, before: _Side
 ) -> str | None:
     """The last text column a teacher step added, else the longest text column on average.
 
@@ -332,8 +382,8 @@ def _default_column(
                 return added[-1]
 
     def mean_length(c: str) -> float:
-        texts = [t for side in (after, before) for t in side.texts(c) if t is not None]
-        return float(np.mean([len(t) for t in texts]))
+        sides = [side.text_length.get(c, (0, 0)) for side in (after, before)]
+        return sum(s[0] for s in sides) / sum(s[1] for s in sides)
 
     return max(both, key=mean_length, default=None)
 
@@ -342,11 +392,10 @@ def _columns(run_dir: Path, step: dict) -> set[str]:
     return set(schema_of(run_dir / "steps" / step["name"]).names)
 
 
-def _measure(texts: list[str | None], sample: np.ndarray) -> dict[str, Any]:
-    """The figures that need no embedding (distinct n-grams and MinHash over ``sample``, the
-    indices of the texts measured; lengths over every text); the embedding ones start as None."""
-    present = [t for t in texts if t is not None]
-    sampled = [texts[i] for i in sample]
+def _measure(lengths: np.ndarray, sampled: list[str]) -> dict[str, Any]:
+    """The figures that need no embedding (distinct n-grams and MinHash over the ``sampled``
+    texts; lengths over every text: ``lengths``, -1 for a row without one); the embedding ones
+    start as None."""
     unigrams = bigrams = 0
     distinct1: set[str] = set()
     distinct2: set[tuple[str, str]] = set()
@@ -362,19 +411,19 @@ def _measure(texts: list[str | None], sample: np.ndarray) -> dict[str, Any]:
         own = np.arange(len(sampled))
         clustered = (canonical != own) | np.isin(own, canonical[canonical != own])
         share = _round(clustered.mean())
-    lengths = np.array([len(t) for t in present], dtype=float)
+    present = lengths[lengths >= 0].astype(float)
     length = dict.fromkeys(("mean", "p10", "p50", "p90", "max"))
-    if len(lengths):
-        p10, p50, p90 = np.percentile(lengths, [10, 50, 90])
+    if len(present):
+        p10, p50, p90 = np.percentile(present, [10, 50, 90])
         length = {
-            "mean": _round(lengths.mean()),
+            "mean": _round(present.mean()),
             "p10": _round(p10),
             "p50": _round(p50),
             "p90": _round(p90),
-            "max": int(lengths.max()),
+            "max": int(present.max()),
         }
     return {
-        "rows": len(texts),
+        "rows": len(lengths),
         "distinct_1": _round(len(distinct1) / unigrams) if unigrams else None,
         "distinct_2": _round(len(distinct2) / bigrams) if bigrams else None,
         "minhash_cluster_share": share,
@@ -385,13 +434,9 @@ def _measure(texts: list[str | None], sample: np.ndarray) -> dict[str, Any]:
 
 
 def _embed(
-    run_dir: Path,
-    before: tuple[list[str | None], np.ndarray],
-    after: tuple[list[str | None], np.ndarray],
-    notes: list[str],
-    model: str,
+    run_dir: Path, before: list[str], after: list[str], notes: list[str], model: str
 ) -> tuple | None:
-    """Embeddings of each side's sampled texts (texts, indices), and of their distinct texts.
+    """Embeddings of each side's embedding sample (its texts), and of their distinct texts.
 
     They come from the run's embedding store (``embeddings/``, shared with ``semantic_dedup``);
     only texts never embedded before are. None when neither sample has a text, or (with a note)
@@ -404,14 +449,13 @@ def _embed(
             "(pip install 'kdata[embed]')"
         )
         return None
-    sides = [[texts[i] for i in idx] for texts, idx in (before, after)]
-    if not sides[0] and not sides[1]:
+    if not before and not after:
         return None
-    distinct = list(dict.fromkeys(sides[0] + sides[1]))
+    distinct = list(dict.fromkeys(before + after))
     emb = SemanticDedupStep(columns=["text"], model=model).embed(distinct, run_dir / "embeddings")
     where = {t: i for i, t in enumerate(distinct)}
     b_emb, a_emb = (
-        emb[[where[t] for t in side]].reshape(len(side), emb.shape[1]) for side in sides
+        emb[[where[t] for t in side]].reshape(len(side), emb.shape[1]) for side in (before, after)
     )
     return b_emb, a_emb, emb
 
@@ -461,96 +505,28 @@ def _entropy(labels: np.ndarray, k: int) -> float:
     return _round(float(-(p * np.log(p)).sum() / math.log(k)))
 
 
-def _survivors(run_dir: Path, steps: list[dict], final_ids: list[str]) -> set[str]:
-    """The final rows' ids and their ancestors' through ``steps`` (their parent ids)."""
-    alive = set(final_ids)
+def _among(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """Whether each of ``keys`` is one of ``sorted_keys`` (sorted, unique): a binary search each,
+    which, unlike `np.isin`, does not sort ``sorted_keys`` again on every call."""
+    at = np.minimum(np.searchsorted(sorted_keys, keys), max(len(sorted_keys) - 1, 0))
+    return sorted_keys[at] == keys if len(sorted_keys) else np.zeros(len(keys), bool)
+
+
+def _survivors(run_dir: Path, steps: list[dict], final: np.ndarray) -> np.ndarray:
+    """The `_keys` of the final rows' ids (``final``) and of their ancestors' through ``steps``
+    (their parent ids), sorted; each step's ids read a row group at a time."""
+    alive = np.unique(final)
     for s in reversed(steps):
-        folder = run_dir / "steps" / s["name"]
-        if PROVENANCE not in schema_of(folder).names:  # a step that kept no row
-            continue
-        prov = read_table(folder, columns=[PROVENANCE]).column(PROVENANCE).combine_chunks()
-        for rid, parents in zip(
-            prov.field("id").to_pylist(), prov.field("parent_ids").to_pylist(), strict=True
-        ):
-            if rid in alive:
-                alive.update(parents or ())
+        found = []
+        for t in tables_of(parts(run_dir / "steps" / s["name"]), [_ID, f"{PROVENANCE}.parent_ids"]):
+            if PROVENANCE not in t.column_names:  # a step that kept no row
+                continue
+            prov = t.column(PROVENANCE).combine_chunks()
+            hit = _among(_keys(prov.field("id").to_pylist()), alive)
+            parents = prov.field("parent_ids").filter(pa.array(hit)).flatten()
+            found.append(_keys(parents.drop_null().to_pylist()))
+        alive = np.union1d(alive, np.concatenate(found)) if found else alive
     return alive
-
-
-def _figure(width: float = 6.4, height: float = 4.2):
-    from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    return fig, fig.subplots()
-
-
-def _save(fig, run_dir: Path, out: Path, name: str) -> str:
-    fig.savefig(run_dir / out / name, dpi=_DPI)
-    return (out / name).as_posix()
-
-
-def _plot_projection(run_dir: Path, out: Path, emb: np.ndarray, kept: np.ndarray, column: str):
-    centred = emb.astype(np.float64) - emb.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    xy = centred @ vt[:2].T
-    fig, ax = _figure()
-    for mask, label, colour in ((kept, "kept", "tab:blue"), (~kept, "dropped", "tab:red")):
-        ax.scatter(
-            xy[mask, 0], xy[mask, 1], s=8, alpha=0.6, c=colour, label=f"{label} ({mask.sum()})"
-        )
-    ax.set(title=f"'{column}' embeddings of the generated rows (PCA)", xlabel="PC 1", ylabel="PC 2")
-    ax.legend()
-    return _save(fig, run_dir, out, "projection.png")
-
-
-def _plot_lengths(run_dir: Path, out: Path, before: list, after: list, column: str | None) -> str:
-    fig, ax = _figure()
-    b = [len(t) for t in before if t is not None]
-    a = [len(t) for t in after if t is not None]
-    if b or a:
-        bins = np.histogram_bin_edges(b + a, bins=40)
-        ax.hist(b, bins=bins, alpha=0.5, label=f"generated ({len(b)})", color="tab:gray")
-        ax.hist(a, bins=bins, alpha=0.6, label=f"final ({len(a)})", color="tab:blue")
-        ax.legend()
-    ax.set(title=f"length of '{column}'", xlabel="characters", ylabel="rows")
-    return _save(fig, run_dir, out, "lengths.png")
-
-
-def _plot_waterfall(
-    run_dir: Path, out: Path, generated: int, waterfall: list[dict], final: int
-) -> str:
-    fig, ax = _figure(max(6.4, 1.1 * (len(waterfall) + 2)), 4.2)
-    names = ["generated", *(w["step"] for w in waterfall), "final"]
-    ax.bar(0, generated, color="tab:gray")
-    ax.bar(len(names) - 1, final, color="tab:blue")
-    colours: dict[str, Any] = {}
-    palette = iter(["tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive"])
-    for x, w in enumerate(waterfall, start=1):
-        ax.bar(x, w["rows_out"], color="tab:blue", alpha=0.35)
-        bottom = w["rows_out"]
-        removed = Counter(w["dropped"])
-        if w["failed"]:
-            removed["failed"] = w["failed"]
-        for reason, count in sorted(removed.items()):
-            if reason not in colours:
-                colours[reason] = next(palette, "tab:cyan")
-                label = reason
-            else:
-                label = None
-            ax.bar(x, count, bottom=bottom, color=colours[reason], label=label)
-            bottom += count
-        if w["rows_out"] > w["rows_in"]:  # a step that makes rows (n samples per row, say)
-            ax.bar(
-                x, w["rows_out"] - w["rows_in"], bottom=w["rows_in"], color="tab:green", alpha=0.5
-            )
-        ax.annotate(str(w["rows_out"]), (x, w["rows_out"]), ha="center", va="bottom", fontsize=8)
-    ax.annotate(str(generated), (0, generated), ha="center", va="bottom", fontsize=8)
-    ax.annotate(str(final), (len(names) - 1, final), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set(title="rows through curation (coloured: removed, by reason)", ylabel="rows")
-    if colours:
-        ax.legend(fontsize=8)
-    return _save(fig, run_dir, out, "waterfall.png")
 
 
 def _round(x: float) -> float:

