@@ -18,8 +18,6 @@ blocks are scheduled and writes the step's parts (see `kdata.blocks`). By the st
   (``step.blocks(ctx, block_rows)``: an iterator, or an async one for a source that asks a
   teacher, ``curate`` or ``magpie``, which then counts its own progress). Such a step makes
   a finished block again on a rerun, from the cache, and does not write it again.
-- ``whole``: the step gets every input row in one list and writes one part (steps not yet
-  written over blocks: a user's own step that does not say its kind).
 
 Parquet encoding and decoding, and a global step's summaries, run in a thread pool sized to the
 cores, off the event loop, so teacher calls and CPU work overlap.
@@ -157,11 +155,7 @@ class LocalExecutor:
         def blocks(columns: list[str] | None = None) -> Iterator[Block]:
             return input_blocks(source, self.block_rows, columns)
 
-        if step.kind == "whole":
-            rows = [r for b in blocks() for r in b.rows()]
-            out = await step.run(rows, ctx)
-            target.results[0] = await self._write(target, Block(0, 0, to_table([])), rows, out)
-        elif step.kind == "source":
+        if step.kind == "source":
             passed = ((b, _Same()) for b in blocks())
             await self._blocks(target, _chain(passed, step.blocks(ctx, self.block_rows), self.pool))
         elif step.kind == "global":

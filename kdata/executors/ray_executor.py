@@ -28,7 +28,7 @@ the steps below in place of the recipe's). What runs on the cluster, by the step
   (``minhash_dedup``: the candidate edges of a group of bands). Reduce and ``each`` tasks go to
   the nodes in turn. The driver gets back only what they found (drops, edges), and each block
   is marked in a task that reads it, the driver reading only its ids and writing its parts.
-- ``source`` and ``whole`` steps run on the driver, as the local executor runs them.
+- ``source`` steps run on the driver, as the local executor runs them.
 """
 
 from __future__ import annotations

@@ -375,16 +375,16 @@ class StepBase(StrictModel):
     """Fields and hooks every step has.
 
     ``kind`` tells the executor how to run the step over blocks (`kdata.executors.local`):
-    ``map`` (``run`` gets one block's rows at a time: the step is row-local), ``global``
-    (`GlobalStep`: phases over blocks), ``source`` (``blocks`` yields what it reads) or ``whole``
-    (``run`` gets every row at once; the default, for a step not written over blocks).
+    ``map`` (the default: ``run`` gets one block's rows at a time, the step is row-local),
+    ``global`` (`GlobalStep`: phases over blocks) or ``source`` (``blocks`` yields what it reads
+    or makes). No step ever gets every row at once.
 
     ``curates`` marks the steps that remove rows without asking a teacher (filters, dedup,
     decontamination): the rows entering the first of them are the "generated" rows that the
     diversity report compares the final rows with.
     """
 
-    kind: ClassVar[str] = "whole"
+    kind: ClassVar[str] = "map"
     curates: ClassVar[bool] = False
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")  # a folder name
 
