@@ -24,14 +24,16 @@ from kdata.publish.config import PublishConfig
 from kdata.steps.base import StrictModel
 from kdata.steps.conversation import ConversationStep
 from kdata.steps.curate import CurateStep
+from kdata.steps.decontaminate import DecontaminateStep
 from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
 from kdata.steps.diversity import DiversityStep
 from kdata.steps.elicit import ConsensusStep, LabelStep
 from kdata.steps.embedders import STATIC
-from kdata.steps.expand import EvolInstructStep, SelfInstructStep
+from kdata.steps.evol import EvolInstructStep
+from kdata.steps.expand import SelfInstructStep
 from kdata.steps.features import FeaturesStep
 from kdata.steps.feedback import JudgeStep, PreferencesStep
-from kdata.steps.filters import DecontaminateStep, FilterStep
+from kdata.steps.filters import FilterStep
 from kdata.steps.magpie import MagpieStep
 from kdata.steps.self_knowledge import SelfConsistencyStep, SelfRefineStep
 from kdata.steps.semantic import SemanticDedupStep

@@ -34,8 +34,8 @@ from kdata.answers import answers_match, extract_answer, rouge_l
 from kdata.blocks import read_table
 from kdata.errors import KdataError, TeacherError
 from kdata.steps.base import _JINJA, PROVENANCE, StepContext, StrictModel, Template, gather_requests
+from kdata.steps.decontaminate import ngram_hashes
 from kdata.steps.feedback import InvalidOutput, PairJudge
-from kdata.steps.filters import ngram_hashes
 
 TINY = "tiny"
 # Dense bf16 peak FLOP/s by GPU name, for model FLOPs utilisation (vendor datasheet figures).

@@ -12,7 +12,8 @@ from scripted import build_scripted, last_user_message, step_tables
 
 import kdata
 from kdata.answers import rouge_l
-from kdata.steps.expand import EvolInstructStep, SelfInstructStep, copied_from_prompt
+from kdata.steps.evol import EvolInstructStep, copied_from_prompt
+from kdata.steps.expand import SelfInstructStep
 from kdata.steps.novelty import NoveltyIndex
 
 SEEDS = [json.loads(line) for line in SEED_TASKS.read_text(encoding="utf-8").splitlines()]

@@ -13,7 +13,8 @@ from conftest import write_jsonl
 import kdata
 from kdata.blocks import read_dropped, read_table
 from kdata.steps.base import StepContext, StepOutput, provenance
-from kdata.steps.filters import DecontaminateStep, FilterStep, repetition
+from kdata.steps.decontaminate import DecontaminateStep
+from kdata.steps.filters import FilterStep, repetition
 from kdata.steps.semantic import MINILM, SemanticDedupStep
 
 MOVIE = (
