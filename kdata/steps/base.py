@@ -255,6 +255,16 @@ class StepOutput:
     dropped: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
 
+    def add(self, record: dict) -> None:
+        """File a unit's record by its shape: a row (it has provenance), a `failure` (it has an
+        error class) or a `dropped` record."""
+        if PROVENANCE in record:
+            self.rows.append(record)
+        elif "error_class" in record:
+            self.failed.append(record)
+        else:
+            self.dropped.append(record)
+
 
 def dropped(row: dict, reason: str, **detail: Any) -> dict:
     """A record of the dropped table: which row, why, and the scores behind the decision.
@@ -362,12 +372,7 @@ async def settle(out: StepOutput, units: list[Awaitable[dict]], ctx: StepContext
 
     ctx.set_total(len(units))
     for r in await gather_requests(one(u) for u in units):
-        if PROVENANCE in r:
-            out.rows.append(r)
-        elif "error_class" in r:
-            out.failed.append(r)
-        else:
-            out.dropped.append(r)
+        out.add(r)
     return out
 
 

@@ -212,12 +212,7 @@ class CurateStep(StepBase):
         """Sort one request's outcome (a failure record, or rows and drop records) into ``out``."""
         for r in result if isinstance(result, list) else [result]:
             out.expected += 1
-            if PROVENANCE in r:
-                out.rows.append(r)
-            elif "reason" in r:
-                out.dropped.append(r)
-            else:
-                out.failed.append(r)
+            out.add(r)
 
     async def _tree(self, ctx: StepContext) -> tuple[list[list[str]], list[dict]]:
         """The topic tree's leaves (each its path from the root), and its failed requests."""

@@ -122,12 +122,7 @@ class EvolInstructStep(StepBase):
         for records in await gather_requests(self._lineage(row, ctx) for row in rows):
             out.expected += len(records)
             for r in records:
-                if PROVENANCE in r:
-                    out.rows.append(r)
-                elif "reason" in r:
-                    out.dropped.append(r)
-                else:
-                    out.failed.append(r)
+                out.add(r)
         return out
 
     async def _lineage(self, row: dict, ctx: StepContext) -> list[dict]:

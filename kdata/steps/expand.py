@@ -186,7 +186,7 @@ class SelfInstructStep(GlobalStep):
         for todo in batched(kept, block_rows):
             out = StepOutput(rows=[], expected=len(todo))
             for r in await gather_requests(self._instances(c, ctx) for c in todo):
-                (out.rows if PROVENANCE in r else out.failed).append(r)
+                out.add(r)
             ctx.advance(len(todo))
             yield out
 
@@ -291,7 +291,7 @@ def _records(records: list[dict]) -> StepOutput:
     """A block of drop and failure records."""
     out = StepOutput(rows=[], expected=len(records))
     for r in records:
-        (out.dropped if "reason" in r else out.failed).append(r)
+        out.add(r)
     return out
 
 

@@ -122,11 +122,7 @@ class MagpieStep(StepBase):
             answers = iter(await gather_requests(self._answer(row, c, ctx) for row, c in todo))
             out = StepOutput(rows=[], expected=len(numbers))
             for r in records:
-                r = r or next(answers)
-                if PROVENANCE in r:
-                    out.rows.append(r)
-                else:
-                    (out.failed if "error_class" in r else out.dropped).append(r)
+                out.add(r or next(answers))
             yield out
 
     async def _write(self, i: int, prefix: str, params: dict, ctx: StepContext):
