@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests")]
-from ray_cluster import loopback_cluster  # noqa: E402
+from ray_cluster import descendants, loopback_cluster  # noqa: E402
 from scale import write_seeds  # noqa: E402
 
 LABEL = """\
@@ -67,25 +67,6 @@ execution: {{block_rows: {block_rows}{ray}}}
 report: {{diversity: false}}
 """
 CHILD = "import sys, kdata; kdata.build(kdata.load_recipe(sys.argv[1]), run_dir=sys.argv[2])"
-
-
-def descendants(root: int) -> set[int]:
-    parents = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                parents[int(d)] = int(
-                    Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1]
-                )
-            except OSError:
-                continue
-    out, todo = set(), [root]
-    while todo:
-        parent = todo.pop()
-        kids = [c for c, p in parents.items() if p == parent]
-        out.update(kids)
-        todo += kids
-    return out
 
 
 def sample(pid: int) -> tuple[str, float, int] | None:

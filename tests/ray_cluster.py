@@ -1,4 +1,5 @@
-"""A two-node Ray cluster on 127.0.0.1, for tests/test_ray.py and benchmarks/ray_scale.py."""
+"""A two-node Ray cluster on 127.0.0.1, for tests/test_ray.py and benchmarks/ray_scale.py, and
+the processes it starts (`descendants`)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,22 @@ def loopback_cluster(tmp: Path):
     )
     cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
     return cluster
+
+
+def descendants(root: int) -> set[int]:
+    """The pids of every live process below ``root`` (read from /proc; Linux only)."""
+    parents = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        out.update(kids)
+        todo += kids
+    return out

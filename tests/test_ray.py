@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from openai_standin import Config, StandIn
-from ray_cluster import ENV, loopback_cluster
+from ray_cluster import ENV, descendants, loopback_cluster
 
 import kdata
 from kdata.blocks import read_dataset, read_table
@@ -157,7 +157,7 @@ def test_quickstart_on_ray_gives_the_local_rows_on_loopback_only(
         )
         build.start()
         while build.is_alive():  # the cluster's processes, workers included, while it runs
-            seen += _listening(_descendants(os.getpid()))
+            seen += _listening(descendants(os.getpid()))
             time.sleep(0.2)
         build.join()
         assert {r.authorization for r in s.records} == {f"Bearer {SECRET}"}
@@ -293,24 +293,6 @@ def _listening(pids: set[int]) -> list[str]:
             f = line.split()
             if f[3] == "0A" and f[9] in inodes:  # LISTEN
                 out.append(f[1].rsplit(":", 1)[0])
-    return out
-
-
-def _descendants(root: int) -> set[int]:
-    parents = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
-    out, todo = set(), [root]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parents.items() if pp == p]
-        out.update(kids)
-        todo += kids
     return out
 
 
