@@ -156,14 +156,15 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def write_parts(folder: Path, block: str, tables: dict[str, Any], counts: dict) -> None:
+def write_parts(folder: Path, block: str, tables: dict[str, Any], counts: dict) -> list[Path]:
     """Write one block's ``rows``, ``dropped`` and ``failed`` parts (lists of dicts, or Arrow
-    tables), then its counts JSON.
+    tables), then its counts JSON; returns the files written, the counts last.
 
     Raises:
         KdataError: rows that Arrow cannot store (a column of mixed types), or a write that
             fails (disk full, a read-only folder), naming the step folder and the block.
     """
+    written = []
     for kind in KINDS:
         try:
             table = tables[kind]
@@ -175,13 +176,16 @@ def write_parts(folder: Path, block: str, tables: dict[str, Any], counts: dict) 
                 "holds values of different types (make them one type in the step before)"
             ) from None
         try:
-            write_parquet(folder / kind / f"{block}.parquet", table)
+            written.append(folder / kind / f"{block}.parquet")
+            write_parquet(written[-1], table)
         except OSError as e:
             raise KdataError(
                 f"step {folder.name}, block {block}: cannot write its {kind}: {e}; "
                 "free space or fix permissions and build again (finished blocks are kept)"
             ) from None
-    write_json(folder / "blocks" / f"{block}.json", counts)
+    written.append(folder / "blocks" / f"{block}.json")
+    write_json(written[-1], counts)
+    return written
 
 
 def parts(folder: Path, kind: str = "rows") -> list[Path]:

@@ -122,7 +122,10 @@ def build(
         ),
     ] = False,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Run directory (overrides output.dir).")
+        str | None,
+        typer.Option(
+            "--output", "-o", help="Run directory, a path or a URL (overrides output.dir)."
+        ),
     ] = None,
     executor: Annotated[
         str | None,
@@ -183,8 +186,9 @@ def build(
         raise typer.Exit(2 if isinstance(e, RecipeError) else 1) from None
     out.print(summary_table(run))
     total_failed = sum(s.failed for s in run.steps)
+    where = f"{run.url}/data (stage: {run.dataset_path})" if run.url else run.dataset_path
     out.print(
-        f"dataset: {run.dataset_path} ({run.steps[-1].rows_out} rows); "
+        f"dataset: {where} ({run.steps[-1].rows_out} rows); "
         f"spent ${run.cost_usd_total:.4f} in all"
         + (f"; {total_failed} failed (see steps/*/failed/)" if total_failed else ""),
         soft_wrap=True,

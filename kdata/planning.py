@@ -48,6 +48,7 @@ from typing import Any
 from kdata.errors import BudgetExceeded, KdataError, TeacherError
 from kdata.recipe import Recipe, Teacher
 from kdata.steps.base import StepContext
+from kdata.storage import Remote, is_url
 from kdata.teachers.pool import DEFAULT_MAX_TOKENS_ESTIMATE, TeacherPool, _litellm, prices
 
 BATCH_DISCOUNT = 0.5  # OpenAI Batch and Anthropic Message Batches: half the online price
@@ -262,7 +263,9 @@ def plan(recipe: Recipe, *, run_dir: str | os.PathLike | None = None) -> Plan:
     Raises:
         KdataError: a source cannot be read.
     """
-    cache = _StoredResponses(Path(run_dir or recipe.run_dir) / "cache.sqlite")
+    where = run_dir or recipe.run_dir
+    local = Remote(where).local if is_url(where) else Path(where)  # a URL's stage, as it is
+    cache = _StoredResponses(local / "cache.sqlite")
     try:
         try:
             asyncio.get_running_loop()

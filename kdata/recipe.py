@@ -38,6 +38,7 @@ from kdata.steps.magpie import MagpieStep
 from kdata.steps.self_knowledge import SelfConsistencyStep, SelfRefineStep
 from kdata.steps.semantic import SemanticDedupStep
 from kdata.steps.sources import SeedsStep
+from kdata.storage import is_url
 from kdata.validation import ValidationConfig
 
 # Every step type there is: the recipe's discriminated union is built from this tuple.
@@ -264,9 +265,11 @@ class Recipe(StrictModel):
         return self._base_dir
 
     @property
-    def run_dir(self) -> Path:
-        """The run directory named by ``output.dir`` (default ``runs/<name>``)."""
-        return Path(self.output.dir if self.output else f"runs/{self.name}")
+    def run_dir(self) -> Path | str:
+        """The run directory named by ``output.dir`` (default ``runs/<name>``): a path, or a
+        URL (``s3://…``: `kdata.storage`)."""
+        where = self.output.dir if self.output else f"runs/{self.name}"
+        return where if is_url(where) else Path(where)
 
     def step_names(self) -> list[str]:
         """Each step's name: its ``name`` field or ``NN_type``."""

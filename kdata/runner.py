@@ -39,6 +39,7 @@ from kdata.executors.local import Counts, LocalExecutor
 from kdata.lock import hold
 from kdata.recipe import Recipe, Teacher
 from kdata.steps.base import StepContext
+from kdata.storage import Remote, is_url
 from kdata.teachers.cache import RequestCache
 
 
@@ -73,11 +74,12 @@ class StepStats:
 class Run:
     """The outcome of `build`: where it is, what each step did, what the teachers cost."""
 
-    dir: Path
+    dir: Path  # the stage, when the run directory is at a URL (`kdata.storage`)
     status: str  # complete | budget_exceeded | interrupted
     steps: list[StepStats]
     ledger: dict[str, dict[str, Any]]
     cost_usd_total: float = 0.0
+    url: str | None = None  # the run directory's URL, if it is at one
 
     @property
     def dataset_path(self) -> Path:
@@ -133,7 +135,8 @@ def build(
 
     Args:
         recipe: a loaded or Python-built recipe.
-        run_dir: overrides ``output.dir``.
+        run_dir: overrides ``output.dir``; a path, or a URL (``s3://bucket/runs/x``) that the
+            build keeps up to date from a local copy (`kdata.storage`).
         reporter: progress receiver (the CLI passes a rich one).
         cache_only: send no teacher request (keys and prices are not checked): a request whose
             response is not in the run's cache fails its row with error class ``not_cached``,
@@ -154,9 +157,13 @@ def build(
     if not cache_only:
         recipe.check_runtime()
     reporter = reporter or _Silent()
-    run_dir = Path(run_dir) if run_dir else recipe.run_dir
-    with hold(run_dir, reporter.note):
-        coro = _build(recipe, run_dir, reporter, cache_only)
+    where = run_dir or recipe.run_dir
+    remote = Remote(where) if is_url(where) else None
+    run_dir = remote.local if remote else Path(where)
+    with hold(run_dir, reporter.note), remote.hold() if remote else contextlib.nullcontext():
+        if remote:
+            remote.pull()
+        coro = _build(recipe, run_dir, reporter, cache_only, remote)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -212,7 +219,9 @@ def fingerprints(recipe: Recipe) -> list[str]:
     return out
 
 
-async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: bool) -> Run:
+async def _build(
+    recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: bool, remote: Remote | None
+) -> Run:
     from kdata.steps.diversity import final_report, remove_final_report
     from kdata.teachers.loop import LoopExecutor
     from kdata.teachers.pool import TeacherPool
@@ -221,14 +230,21 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
     executor = _executor(recipe, run_dir)  # first: joining a Ray cluster may fail
     stored_before = _stored_responses(run_dir)
     cache = RequestCache(run_dir / "cache.sqlite")
+    if remote:  # what the URL held: the responses of its builds, absorbed
+        for store in sorted((run_dir / "cache").glob("*.sqlite")):
+            cache.absorb(store)
+        remote.begin(cache.path)
     pool = TeacherPool(
         recipe.teachers, cache, recipe.budget_usd, cache_only, run_dir / "batches", reporter.note
     )
     names, fps = recipe.step_names(), fingerprints(recipe)
     manifest = _manifest(recipe, names, fps)
     manifest["teachers"] = cache.totals_by_teacher()  # what the cache holds, should this build die
-    run = Run(dir=run_dir, status="running", steps=[], ledger={})
+    url = remote.url if remote else None
+    run = Run(dir=run_dir, status="running", steps=[], ledger={}, url=url)
     write_json(run_dir / "manifest.json", manifest)
+    if remote:
+        remote.sync("manifest.json")
     source: Path | None = None  # the folder of the step before, whose rows are the input
     try:
         _check_cache(cache, stored_before)
@@ -265,12 +281,15 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
                     advance=lambda n: reporter.advance(
                         n, pool.in_flight, pool.tokens, pool.spent_usd
                     ),
+                    written=remote.block if remote else lambda paths: None,
                 )
                 counts = await executor.run(step, source, folder, ctx, fp)
                 _check_accounting(name, counts)
                 stats.seconds = round(time.monotonic() - t0, 3)
                 _fill_stats(stats, counts, pool, before)
                 write_json(folder / "stats.json", asdict(stats))
+                if remote:
+                    remote.sync(f"steps/{name}")
             source = folder
             run.steps.append(stats)
             reporter.step_finished(stats)
@@ -310,6 +329,9 @@ async def _build(recipe: Recipe, run_dir: Path, reporter: Reporter, cache_only: 
         await pool.aclose()
         cache.close()
         executor.close()
+        if remote:
+            reporter.note(f"sending the run directory to {remote.url}")
+            remote.finish(cache.path)
     if recipe.publish and recipe.publish.dir:  # last: the folder reads everything above
         from kdata.publish import write_folder
 

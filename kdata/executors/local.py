@@ -259,7 +259,10 @@ class LocalExecutor:
             dropped = [{**d, "row": None} if d["row_id"] in given else d for d in dropped]
         tables = {"rows": _kept(target, block, rows, out), "dropped": dropped, "failed": out.failed}
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.pool, write_parts, target.folder, name, tables, counts)
+        written = await loop.run_in_executor(
+            self.pool, write_parts, target.folder, name, tables, counts
+        )
+        await loop.run_in_executor(self.pool, target.ctx.written, written)
         return counts
 
 

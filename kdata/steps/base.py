@@ -233,6 +233,8 @@ class StepContext:
     """What a running step may use: its name, the recipe's folder, the teachers, progress.
 
     ``run_dir`` is where a step may keep what it can reuse on a rerun (embeddings, say).
+    ``written`` gets the files of each block the executor has written (a run directory at a
+    URL sends them there, `kdata.storage`).
     """
 
     name: str
@@ -241,6 +243,7 @@ class StepContext:
     run_dir: Path | None = None
     advance: Callable[[int], None] = lambda n: None
     set_total: Callable[[int], None] = lambda n: None
+    written: Callable[[list[Path]], None] = lambda paths: None
 
 
 @dataclass

@@ -1,0 +1,319 @@
+"""A run directory at an fsspec URL (``s3://bucket/runs/x``, ``gs://…``, ``file:///…``).
+
+A build works in a local copy of it, the *stage* (``$KDATA_STAGE``, default
+``~/.cache/kdata/stage``, then a folder per URL), so the SQLite cache, the lock and the
+write-then-rename parts keep their POSIX guarantees; the URL is kept up to date from it:
+
+- at the start, `Remote.pull` brings the stage to what the URL holds. The responses stay a union:
+  the stage's ``cache.sqlite`` is kept, and the URL's (and its segments) are absorbed into it;
+  the batch journal and the embedding store of the stage are kept too.
+- after each block, its parts go up with a *segment* of the responses stored since the block
+  before (``cache/seg-<host>-<pid>-<n>.sqlite``, `Segments`), so a lost machine loses at
+  most the blocks in flight, and no paid-for response the blocks before received;
+- after each step, its folder is mirrored (files gone from the stage go from the URL);
+- at the end, everything: the cache whole (its segments then removed), the manifest, the
+  dataset, the report.
+
+The URL's ``lock`` names the build writing to it; a second build refuses to start while it is
+there (object stores have no ``flock``: a build that died leaves it, to be deleted by hand).
+Credentials are fsspec's own (the provider's environment variables or config files); kdata
+writes none of them anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from kdata.errors import KdataError, RunLocked
+
+STAGE_ENV = "KDATA_STAGE"
+LOCK = "lock"
+KEPT = ("cache.sqlite", "cache/", "batches/", "embeddings/")  # the stage's own stay: unions
+SKIPPED = ("tmp/", LOCK)  # a step's scratch files and the local lock never go up
+LIVE = ("cache.sqlite",)  # sent as a `snapshot`, not as the file in use
+
+
+def is_url(where: str | os.PathLike | None) -> bool:
+    """Whether ``where`` names a run directory by URL (``scheme://…``) rather than a path."""
+    return isinstance(where, str) and "://" in where
+
+
+def _under(rel: str, prefixes: tuple[str, ...]) -> bool:
+    return any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in prefixes)
+
+
+def _sends(rel: str) -> bool:
+    """Whether `Remote.sync` sends a file of the stage: not scratch, not a SQLite journal."""
+    return not _under(rel, SKIPPED + LIVE) and not rel.endswith(("-wal", "-shm"))
+
+
+class Remote:
+    """The run directory at ``url`` and its stage on this machine (see the module doc)."""
+
+    def __init__(self, url: str, stage_root: str | os.PathLike | None = None) -> None:
+        try:
+            import fsspec
+
+            self.fs, root = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as e:  # an unknown protocol, or its package missing
+            raise KdataError(f"run directory {url}: {e}") from None
+        self.url = url.rstrip("/")
+        self.root = root.rstrip("/")
+        base = stage_root or os.environ.get(STAGE_ENV) or Path.home() / ".cache/kdata/stage"
+        self.local = Path(base) / hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        self._local_fs = "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
+        self._sent = threading.Lock()  # blocks finish in the executor's threads
+        self._known: dict[str, tuple[int, int]] = {}  # stage files as the URL has them
+
+    def _remote(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def _listing(self, rel: str = "") -> dict[str, int]:
+        """Every file under ``rel`` at the URL, relative to the run directory, and its size."""
+        top = self._remote(rel) if rel else self.root
+        if not self.fs.exists(top):
+            return {}
+        found = self.fs.find(top, detail=True)
+        n = len(self.root) + 1
+        return {p[n:]: int(info.get("size") or 0) for p, info in found.items()}
+
+    def _files(self, rel: str = "") -> Iterator[str]:
+        top = self.local / rel if rel else self.local
+        if top.is_file():
+            yield rel
+            return
+        for p in top.rglob("*") if top.is_dir() else ():
+            if p.is_file() and not p.name.startswith("."):  # not a half-written temporary
+                yield p.relative_to(self.local).as_posix()
+
+    def pull(self) -> None:
+        """Bring the stage to what the URL holds (the responses, batch journal and embeddings
+        of the stage are kept: see the module doc). Remote responses land in ``cache/`` as
+        stores for the build to absorb."""
+        there = self._listing()
+        for rel, size in there.items():
+            if _under(rel, SKIPPED):
+                continue
+            dest = self.local / rel
+            if rel == "cache.sqlite" and dest.exists():
+                dest = self.local / "cache" / f"pulled-{time.time_ns()}.sqlite"  # absorbed
+            elif dest.exists() and (_under(rel, KEPT) or dest.stat().st_size == size):
+                self._known[rel] = _stat(dest)
+                continue
+            self._get(rel, dest)
+            self._known[rel] = _stat(dest)
+        for rel in list(self._files()):
+            if rel not in there and not _under(rel, KEPT + SKIPPED):
+                (self.local / rel).unlink()  # finished here but never sent: it is made again
+
+    def _get(self, rel: str, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.get")
+        self.fs.get_file(self._remote(rel), str(tmp))
+        os.replace(tmp, dest)
+
+    def begin(self, cache_path: Path) -> None:
+        """Send the responses stored in ``cache_path`` from now on with each block."""
+        self._segments = Segments(cache_path)
+
+    def block(self, paths: list[Path]) -> None:
+        """Send the responses stored since the block before, then a block's files (its counts
+        last: a block the URL counts finished has its responses there), then the batch
+        journal."""
+        with self._sent:
+            for segment in self._segments.take():
+                self._put(self.local / segment, segment)
+                (self.local / segment).unlink()  # its responses are in the stage's stores
+            for p in paths:
+                self._put(p, p.relative_to(self.local).as_posix())
+        self.sync("batches")
+
+    def finish(self, cache_path: Path) -> None:
+        """Send everything: the cache whole, then the rest (the segments go once it is there)."""
+        if cache_path.exists():
+            whole = self.local / ".cache.sqlite.snapshot"
+            snapshot(cache_path, whole)
+            with self._sent:
+                self._put(whole, "cache.sqlite")
+            whole.unlink()
+        self.sync()
+
+    def _put(self, path: Path, rel: str) -> None:
+        dest = self._remote(rel)
+        try:
+            if self._local_fs:  # a filesystem: by way of a temporary name, as the stage's own
+                tmp = f"{dest}.put-{os.getpid()}"
+                self.fs.makedirs(self.fs._parent(dest), exist_ok=True)
+                self.fs.put_file(str(path), tmp)
+                self.fs.mv(tmp, dest)
+            else:  # an object store: an upload is whole or absent
+                self.fs.put_file(str(path), dest)
+            self._known[rel] = _stat(path)
+        except OSError as e:
+            raise KdataError(
+                f"cannot send {rel} to {self.url}: {e}; the stage {self.local} keeps it, and the "
+                "next build sends it"
+            ) from None
+
+    def sync(self, rel: str = "") -> None:
+        """Make the URL's ``rel`` (default: everything) what the stage's is: send the files
+        changed since they were last sent or pulled, delete those the stage no longer has."""
+        with self._sent:
+            there = self._listing(rel)
+            here = {r for r in self._files(rel) if _sends(r)}
+            for r in sorted(here):
+                now = _stat(self.local / r)
+                if there.get(r) != now[0] or self._known.get(r) != now:
+                    self._put(self.local / r, r)
+            for r in sorted(set(there) - here):
+                if not _under(r, SKIPPED + LIVE):
+                    self.fs.rm_file(self._remote(r))
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold the URL's ``lock`` for the ``with`` block.
+
+        Raises:
+            RunLocked: another build's lock is there.
+        """
+        lock = self._remote(LOCK)
+        if self.fs.exists(lock):
+            try:
+                held = json.loads(self.fs.cat_file(lock))
+            except (OSError, ValueError):
+                held = {}
+            if not _gone(held):
+                raise RunLocked(
+                    f"{self.url} is in use by another build (pid {held.get('pid')} on "
+                    f"{held.get('host')}, since {held.get('started_at')}); wait for it to "
+                    f"finish, or, if that build is gone, delete {self.url}/{LOCK}"
+                )
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        }
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.fs.pipe_file(lock, json.dumps(me).encode())
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(lock)
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _gone(held: dict) -> bool:
+    """Whether the build that left a lock was one of this machine's, and has ended."""
+    if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return False
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return held["pid"] == os.getpid()  # not: another process with that pid runs
+
+
+class Segments:
+    """The responses a build stores, sent to the URL as it goes: `take` writes those stored
+    since the last call, in the run's cache and in the Ray workers' stores beside it
+    (``cache/``), into new stores ``cache/seg-<host>-<pid>-<n>.sqlite``."""
+
+    def __init__(self, cache_path: Path) -> None:
+        self.cache_path = cache_path
+        self.after = {cache_path.name: _last_rowid(cache_path)}  # what the URL had before
+        self.n = 0
+
+    def take(self) -> list[str]:
+        """The new segments' paths relative to the stage."""
+        folder = self.cache_path.parent / "cache"
+        stores = [self.cache_path, *sorted(folder.glob("*.sqlite"))]
+        out = []
+        for store in stores:
+            if store.name.startswith(("seg-", "pulled-")):
+                continue  # sent already, or the URL's own
+            rel = f"cache/seg-{socket.gethostname()}-{os.getpid()}-{self.n}.sqlite"
+            after, wrote = export_responses(
+                store, self.cache_path.parent / rel, self.after.get(store.name, 0)
+            )
+            self.after[store.name] = after
+            if wrote:
+                self.n += 1
+                out.append(rel)
+        return out
+
+
+def _last_rowid(cache_path: Path) -> int:
+    if not cache_path.exists():
+        return 0
+    db = sqlite3.connect(cache_path)
+    try:
+        return db.execute("SELECT COALESCE(MAX(rowid), 0) FROM responses").fetchone()[0]
+    except sqlite3.OperationalError:  # no table yet
+        return 0
+    finally:
+        db.close()
+
+
+def export_responses(cache_path: Path, dest: Path, after: int) -> tuple[int, int]:
+    """Copy the responses of ``cache_path`` with rowid > ``after`` into a new store ``dest``.
+
+    Returns the last rowid copied (``after`` when none) and how many were copied; a store of
+    none is not written.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    db = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        db.execute("ATTACH DATABASE ? AS src", (str(cache_path),))
+        db.execute("BEGIN")  # one snapshot of the store for what follows
+        schema = db.execute(
+            "SELECT sql FROM src.sqlite_master WHERE type='table' AND name='responses'"
+        ).fetchone()
+        if schema is None:
+            db.execute("ROLLBACK")
+            return after, 0
+        last = db.execute("SELECT COALESCE(MAX(rowid), 0) FROM src.responses").fetchone()[0]
+        db.execute(schema[0])  # created in main, the first database
+        db.execute(
+            "INSERT INTO main.responses SELECT * FROM src.responses WHERE rowid > ? AND rowid <= ?",
+            (after, last),
+        )
+        n = db.execute("SELECT COUNT(*) FROM main.responses").fetchone()[0]
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    if n:
+        os.replace(tmp, dest)
+    else:
+        tmp.unlink()
+    return max(int(last), after), n
+
+
+def snapshot(cache_path: Path, dest: Path) -> None:
+    """A consistent copy of the SQLite store ``cache_path`` at ``dest`` (its WAL folded in)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    src, out = sqlite3.connect(cache_path), sqlite3.connect(dest)
+    try:
+        src.backup(out)
+    finally:
+        out.close()
+        src.close()
