@@ -227,7 +227,7 @@ async def _build(
     from kdata.teachers.pool import TeacherPool
 
     asyncio.get_running_loop().set_default_executor(LoopExecutor())
-    executor = _executor(recipe, run_dir)  # first: joining a Ray cluster may fail
+    executor = _executor(recipe, run_dir, remote)  # first: joining a Ray cluster may fail
     stored_before = _stored_responses(run_dir)
     cache = RequestCache(run_dir / "cache.sqlite")
     if remote:  # what the URL held: the responses of its builds, absorbed
@@ -339,12 +339,12 @@ async def _build(
     return run
 
 
-def _executor(recipe: Recipe, run_dir: Path) -> Any:
+def _executor(recipe: Recipe, run_dir: Path, remote: Remote | None) -> Any:
     """The recipe's executor: this process, or a Ray cluster (`kdata.executors.ray_executor`)."""
     if recipe.execution.executor == "ray":
         from kdata.executors.ray_executor import RayExecutor
 
-        return RayExecutor(recipe, run_dir)
+        return RayExecutor(recipe, run_dir, remote)
     return LocalExecutor(recipe.execution.block_rows)
 
 

@@ -30,7 +30,9 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from kdata.errors import KdataError, RunLocked
@@ -119,25 +121,51 @@ class Remote:
 
     def _get(self, rel: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.get")
+        tmp = dest.with_name(f".{dest.name}.get-{os.getpid()}-{threading.get_ident()}")
         self.fs.get_file(self._remote(rel), str(tmp))
         os.replace(tmp, dest)
 
+    def pull_stores(self, names: Iterable[str] = ()) -> list[Path]:
+        """Fetch the URL's response stores (its ``cache.sqlite`` and the segments under
+        ``cache/``) that the stage lacks, but for ``names`` and this process's own segments;
+        returns the paths fetched."""
+        got, mine = [], f"seg-{socket.gethostname()}-{os.getpid()}-"
+        for rel, size in self._listing("cache").items():
+            dest, name = self.local / rel, Path(rel).name
+            if name in names or name.startswith(mine):
+                continue
+            if dest.exists() and dest.stat().st_size == size:
+                continue
+            self._get(rel, dest)
+            got.append(dest)
+        whole = self.local / "cache.sqlite"
+        if not whole.exists() and self.fs.exists(self._remote("cache.sqlite")):
+            self._get("cache.sqlite", whole)
+            got.append(whole)
+        return got
+
     def begin(self, cache_path: Path) -> None:
         """Send the responses stored in ``cache_path`` from now on with each block."""
-        self._segments = Segments(cache_path)
+        self._cache, self._segments = cache_path, Segments(self.local, cache_path)
 
     def block(self, paths: list[Path]) -> None:
         """Send the responses stored since the block before, then a block's files (its counts
         last: a block the URL counts finished has its responses there), then the batch
         journal."""
         with self._sent:
-            for segment in self._segments.take():
+            for segment in self._segments.take(self._cache):
                 self._put(self.local / segment, segment)
-                (self.local / segment).unlink()  # its responses are in the stage's stores
+                (self.local / segment).unlink()  # its responses are in the stage's cache
             for p in paths:
                 self._put(p, p.relative_to(self.local).as_posix())
         self.sync("batches")
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Delete these segments from the URL's ``cache/`` (their responses are in another)."""
+        with self._sent:
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(self._remote(f"cache/{name}"))
 
     def finish(self, cache_path: Path) -> None:
         """Send everything: the cache whole, then the rest (the segments go once it is there)."""
@@ -213,6 +241,46 @@ class Remote:
                 self.fs.rm_file(lock)
 
 
+@cache
+def remote(url: str) -> Remote:
+    """The `Remote` of ``url`` in this process, with this machine's stage."""
+    return Remote(url)
+
+
+@dataclass(frozen=True)
+class Files:
+    """How a process of a Ray cluster reaches the run directory's files: at their path on the
+    driver's machine when there is no URL (a path every node sees), else in its own machine's
+    stage, where what it reads is fetched from the URL first."""
+
+    stage: str  # the run directory as the driver has it (its stage, when there is a URL)
+    url: str | None = None
+
+    def here(self) -> Path:
+        """The run directory as this process has it."""
+        return Path(self.stage) if self.url is None else remote(self.url).local
+
+    def read(self, path: str) -> Path:
+        """The driver's file ``path`` on this machine, fetched from the URL if need be."""
+        if self.url is None:
+            return Path(path)
+        rel = Path(path).relative_to(self.stage).as_posix()
+        r = remote(self.url)
+        mine = r.local / rel
+        if not mine.exists():
+            r._get(rel, mine)
+        return mine
+
+    def send(self, store: Path, segments: Segments) -> None:
+        """Send the responses ``store`` got since the last call to the URL (none without one)."""
+        if self.url is not None:
+            r = remote(self.url)
+            with r._sent:
+                for segment in segments.take(store):
+                    r._put(r.local / segment, segment)
+                    (r.local / segment).unlink()
+
+
 def _stat(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_size, st.st_mtime_ns
@@ -232,32 +300,24 @@ def _gone(held: dict) -> bool:
 
 
 class Segments:
-    """The responses a build stores, sent to the URL as it goes: `take` writes those stored
-    since the last call, in the run's cache and in the Ray workers' stores beside it
-    (``cache/``), into new stores ``cache/seg-<host>-<pid>-<n>.sqlite``."""
+    """Responses sent to the URL as they come: `take` writes those a store got since the last
+    call into a new store of their own, ``cache/seg-<host>-<pid>-<n>.sqlite`` in ``stage``."""
 
-    def __init__(self, cache_path: Path) -> None:
-        self.cache_path = cache_path
-        self.after = {cache_path.name: _last_rowid(cache_path)}  # what the URL had before
+    def __init__(self, stage: Path, sent: Path | None = None) -> None:
+        self.stage = stage
+        self.after = {} if sent is None else {sent: _last_rowid(sent)}  # the URL has those
         self.n = 0
 
-    def take(self) -> list[str]:
-        """The new segments' paths relative to the stage."""
-        folder = self.cache_path.parent / "cache"
-        stores = [self.cache_path, *sorted(folder.glob("*.sqlite"))]
-        out = []
-        for store in stores:
-            if store.name.startswith(("seg-", "pulled-")):
-                continue  # sent already, or the URL's own
-            rel = f"cache/seg-{socket.gethostname()}-{os.getpid()}-{self.n}.sqlite"
-            after, wrote = export_responses(
-                store, self.cache_path.parent / rel, self.after.get(store.name, 0)
-            )
-            self.after[store.name] = after
-            if wrote:
-                self.n += 1
-                out.append(rel)
-        return out
+    def take(self, store: Path) -> list[str]:
+        """The new segment's path relative to the stage, in a list (empty: nothing new)."""
+        rel = f"cache/seg-{socket.gethostname()}-{os.getpid()}-{self.n}.sqlite"
+        self.after[store], wrote = export_responses(
+            store, self.stage / rel, self.after.get(store, 0)
+        )
+        if not wrote:
+            return []
+        self.n += 1
+        return [rel]
 
 
 def _last_rowid(cache_path: Path) -> int:

@@ -16,7 +16,9 @@ ENV = {**LOCAL_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
 def loopback_cluster(tmp: Path):
     """A head and a second node on 127.0.0.1, 2 logical CPUs each (with 1, an actor pool starved
     the read task), Ray's files under ``tmp`` (short: Ray's socket paths must be). Sets `ENV`
-    and ``RAY_TMPDIR`` first."""
+    and ``RAY_TMPDIR`` first. Each node's processes have a stage of their own for a run
+    directory at a URL (``KDATA_STAGE``: ``tmp/stage-head``, ``tmp/stage-node``), as two
+    machines with no filesystem in common would."""
     (tmp / "ray").mkdir(exist_ok=True)
     os.environ.update(ENV, RAY_TMPDIR=str(tmp))
     from ray.cluster_utils import Cluster
@@ -28,9 +30,12 @@ def loopback_cluster(tmp: Path):
             "node_ip_address": "127.0.0.1",
             "include_dashboard": False,
             "temp_dir": str(tmp / "ray"),
+            "env_vars": {"KDATA_STAGE": str(tmp / "stage-head")},
         },
     )
-    cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    cluster.add_node(
+        num_cpus=2, node_ip_address="127.0.0.1", env_vars={"KDATA_STAGE": str(tmp / "stage-node")}
+    )
     return cluster
 
 

@@ -131,8 +131,8 @@ report: {{diversity: false}}
 def _same_as_local(local: kdata.Run, on: kdata.Run) -> None:
     assert step_tables(on.dir) == step_tables(local.dir)
     assert read_dataset(on.dir).to_pylist() == read_dataset(local.dir).to_pylist()
-    assert [(s.requests, s.cost_usd) for s in on.steps] == [
-        (s.requests, s.cost_usd) for s in local.steps
+    assert [(s.requests, round(s.cost_usd, 9)) for s in on.steps] == [
+        (s.requests, round(s.cost_usd, 9)) for s in local.steps  # sums in another order
     ]
     with sqlite3.connect(on.dir / "cache.sqlite") as db:  # the workers' stores, merged
         stored = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
@@ -253,6 +253,7 @@ def test_the_dedup_decisions_run_in_tasks_on_both_nodes(cluster, tmp_path: Path)
     from kdata.executors.ray_executor import _RayBlocks, connect
     from kdata.steps.base import StepContext
     from kdata.steps.dedup import ExactDedupStep, MinHashDedupStep
+    from kdata.storage import Files
 
     kdata.build(planted_recipe(tmp_path, 400), run_dir=tmp_path / "run")
     seeds = tmp_path / "run" / "steps" / "00_seeds"
@@ -263,7 +264,7 @@ def test_the_dedup_decisions_run_in_tasks_on_both_nodes(cluster, tmp_path: Path)
     try:
         for step in steps:
             here = Blocks(local, lambda columns: input_blocks(seeds, 40, columns))
-            there = _RayBlocks(seeds, 40, partitions=4)
+            there = _RayBlocks(seeds, 40, partitions=4, files=Files(str(tmp_path / "run")))
             mine = asyncio.run(step.decide(here, ctx))
             theirs = asyncio.run(step.decide(there, ctx))
             for b in range(10):
@@ -322,6 +323,36 @@ def test_the_budget_holds_across_two_workers(cluster, tmp_path: Path) -> None:
         spent, stored = db.execute("SELECT SUM(cost_usd), COUNT(*) FROM responses").fetchone()
     assert 40 < stored == answered < 200  # the budget stopped the step partway
     assert 3.0 - 0.1 < spent <= 3.0  # and spent it nearly all, never past it
+
+
+def test_a_run_at_a_url_needs_no_filesystem_the_nodes_share(
+    cluster, tmp_path: Path, monkeypatch
+) -> None:
+    """The driver and each node have stages of their own (the fixture gives each node its
+    ``KDATA_STAGE``), as machines with no filesystem in common: the input parts the tasks read
+    and the responses the workers stored reach the others through the URL alone."""
+    from kdata.storage import Remote
+
+    with StandIn(Config()) as s:
+        # every question once: a response stored on one node reaches the other at its
+        # block's end, so one asked again in a block running meanwhile elsewhere is paid twice
+        recipe = dedup_recipe(tmp_path, s.port, 300, repeats=1)
+        local = kdata.build(recipe, run_dir=tmp_path / "local")
+        s.clear()
+        monkeypatch.setenv("KDATA_STAGE", str(tmp_path / "driver"))
+        url = f"file://{tmp_path}/bucket/run"
+        on = kdata.build(on_ray(recipe, cluster, workers=2), run_dir=url)
+        answered = len(s.records)
+    _same_as_local(local, on)  # the workers' responses, every one, in the driver's cache
+    assert answered == sum(s.requests for s in local.steps)  # none paid twice
+    nodes = [Remote(url, cluster.tmp / n).local for n in ("stage-head", "stage-node")]
+    fetched = [p for n in nodes for p in n.glob("steps/*/rows/*.parquet")]
+    assert fetched  # the tasks read their blocks from the URL, into their node's stage
+    assert [p for n in nodes for p in n.glob("cache/*-*.sqlite")]  # the workers' own stores
+    root = tmp_path / "bucket" / "run"
+    assert read_dataset(root).to_pylist() == read_dataset(local.dir).to_pylist()
+    with sqlite3.connect(root / "cache.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == answered
 
 
 def test_a_batch_teacher_sends_its_batches_from_the_driver(cluster, tmp_path, monkeypatch) -> None:

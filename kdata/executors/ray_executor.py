@@ -51,6 +51,7 @@ from kdata.blocks import Block, parts, tables_of
 from kdata.errors import KdataError
 from kdata.executors.local import Counts, LocalExecutor
 from kdata.steps.base import PROVENANCE, StepContext, StepOutput
+from kdata.storage import Files, Remote
 
 T = TypeVar("T")
 NAMESPACE = "kdata"
@@ -103,11 +104,13 @@ def connect(address: str | None) -> bool:
 class RayExecutor:
     """Runs steps over blocks on a Ray cluster (see the module doc)."""
 
-    def __init__(self, recipe: Any, run_dir: Path) -> None:
+    def __init__(self, recipe: Any, run_dir: Path, remote: Remote | None = None) -> None:
         import ray
 
         ex = recipe.execution
         self.recipe, self.run_dir, self.block_rows = recipe, Path(run_dir), ex.block_rows
+        self.remote = remote  # the run directory's URL, if it is at one (`kdata.storage`)
+        self.files = Files(str(self.run_dir), remote.url if remote else None)  # for the workers
         self.local = LocalExecutor(ex.block_rows)
         self._started = connect(ex.address)
         nodes = [n for n in ray.nodes() if n["Alive"]]
@@ -133,11 +136,11 @@ class RayExecutor:
     ) -> Counts:
         """Run ``step`` over the rows of the step folder ``source`` and write its parts (as
         `LocalExecutor.run`)."""
-        merge_stores(ctx, self.run_dir)  # what the workers of a build that died stored
+        self.merge_stores(ctx)  # what the workers of a build that died stored
         self.local.map_in_flight = None
         if step.kind == "global":
             self.local.map_in_flight = 2 * self.cpus  # blocks marked at once
-            step = _Global(step, _RayBlocks(source, self.block_rows, self.cpus))
+            step = _Global(step, _RayBlocks(source, self.block_rows, self.cpus, self.files))
         elif step.kind == "map" and ctx.pool is not None and ctx.pool.batched(step.teacher_names()):
             pass  # on the driver, as locally: its batches are the provider's work
         elif step.kind == "map" and step.teacher_names():
@@ -158,24 +161,28 @@ class RayExecutor:
             step = _Remote(step, functools.partial(_tasks, [ray.put(step)], setup))
         return await self.local.run(step, source, folder, ctx, fingerprint)
 
+    def merge_stores(self, ctx: StepContext) -> None:
+        """Merge the workers' stores (``cache/*.sqlite``; with a URL, those they sent there
+        too) into the run's cache, and delete them."""
+        if ctx.pool is None:
+            return
+        got = self.remote.pull_stores() if self.remote is not None else []
+        for path in sorted((self.run_dir / "cache").glob("*.sqlite")):
+            ctx.pool.cache.absorb(path)
+        if got:  # what they sent, sent again in one segment of the driver's, then forgotten
+            self.remote.block([])
+            self.remote.forget([p.name for p in got])
+
     def _setup(self, ctx: StepContext) -> dict:
         r = self.recipe
         return {
             "name": ctx.name,
             "base_dir": str(ctx.base_dir),
-            "run_dir": str(self.run_dir),
+            "files": self.files,
             "teachers": r.teachers,
             "budget_usd": r.budget_usd,
             "cache_only": ctx.pool.cache_only if ctx.pool is not None else False,
         }
-
-
-def merge_stores(ctx: StepContext, run_dir: Path) -> None:
-    """Merge the workers' stores (``cache/*.sqlite``) into the run's cache, and delete them."""
-    if ctx.pool is None:
-        return
-    for path in sorted((run_dir / "cache").glob("*.sqlite")):
-        ctx.pool.cache.absorb(path)
 
 
 async def _await(ref: Any) -> Any:
@@ -230,8 +237,9 @@ class _Workers:
         names = sorted(self.step.teacher_names())
         used = {n: r.teachers[n] for n in names}
         tag = hashlib.sha1(f"{ex.run_dir.resolve()}:{self.ctx.name}".encode()).hexdigest()[:12]
+        spent = self.ctx.pool.spent_before + self.ctx.pool.spent_usd
         self.limits = Limits.options(name=f"kdata-limits-{tag}", namespace=NAMESPACE).remote(
-            str(ex.run_dir), {n: (t.rpm, t.tpm) for n, t in used.items()}, r.budget_usd
+            {n: (t.rpm, t.tpm) for n, t in used.items()}, r.budget_usd, spent
         )
         secrets = {
             t.api_key_var: os.environ[t.api_key_var]
@@ -271,7 +279,7 @@ class _Workers:
             )
         for a in [*self.actors, self.limits]:
             ray.kill(a)
-        merge_stores(self.ctx, self.executor.run_dir)
+        self.executor.merge_stores(self.ctx)
 
 
 class _Global:
@@ -312,8 +320,9 @@ class _RayBlocks:
     pieces from there; reduce and ``each`` tasks go to the nodes in turn, and ``nodes`` records
     the nodes they ran on."""
 
-    def __init__(self, source: Path | None, block_rows: int, partitions: int) -> None:
+    def __init__(self, source: Path | None, block_rows: int, partitions: int, files: Files) -> None:
         self.source, self.block_rows, self.partitions = source, block_rows, partitions
+        self.files = files
         self.nodes: set[str] = set()
         self._cut: list[list[tuple[str, int, int]]] | None = None
         self._step: tuple[Any, Any] | None = None
@@ -338,8 +347,9 @@ class _RayBlocks:
         return out
 
     def _read(self, index: int, columns: list[str] | None = None) -> tuple:
-        """What a task needs to read block ``index``: (its pieces, index, start, columns)."""
-        return self._pieces()[index], index, index * self.block_rows, columns
+        """What a task needs to read block ``index``: (its pieces, index, start, columns, how
+        it reaches the files)."""
+        return self._pieces()[index], index, index * self.block_rows, columns, self.files
 
     async def map(self, fn: Callable[[Block], T], columns: list[str] | None = None) -> list[T]:
         """``fn(block)`` of every block, in block order, each in a Ray task."""
@@ -414,10 +424,11 @@ def _remote(fn: Callable) -> Any:
     return ray.remote(fn)
 
 
-def _block(pieces: list, index: int, start: int, columns: list[str] | None) -> Block:
+def _block(pieces: list, index: int, start: int, columns: list[str] | None, files: Files) -> Block:
     """Block ``index`` read from the rows ``pieces`` of the input parts."""
     tables = [
-        pa.concat_tables(list(tables_of([Path(p)], columns))).slice(a, b - a) for p, a, b in pieces
+        pa.concat_tables(list(tables_of([files.read(p)], columns))).slice(a, b - a)
+        for p, a, b in pieces
     ]
     return Block(index, start, pa.concat_tables(tables, promote_options="permissive"))
 

@@ -4,13 +4,16 @@
   its own (hundreds of requests in flight, the pool's retries and ledger), whose responses go
   to a store of its own, ``cache/<host>-<pid>.sqlite`` in the run directory (`WorkerCache`).
   A request is looked up in that store, then in the run's ``cache.sqlite`` and every other
-  worker's store, so a response any worker stored is never paid for again; the driver merges
-  the workers' stores into ``cache.sqlite`` after the step.
+  store there, so a response any worker stored is never paid for again; the driver merges
+  the workers' stores into ``cache.sqlite`` after the step. With the run directory at a URL
+  (`kdata.storage`), the run directory is the stage of the worker's machine: it fetches the
+  URL's stores there first, and sends what it stored to the URL after each block.
 - `Limits`: one named async actor per step holding each teacher's rpm and tpm buckets and the
   budget. Workers lease rpm/tpm permits a few at a time (at most one second's worth of the
   bucket, at most `PERMITS` requests), and budget `PERMITS` reservations at a time, fewer near
-  the end of the budget. What was spent is read from the stored responses (every store of the
-  run), so a restarted `Limits` knows it again.
+  the end of the budget. What was spent: what the run's cache held when the step began, and
+  what each worker reports it paid (from its ledger) with each lease; a restarted `Limits` is
+  made with the first again, and each worker's next report gives it the rest.
 - `map_block`: a task that runs one block of a map step that asks no teacher (a filter, or
   ``decontaminate``, whose benchmark index the driver builds once and each worker process
   fetches once).
@@ -33,6 +36,7 @@ import ray
 
 from kdata.errors import BudgetExceeded
 from kdata.steps.base import StepContext, StepOutput
+from kdata.storage import Files, Segments, remote
 from kdata.teachers.cache import RequestCache
 from kdata.teachers.loop import LoopExecutor
 from kdata.teachers.pool import Ledger, TeacherPool, _Bucket
@@ -137,7 +141,9 @@ class WorkerPool(TeacherPool):
         async with self._lease:
             if self._free < worst:
                 self._free = 0.0  # handed back: a worker waiting for budget holds none idle
-                got = await self._limits.lease.remote(self._me, self._held, worst, PERMITS * worst)
+                got = await self._limits.lease.remote(
+                    self._me, self._held, self.spent_usd, worst, PERMITS * worst
+                )
                 if got is None:
                     self.budget_hit = True
                     raise BudgetExceeded(
@@ -155,22 +161,22 @@ class WorkerPool(TeacherPool):
         self._holding -= 1  # its real cost is stored by now
         self._held = self._held - reserved if self._holding else 0.0
         if self._tight:
-            self._limits.hold.remote(self._me, self._held + self._free)
+            self._limits.hold.remote(self._me, self._held + self._free, self.spent_usd)
 
     async def give_back(self) -> None:
         """Hand the budget leased and not reserved back to `Limits`."""
         if self.budget_usd is not None:
             async with self._lease:
                 self._free = 0.0
-                await self._limits.hold.remote(self._me, self._held)
+                await self._limits.hold.remote(self._me, self._held, self.spent_usd)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class Limits:
     """Each teacher's rpm/tpm buckets and the budget of one step, for all its workers."""
 
-    def __init__(self, run_dir: str, rates: dict[str, tuple], budget_usd: float | None) -> None:
-        self.run_dir, self.budget = Path(run_dir), budget_usd
+    def __init__(self, rates: dict[str, tuple], budget_usd: float | None, spent: float) -> None:
+        self.budget, self.before = budget_usd, spent
         self.buckets = {
             (name, kind): _Bucket(per_minute)
             for name, (rpm, tpm) in rates.items()
@@ -178,7 +184,7 @@ class Limits:
             if per_minute
         }
         self.holds: dict[str, float] = {}  # budget each worker holds (in flight or leased)
-        self.read: dict[Path, tuple[int, float]] = {}  # store -> (last rowid read, its cost)
+        self.paid: dict[str, float] = {}  # what each worker paid, as it last reported
         self.hit = False
         self.room: asyncio.Condition | None = None
 
@@ -190,28 +196,17 @@ class Limits:
         return amount
 
     def spent(self) -> float:
-        """USD of every response stored in the run's stores (read on from where it left off)."""
-        for path in stores(self.run_dir):
-            last, cost = self.read.get(path, (0, 0.0))
-            if not path.exists():
-                continue
-            try:
-                with contextlib.closing(sqlite3.connect(path)) as db:
-                    top, more = db.execute(
-                        "SELECT MAX(rowid), COALESCE(SUM(cost_usd), 0) FROM responses"
-                        " WHERE rowid > ?",
-                        (last,),
-                    ).fetchone()
-            except sqlite3.OperationalError:  # a store being created has no table yet
-                continue
-            self.read[path] = (top or last, cost + more)
-        return sum(c for _, c in self.read.values())
+        """USD spent: before the step, and by each worker since (as it last reported)."""
+        return self.before + sum(self.paid.values())
 
-    async def lease(self, worker: str, held: float, need: float, want: float) -> float | None:
-        """Budget for ``worker``, which holds ``held`` for its requests in flight: between
-        ``need`` and ``want``, once there is room; None when there never will be."""
+    async def lease(
+        self, worker: str, held: float, paid: float, need: float, want: float
+    ) -> float | None:
+        """Budget for ``worker``, which holds ``held`` for its requests in flight and has paid
+        ``paid`` in all: between ``need`` and ``want``, once there is room; None when there
+        never will be."""
         self.room = self.room or asyncio.Condition()
-        self.holds[worker] = held
+        self.holds[worker], self.paid[worker] = held, paid
         async with self.room:
             while not self.hit:
                 room = self.budget - self.spent() - sum(self.holds.values())
@@ -227,10 +222,11 @@ class Limits:
                     await asyncio.wait_for(self.room.wait(), _RECHECK_S)
         return None
 
-    async def hold(self, worker: str, held: float) -> None:
-        """``worker`` holds ``held`` now (its requests settled, or it gave leased budget back)."""
+    async def hold(self, worker: str, held: float, paid: float) -> None:
+        """``worker`` holds ``held`` now (its requests settled, or it gave leased budget back),
+        and has paid ``paid`` in all."""
         self.room = self.room or asyncio.Condition()
-        self.holds[worker] = held
+        self.holds[worker], self.paid[worker] = held, paid
         async with self.room:
             self.room.notify_all()
 
@@ -247,12 +243,17 @@ class TeacherWorker:
         self.limits = ray.get_actor(limits)  # by name: a restarted worker finds it again
         self.pool: WorkerPool | None = None
         self.reported: dict[str, Ledger] = {}
+        self.files: Files = setup["files"]
+        self.seen: set[str] = set()  # the URL's stores fetched
+        self.fetching = asyncio.Lock()
 
     def _ready(self) -> WorkerPool:
         if self.pool is None:  # on the actor's event loop, where the pool's locks live
             asyncio.get_running_loop().set_default_executor(LoopExecutor())
             s = self.setup
-            cache = WorkerCache(Path(s["run_dir"]))
+            cache = WorkerCache(self.files.here())
+            self.segments = Segments(self.files.here())  # what it sends to a URL
+            self.fetched = RequestCache(cache.path.with_suffix(".fetched.sqlite"))  # and gets
             self.pool = WorkerPool(
                 s["teachers"], cache, s["budget_usd"], s["cache_only"], self.limits, self.share
             )
@@ -262,14 +263,19 @@ class TeacherWorker:
     async def run(self, rows: list[dict]) -> tuple[StepOutput, dict[str, Ledger]]:
         """One block's output, and the ledger entries since the last block returned."""
         pool = self._ready()
+        if self.files.url is not None:
+            async with self.fetching:
+                await asyncio.to_thread(self._fetch)
         s = self.setup
         ctx = StepContext(
-            name=s["name"], base_dir=Path(s["base_dir"]), pool=pool, run_dir=Path(s["run_dir"])
+            name=s["name"], base_dir=Path(s["base_dir"]), pool=pool, run_dir=self.files.here()
         )
         try:
             out = await self.step.run(rows, ctx)
         finally:
             await pool.give_back()
+        # what it stored, to the URL if there is one (off the loop: other blocks go on)
+        await asyncio.to_thread(self.files.send, pool.cache.path, self.segments)
         delta = {}
         for name, led in pool.ledgers.items():
             delta[name] = Ledger()
@@ -277,6 +283,15 @@ class TeacherWorker:
             ledger_sum(delta[name], self.reported[name], -1)
             ledger_sum(self.reported[name], delta[name])
         return out, delta
+
+    def _fetch(self) -> None:
+        """The response stores at the URL that are new to this worker: the run's cache (once,
+        into this machine's stage) and the segments the driver and the other workers sent,
+        folded into the worker's store of fetched responses (which `WorkerCache` reads)."""
+        for path in remote(self.files.url).pull_stores(self.seen):
+            self.seen.add(path.name)
+            if path.name.startswith("seg-"):
+                self.fetched.absorb(path)
 
     def pid(self) -> int:
         """The worker's process id (tests kill it)."""
@@ -291,6 +306,7 @@ class TeacherWorker:
         if self.pool is not None:
             await self.pool.aclose()
             self.pool.cache.close()
+            self.fetched.close()
 
 
 _STEPS: dict[str, Any] = {}  # per worker process: the step of each fingerprint, as first received
@@ -309,6 +325,6 @@ def map_block(step: list, rows: list[dict], setup: dict) -> StepOutput:
         name=setup["name"],
         base_dir=Path(setup["base_dir"]),
         pool=None,
-        run_dir=Path(setup["run_dir"]),
+        run_dir=setup["files"].here(),
     )
     return asyncio.run(step.run(rows, ctx))
