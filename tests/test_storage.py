@@ -193,3 +193,14 @@ def test_segments_hold_each_response_once(tmp_path: Path) -> None:
     other = RequestCache(tmp_path / "other.sqlite")
     assert other.absorb(tmp_path / "a.sqlite") + other.absorb(tmp_path / "b.sqlite") == 4
     assert other.get("k3") == {"r": 3} and other.total_cost() == 2.0
+
+
+def test_the_readme_output_snippet_names_a_url(tmp_path: Path) -> None:
+    import re
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    snippet = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "s3://" in b)
+    r = kdata.recipe_from_yaml(
+        "name: t\nsteps:\n  - {type: seeds, path: s.jsonl}\n" + snippet, tmp_path
+    )
+    assert r.run_dir == "s3://my-bucket/runs/quickstart"  # a URL, not a path that mangles it

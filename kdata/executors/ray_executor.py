@@ -29,6 +29,12 @@ the steps below in place of the recipe's). What runs on the cluster, by the step
   the nodes in turn. The driver gets back only what they found (drops, edges), and each block
   is marked in a task that reads it, the driver reading only its ids and writing its parts.
 - ``source`` steps run on the driver, as the local executor runs them.
+
+With the run directory at a URL (`kdata.storage`), the nodes need no filesystem in common: the
+driver works in its stage, a task reads the input parts it needs from its own machine's stage,
+fetched from the URL first (`Files`), and the teacher workers send what they store to the URL
+after each block. ``minhash_dedup`` and ``semantic_dedup``, whose passes share files under
+``tmp/``, then run on the driver.
 """
 
 from __future__ import annotations
@@ -138,7 +144,9 @@ class RayExecutor:
         `LocalExecutor.run`)."""
         self.merge_stores(ctx)  # what the workers of a build that died stored
         self.local.map_in_flight = None
-        if step.kind == "global":
+        if step.kind == "global" and step.shares_files and self.files.url is not None:
+            pass  # on the driver: its passes share files, which the nodes have no place for
+        elif step.kind == "global":
             self.local.map_in_flight = 2 * self.cpus  # blocks marked at once
             step = _Global(step, _RayBlocks(source, self.block_rows, self.cpus, self.files))
         elif step.kind == "map" and ctx.pool is not None and ctx.pool.batched(step.teacher_names()):

@@ -456,6 +456,8 @@ class GlobalStep(StepBase):
     """
 
     kind: ClassVar[str] = "global"
+    # its passes share files under the run directory's tmp/ (Ray: a path every node must see)
+    shares_files: ClassVar[bool] = False
 
     async def decide(self, blocks: Any, ctx: StepContext) -> Any:  # pragma: no cover
         raise NotImplementedError

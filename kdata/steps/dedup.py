@@ -193,6 +193,7 @@ class MinHashDedupStep(GlobalStep):
     """
 
     curates: ClassVar[bool] = True
+    shares_files: ClassVar[bool] = True
     type: Literal["minhash_dedup"] = "minhash_dedup"
     columns: list[str] = Field(min_length=1)
     shingle: Literal["word", "char"] = "word"

@@ -108,6 +108,7 @@ class SemanticDedupStep(GlobalStep):
     """
 
     curates: ClassVar[bool] = True
+    shares_files: ClassVar[bool] = True
     type: Literal["semantic_dedup"] = "semantic_dedup"
     columns: list[str] = Field(min_length=1)
     model: str = Field(default=DEFAULT_MODEL, min_length=1)
