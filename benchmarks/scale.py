@@ -18,6 +18,11 @@ RSS (``os.wait4``, the child's own ``ru_maxrss``) are reported and written to
 loopback OpenAI stand-in (``tests/openai_standin.py``, in this process) answering 8 KB to each
 request; results in ``benchmarks/results/scale_label_<N>.json``.
 
+``--url``: the baseline is this checkout's runner with the run directory at a path, and the
+other build the same runner at a ``file://`` URL (`kdata.storage`: a stage under the work
+folder, the URL kept up to date block by block); results in ``..._url.json``. It measures what
+keeping a URL up to date costs, not an object store's network.
+
 ``--recipe semantic``: seeds -> ``semantic_dedup`` (the static model) instead; ``--recipe report``:
 seeds -> a ``filter`` (min_words: 3) with the final diversity report kept, which measures the
 report; results in ``benchmarks/results/scale_<recipe>_<N>.json``.
@@ -112,11 +117,16 @@ def write_seeds(path: Path, n: int, seed: int = 0) -> int:
     return planted
 
 
-def run(code: Path, recipe: Path, run_dir: Path, report: bool) -> dict:
-    """Build ``recipe`` with the kdata at ``code`` in a child process: wall time, peak RSS."""
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh build, nothing reused
+def run(code: Path, recipe: Path, run_dir: Path, report: bool, url: bool = False) -> dict:
+    """Build ``recipe`` with the kdata at ``code`` in a child process: wall time, peak RSS.
+    ``url``: at ``file://run_dir``, with its stage in ``run_dir.stage``."""
+    stage = run_dir.with_name(run_dir.name + ".stage")
+    for d in (run_dir, stage):
+        shutil.rmtree(d, ignore_errors=True)  # a fresh build, nothing reused
     env = {**os.environ, "PYTHONPATH": str(code), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    args = [sys.executable, "-c", CHILD, str(recipe), str(run_dir), "1" if report else "0"]
+    env["KDATA_STAGE"] = str(stage)
+    where = f"file://{run_dir}" if url else str(run_dir)
+    args = [sys.executable, "-c", CHILD, str(recipe), where, "1" if report else "0"]
     t0 = time.monotonic()
     proc = subprocess.Popen(args, env=env, cwd=recipe.parent)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -159,17 +169,23 @@ def old_checkout(commit: str) -> Path:
     return path
 
 
-def compare(n: int, work: Path, recipe: str, old_commit: str, report: bool, result: dict) -> None:
+def compare(
+    n: int, work: Path, recipe: str, old_commit: str, report: bool, result: dict, url: bool = False
+) -> None:
     """Build ``recipe`` (with ``execution``) with this checkout and, without it, with
-    ``old_commit``'s runner; record both and their ratios in ``result``."""
+    ``old_commit``'s runner (``url``: with this checkout at a URL); record both and their
+    ratios in ``result`` ("old" is the baseline)."""
     (work / "recipe.yaml").write_text(recipe)
     old_recipe = [line for line in recipe.splitlines() if not line.startswith("execution")]
     (work / "recipe_old.yaml").write_text("\n".join(old_recipe) + "\n")
-    result["new"] = run(REPO, work / "recipe.yaml", work / "run_new", report)
-    print(n, "new", json.dumps(result["new"]), flush=True)
-    if not old_commit:
+    result["new"] = run(REPO, work / "recipe.yaml", work / "run_new", report, url=url)
+    print(n, "new at a URL" if url else "new", json.dumps(result["new"]), flush=True)
+    if url:  # the baseline: the same runner at a path
+        old = run(REPO, work / "recipe.yaml", work / "run_old", report)
+    elif not old_commit:
         return
-    old = run(old_checkout(old_commit), work / "recipe_old.yaml", work / "run_old", report)
+    else:
+        old = run(old_checkout(old_commit), work / "recipe_old.yaml", work / "run_old", report)
     result["old"] = old
     print(n, "old", json.dumps(old), flush=True)
     if old["ok"] and result["new"]["ok"]:
@@ -181,7 +197,7 @@ def compare(n: int, work: Path, recipe: str, old_commit: str, report: bool, resu
         }
 
 
-def label(n: int, block_rows: int, old_commit: str, base: Path) -> None:
+def label(n: int, block_rows: int, old_commit: str, base: Path, url: bool = False) -> None:
     """The label benchmark: ``n`` questions, each answered 8 KB by the stand-in."""
     sys.path.insert(0, str(REPO / "tests"))
     from openai_standin import Config, StandIn
@@ -198,9 +214,9 @@ def label(n: int, block_rows: int, old_commit: str, base: Path) -> None:
         recipe = LABEL_RECIPE.format(execution=execution, port=standin.port)
         result = {"rows": n, "response_bytes": len(answer), "block_rows": block_rows}
         result["cores"] = os.cpu_count()
-        compare(n, work, recipe, old_commit, False, result)
+        compare(n, work, recipe, old_commit, False, result, url)
         result["requests_served"] = len(standin.records)
-    out = RESULTS / f"scale_label_{n}.json"
+    out = RESULTS / f"scale_label_{n}{'_url' if url else ''}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print("written", out, flush=True)
 
@@ -213,11 +229,12 @@ def main() -> None:
     ap.add_argument("--old", default=OLD, help="commit of the baseline runner ('' for none)")
     ap.add_argument("--with-report", action="store_true", help="keep the diversity report")
     ap.add_argument("--recipe", choices=sorted(RECIPES), default="curation")
+    ap.add_argument("--url", action="store_true", help="at a file:// URL, against a path")
     ap.add_argument("--work", type=Path, default=Path("/tmp/kdata-scale"))
     a = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if a.label:
-        label(a.label, a.block_rows, a.old, a.work)
+        label(a.label, a.block_rows, a.old, a.work, a.url)
     for n in a.rows or ([] if a.label else [100_000]):
         work = a.work / str(n)
         work.mkdir(parents=True, exist_ok=True)
@@ -232,9 +249,10 @@ def main() -> None:
             "cores": os.cpu_count(),
         }
         recipe = RECIPES[a.recipe].format(block_rows=a.block_rows)
-        compare(n, work, recipe, a.old, report, result)
+        compare(n, work, recipe, a.old, report, result, a.url)
         name = f"{n}{'_report' if a.with_report else ''}"
-        out = RESULTS / f"scale_{name if a.recipe == 'curation' else f'{a.recipe}_{n}'}.json"
+        name = name if a.recipe == "curation" else f"{a.recipe}_{n}"
+        out = RESULTS / f"scale_{name}{'_url' if a.url else ''}.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
         print("written", out, flush=True)
 
