@@ -235,7 +235,13 @@ async def _build(
             cache.absorb(store)
         remote.begin(cache.path)
     pool = TeacherPool(
-        recipe.teachers, cache, recipe.budget_usd, cache_only, run_dir / "batches", reporter.note
+        recipe.teachers,
+        cache,
+        recipe.budget_usd,
+        cache_only,
+        run_dir / "batches",
+        reporter.note,
+        remote.send if remote else None,
     )
     names, fps = recipe.step_names(), fingerprints(recipe)
     manifest = _manifest(recipe, names, fps)

@@ -9,7 +9,8 @@ write-then-rename parts keep their POSIX guarantees; the URL is kept up to date 
   the batch journal and the embedding store of the stage are kept too.
 - after each block, its parts go up with a *segment* of the responses stored since the block
   before (``cache/seg-<host>-<pid>-<n>.sqlite``, `Segments`), so a lost machine loses at
-  most the blocks in flight, and no paid-for response the blocks before received;
+  most the blocks in flight, and no paid-for response the blocks before received; the batch
+  journal goes up each time it is written (a batch submitted is never submitted again);
 - after each step, its folder is mirrored (files gone from the stage go from the URL);
 - at the end, everything: the cache whole (its segments then removed), the manifest, the
   dataset, the report.
@@ -150,15 +151,18 @@ class Remote:
 
     def block(self, paths: list[Path]) -> None:
         """Send the responses stored since the block before, then a block's files (its counts
-        last: a block the URL counts finished has its responses there), then the batch
-        journal."""
+        last: a block the URL counts finished has its responses there)."""
         with self._sent:
             for segment in self._segments.take(self._cache):
                 self._put(self.local / segment, segment)
                 (self.local / segment).unlink()  # its responses are in the stage's cache
             for p in paths:
                 self._put(p, p.relative_to(self.local).as_posix())
-        self.sync("batches")
+
+    def send(self, path: Path) -> None:
+        """Send the folder of a file of the stage now: the batch journal as it is written, with
+        the requests files it names."""
+        self.sync(path.parent.relative_to(self.local).as_posix())
 
     def forget(self, names: Iterable[str]) -> None:
         """Delete these segments from the URL's ``cache/`` (their responses are in another)."""

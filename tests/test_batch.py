@@ -123,7 +123,7 @@ def journal(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")]
 
 
-def cli(recipe: Path, run_dir: Path) -> subprocess.Popen:
+def cli(recipe: Path, run_dir: Path | str) -> subprocess.Popen:
     """``kdata build`` in a process of its own (to be killed)."""
     return subprocess.Popen(
         [sys.executable, "-m", "kdata.cli", "build", str(recipe), "-o", str(run_dir)],
@@ -218,6 +218,37 @@ def test_kill_9_after_submit_resumes_the_same_batches(tmp_path, standin):
     ids = standin.custom_ids()
     assert len(ids) == n == len(set(ids))  # no request submitted twice
     assert len(standin.creates) == 3  # those resumed, and the third block's if it was not sent
+    assert submitted <= {b.id for b in standin.creates}
+
+
+def test_at_a_url_another_machine_resumes_the_batches_submitted(tmp_path, standin, monkeypatch):
+    """The journal goes to the URL as it is written: a build whose machine is lost after
+    submitting is resumed elsewhere (a fresh stage) without submitting anything again."""
+    n = 30
+    standin.config.complete_after_s = 2.0
+    write_seeds(tmp_path, n)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_yaml(standin))
+    root = tmp_path / "bucket"
+    monkeypatch.setenv("KDATA_STAGE", str(tmp_path / "machine-a"))
+    proc = cli(recipe, f"file://{root}")
+    deadline = time.monotonic() + 60
+    while sum(e["event"] == "submitted" for e in journal(root)) < 2:  # as the URL has it
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the build sent no submitted batch to the URL"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    submitted = {e["batch_id"] for e in journal(root) if e["event"] == "submitted"}
+    assert len(submitted) >= 2 and not any(b.ended for b in standin.creates)
+
+    monkeypatch.setenv("KDATA_STAGE", str(tmp_path / "machine-b"))
+    kdata.build(recipe_from_yaml(recipe.read_text(), tmp_path), run_dir=f"file://{root}")
+    rows, failed = read_step(root)
+    check_rows(rows, n)
+    assert failed == []
+    ids = standin.custom_ids()
+    assert len(ids) == n == len(set(ids))  # no request submitted twice
     assert submitted <= {b.id for b in standin.creates}
 
 

@@ -79,10 +79,17 @@ class Batches:
         pool: the pool whose cache, ledger, budget and online path the batches use.
         folder: ``batches/`` of the run directory.
         note: receives the progress lines.
+        kept: called with the journal each time it is written.
     """
 
-    def __init__(self, pool: TeacherPool, folder: Path, note: Callable[[str], None]) -> None:
-        self.pool, self.folder, self.note = pool, folder, note
+    def __init__(
+        self,
+        pool: TeacherPool,
+        folder: Path,
+        note: Callable[[str], None],
+        kept: Callable[[Path], None],
+    ) -> None:
+        self.pool, self.folder, self.note, self.kept = pool, folder, note, kept
         self.journal = folder / "journal.jsonl"
         self._open: dict[tuple, _Batch] = {}  # (teacher, block) -> the batch collecting requests
         self._timers: dict[tuple, asyncio.TimerHandle] = {}
@@ -346,6 +353,7 @@ class Batches:
             os.fsync(fh.fileno())
         if fresh:
             _fsync_dir(self.folder)
+        self.kept(self.journal)
 
 
 def _as_teacher_error(error: Exception) -> TeacherError:

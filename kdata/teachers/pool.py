@@ -164,6 +164,8 @@ class TeacherPool:
         batch_dir: where the batches of ``batch: true`` teachers are recorded (the run
             directory's ``batches/``); without it those teachers are called online.
         note: receives a line on each batch's progress.
+        kept: called with the batch journal each time it is written (a run directory at a URL
+            sends it there, `kdata.storage`).
     """
 
     def __init__(
@@ -174,6 +176,7 @@ class TeacherPool:
         cache_only: bool = False,
         batch_dir: Path | None = None,
         note: Callable[[str], None] | None = None,
+        kept: Callable[[Path], None] | None = None,
     ) -> None:
         self.cache = cache
         self.budget_usd = budget_usd
@@ -202,7 +205,9 @@ class TeacherPool:
         if batch_dir is not None and any(t.batch for t in teachers.values()):
             from kdata.teachers.batch import Batches
 
-            self._batches = Batches(self, batch_dir, note or (lambda text: None))
+            self._batches = Batches(
+                self, batch_dir, note or (lambda text: None), kept or (lambda path: None)
+            )
 
     def batched(self, names: set[str]) -> bool:
         """Whether any of the teachers ``names`` sends its requests through a batch API."""
