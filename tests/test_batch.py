@@ -193,62 +193,37 @@ def test_anthropic_message_batches_answer_every_row(tmp_path, standin):
         assert r["_kdata"]["cost_usd"] == pytest.approx(online_cost(r["id"], True) / 2)
 
 
-def test_kill_9_after_submit_resumes_the_same_batches(tmp_path, standin):
+@pytest.mark.parametrize("at_url", [False, True], ids=["path", "url"])
+def test_kill_9_after_submit_resumes_the_same_batches(tmp_path, standin, monkeypatch, at_url):
+    """At a URL the journal goes there as it is written: the build is resumed on another
+    machine (a fresh stage), which has only the URL."""
     n = 30
     standin.config.complete_after_s = 2.0
     write_seeds(tmp_path, n)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(recipe_yaml(standin))
-    run_dir = tmp_path / "run"
-    proc = cli(recipe, run_dir)
+    folder = tmp_path / "run"  # the run directory, or the URL's folder
+    where = f"file://{folder}" if at_url else folder
+    monkeypatch.setenv("KDATA_STAGE", str(tmp_path / "machine-a"))
+    proc = cli(recipe, where)
     deadline = time.monotonic() + 60
-    while sum(e["event"] == "submitted" for e in journal(run_dir)) < 2:
+    while sum(e["event"] == "submitted" for e in journal(folder)) < 2:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the build submitted no batch"
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
-    submitted = {e["batch_id"] for e in journal(run_dir) if e["event"] == "submitted"}
+    submitted = {e["batch_id"] for e in journal(folder) if e["event"] == "submitted"}
     assert len(submitted) >= 2 and not any(b.ended for b in standin.creates)
 
-    run = kdata.build(recipe_from_yaml(recipe.read_text(), tmp_path), run_dir=run_dir)
-    rows, failed = read_step(run.dir)
+    monkeypatch.setenv("KDATA_STAGE", str(tmp_path / "machine-b"))
+    kdata.build(recipe_from_yaml(recipe.read_text(), tmp_path), run_dir=where)
+    rows, failed = read_step(folder)
     check_rows(rows, n)
     assert failed == []
     ids = standin.custom_ids()
     assert len(ids) == n == len(set(ids))  # no request submitted twice
     assert len(standin.creates) == 3  # those resumed, and the third block's if it was not sent
-    assert submitted <= {b.id for b in standin.creates}
-
-
-def test_at_a_url_another_machine_resumes_the_batches_submitted(tmp_path, standin, monkeypatch):
-    """The journal goes to the URL as it is written: a build whose machine is lost after
-    submitting is resumed elsewhere (a fresh stage) without submitting anything again."""
-    n = 30
-    standin.config.complete_after_s = 2.0
-    write_seeds(tmp_path, n)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(recipe_yaml(standin))
-    root = tmp_path / "bucket"
-    monkeypatch.setenv("KDATA_STAGE", str(tmp_path / "machine-a"))
-    proc = cli(recipe, f"file://{root}")
-    deadline = time.monotonic() + 60
-    while sum(e["event"] == "submitted" for e in journal(root)) < 2:  # as the URL has it
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the build sent no submitted batch to the URL"
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    submitted = {e["batch_id"] for e in journal(root) if e["event"] == "submitted"}
-    assert len(submitted) >= 2 and not any(b.ended for b in standin.creates)
-
-    monkeypatch.setenv("KDATA_STAGE", str(tmp_path / "machine-b"))
-    kdata.build(recipe_from_yaml(recipe.read_text(), tmp_path), run_dir=f"file://{root}")
-    rows, failed = read_step(root)
-    check_rows(rows, n)
-    assert failed == []
-    ids = standin.custom_ids()
-    assert len(ids) == n == len(set(ids))  # no request submitted twice
     assert submitted <= {b.id for b in standin.creates}
 
 
