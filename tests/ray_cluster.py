@@ -4,6 +4,7 @@ the processes it starts (`descendants`)."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from kdata.executors.ray_executor import LOCAL_ENV
@@ -18,10 +19,15 @@ def loopback_cluster(tmp: Path):
     the read task), Ray's files under ``tmp`` (short: Ray's socket paths must be). Sets `ENV`
     and ``RAY_TMPDIR`` first. Each node's processes have a stage of their own for a run
     directory at a URL (``KDATA_STAGE``: ``tmp/stage-head``, ``tmp/stage-node``), as two
-    machines with no filesystem in common would."""
+    machines with no filesystem in common would. The head runs a Ray Client server
+    (``cluster.client_address``)."""
     (tmp / "ray").mkdir(exist_ok=True)
     os.environ.update(ENV, RAY_TMPDIR=str(tmp))
     from ray.cluster_utils import Cluster
+
+    with socket.socket() as sock:  # the head's Ray Client server: ray://127.0.0.1:<port>
+        sock.bind(("127.0.0.1", 0))
+        client_port = sock.getsockname()[1]
 
     cluster = Cluster(
         initialize_head=True,
@@ -31,8 +37,10 @@ def loopback_cluster(tmp: Path):
             "include_dashboard": False,
             "temp_dir": str(tmp / "ray"),
             "env_vars": {"KDATA_STAGE": str(tmp / "stage-head")},
+            "ray_client_server_port": client_port,
         },
     )
+    cluster.client_address = f"ray://127.0.0.1:{client_port}"
     cluster.add_node(
         num_cpus=2, node_ip_address="127.0.0.1", env_vars={"KDATA_STAGE": str(tmp / "stage-node")}
     )

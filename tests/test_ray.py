@@ -132,7 +132,8 @@ def _same_as_local(local: kdata.Run, on: kdata.Run) -> None:
     assert step_tables(on.dir) == step_tables(local.dir)
     assert read_dataset(on.dir).to_pylist() == read_dataset(local.dir).to_pylist()
     assert [(s.requests, round(s.cost_usd, 9)) for s in on.steps] == [
-        (s.requests, round(s.cost_usd, 9)) for s in local.steps  # sums in another order
+        (s.requests, round(s.cost_usd, 9))
+        for s in local.steps  # sums in another order
     ]
     with sqlite3.connect(on.dir / "cache.sqlite") as db:  # the workers' stores, merged
         stored = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
@@ -144,26 +145,12 @@ def test_quickstart_on_ray_gives_the_local_rows_on_loopback_only(
     cluster, tmp_path: Path, monkeypatch
 ) -> None:
     monkeypatch.setenv("KDATA_TEST_KEY", SECRET)
-    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
-    seen: list[str] = []
     with StandIn(Config()) as s:
         recipe = on_standin(kdata.load_recipe(ROOT / "recipes" / "quickstart.yaml"), s.port)
         local = kdata.build(recipe, run_dir=tmp_path / "local")
-        box = {}
-        build = threading.Thread(
-            target=lambda: box.update(
-                run=kdata.build(on_ray(recipe, cluster), run_dir=tmp_path / "ray")
-            )
-        )
-        build.start()
-        while build.is_alive():  # the cluster's processes, workers included, while it runs
-            seen += _listening(descendants(os.getpid()))
-            time.sleep(0.2)
-        build.join()
+        run = _built_on_loopback(on_ray(recipe, cluster), tmp_path / "ray")
         assert {r.authorization for r in s.records} == {f"Bearer {SECRET}"}
-    _same_as_local(local, box["run"])
-    assert len(seen) > 3  # gcs, raylets, object managers, workers...
-    assert set(seen) <= loopback, set(seen) - loopback
+    _same_as_local(local, run)
     for folder in (cluster.tmp, tmp_path / "ray"):  # Ray's logs and session files, the run
         for path in folder.rglob("*"):
             if path.is_file() and not path.is_symlink():
@@ -323,6 +310,36 @@ def test_the_budget_holds_across_two_workers(cluster, tmp_path: Path) -> None:
         spent, stored = db.execute("SELECT SUM(cost_usd), COUNT(*) FROM responses").fetchone()
     assert 40 < stored == answered < 200  # the budget stopped the step partway
     assert 3.0 - 0.1 < spent <= 3.0  # and spent it nearly all, never past it
+
+
+def _built_on_loopback(recipe: kdata.Recipe, run_dir: Path) -> kdata.Run:
+    """``recipe`` built, checking while it runs that every process of the cluster, workers
+    included, listens on loopback only."""
+    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+    seen: list[str] = []
+    box = {}
+    build = threading.Thread(target=lambda: box.update(run=kdata.build(recipe, run_dir=run_dir)))
+    build.start()
+    while build.is_alive():
+        seen += _listening(descendants(os.getpid()))
+        time.sleep(0.2)
+    build.join()
+    assert len(seen) > 3  # gcs, raylets, object managers, workers...
+    assert set(seen) <= loopback, set(seen) - loopback
+    return box["run"]
+
+
+def test_a_cluster_joined_through_ray_client_gives_the_local_rows(cluster, tmp_path) -> None:
+    class Client:  # the head's Ray Client server, ray://127.0.0.1:<port>
+        address = cluster.client_address
+
+    with StandIn(Config()) as s:
+        recipe = dedup_recipe(tmp_path, s.port, 150)
+        local = kdata.build(recipe, run_dir=tmp_path / "local")
+        s.clear()
+        # the Ray Client server's processes for this client listen on loopback too
+        on = _built_on_loopback(on_ray(recipe, Client, workers=2), tmp_path / "ray")
+    _same_as_local(local, on)
 
 
 def test_a_run_at_a_url_needs_no_filesystem_the_nodes_share(

@@ -92,7 +92,8 @@ def connect(address: str | None) -> bool:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise KdataError(
                 f"cannot join the Ray cluster at execution.address {address!r}: {e}; give the "
-                "head's address (HOST:6379 from a node of the cluster)"
+                "head's address (HOST:6379 from a node of the cluster, or ray://HOST:10001 "
+                "through its Ray Client server)"
             ) from None
         return True
     tmp = Path(os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir()))
