@@ -344,6 +344,7 @@ def gpu_node(cluster):
         yield node
     finally:
         cluster.remove_node(node)
+        cluster.wait_for_nodes()  # gone from the live nodes before the next test counts them
 
 
 def test_gpu_passes_go_to_the_gpu_node_only_when_the_cluster_has_one(
