@@ -161,7 +161,8 @@ def build(recipe: Path, run_dir: Path, on_ray: bool, code: Path = REPO) -> dict:
     w = Watch(run_dir)
     w.thread.start()
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(recipe), str(run_dir)], env=env)
+    # -P: not the working directory first on sys.path, so that PYTHONPATH picks the kdata
+    proc = subprocess.Popen([sys.executable, "-P", "-c", CHILD, str(recipe), str(run_dir)], env=env)
     w.driver = proc.pid
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - t0
