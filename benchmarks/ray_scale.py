@@ -10,9 +10,10 @@ node) and the loopback OpenAI stand-in (``tests/openai_standin.py``, a process o
 local executor, and with ``execution: {executor: ray, address: <the cluster>}`` (2 teacher
 workers). For each build: the driver's wall time, CPU time and peak RSS (``os.wait4``), and, for
 the Ray build, the CPU seconds and peak RSS (``VmHWM``) of every Ray worker process it used,
-sampled from ``/proc`` every 0.2 s, with the responses each teacher worker stored (its
-``cache/<host>-<pid>.sqlite``). With ``--before DIR`` (a checkout of older kdata) a third build,
-``ray_before``, runs that code on Ray, side by side. Every build's final dataset is checked to
+and the highest of each part of its RSS (`sample`), sampled from ``/proc`` every 0.2 s, with
+the responses each teacher worker stored (its ``cache/<host>-<pid>.sqlite``). With ``--before
+DIR`` (a checkout of older kdata) a third build, ``ray_before``, runs that code on Ray, side by
+side. Every build's final dataset is checked to
 hold the local build's rows. Results go to ``benchmarks/results/ray_scale.json`` (with fewer
 ``--workloads``, ``ray_scale_<workloads>.json``).
 
