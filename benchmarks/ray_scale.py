@@ -10,9 +10,10 @@ node) and the loopback OpenAI stand-in (``tests/openai_standin.py``, a process o
 local executor, and with ``execution: {executor: ray, address: <the cluster>}`` (2 teacher
 workers). For each build: the driver's wall time, CPU time and peak RSS (``os.wait4``), and, for
 the Ray build, the CPU seconds and peak RSS (``VmHWM``) of every Ray worker process it used,
-sampled from ``/proc`` every 0.2 s, with the responses each teacher worker stored (its
-``cache/<host>-<pid>.sqlite``). With ``--before DIR`` (a checkout of older kdata) a third build,
-``ray_before``, runs that code on Ray, side by side. Every build's final dataset is checked to
+and the highest of each part of its RSS (`sample`), sampled from ``/proc`` every 0.2 s, with
+the responses each teacher worker stored (its ``cache/<host>-<pid>.sqlite``). With ``--before
+DIR`` (a checkout of older kdata) a third build, ``ray_before``, runs that code on Ray, side by
+side. Every build's final dataset is checked to
 hold the local build's rows. Results go to ``benchmarks/results/ray_scale.json`` (with fewer
 ``--workloads``, ``ray_scale_<workloads>.json``).
 
@@ -66,23 +67,27 @@ steps:
 execution: {{block_rows: {block_rows}{ray}}}
 report: {{diversity: false}}
 """
+MEMORY = ("VmHWM", "RssAnon", "RssFile", "RssShmem")
 CHILD = "import sys, kdata; kdata.build(kdata.load_recipe(sys.argv[1]), run_dir=sys.argv[2])"
 
 
-def sample(pid: int) -> tuple[str, float, int] | None:
-    """(name, CPU seconds, peak RSS in kB) of a process; None once it is gone."""
+def sample(pid: int) -> tuple[str, float, dict[str, int]] | None:
+    """(name, CPU seconds, memory in kB) of a process; None once it is gone. Memory: ``VmHWM``
+    (peak RSS) and the RSS now split as ``/proc`` splits it: ``RssAnon`` (the process's own
+    heap), ``RssFile`` (mapped files: shared libraries) and ``RssShmem`` (shared memory: Ray's
+    object store, mapped into every worker that reads an object from it)."""
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        hwm = next(
-            int(line.split()[1])
+        mem = {
+            line.split(":")[0]: int(line.split()[1])
             for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-            if line.startswith("VmHWM")
-        )
-    except (OSError, StopIteration, IndexError, ValueError):
+            if line.startswith(MEMORY)
+        }
+    except (OSError, IndexError, ValueError):
         return None
-    return cmd, cpu, hwm
+    return (cmd, cpu, mem) if len(mem) == len(MEMORY) else None
 
 
 class Watch:
@@ -90,6 +95,7 @@ class Watch:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir, self.first, self.last, self.stored = run_dir, {}, {}, {}
+        self.peak: dict[int, dict[str, int]] = {}  # per worker: the highest of each Rss* seen
         self.driver: int | None = None  # the build's pid, once it runs
         self.step_cpu: dict[str, float] = {}  # the driver's CPU seconds when each step ended
         self.stop = threading.Event()
@@ -105,6 +111,9 @@ class Watch:
                             Path(f"/proc/{pid}/clear_refs").write_text("5")  # 5: VmHWM
                     self.first.setdefault(pid, s)
                     self.last[pid] = s
+                    seen = self.peak.setdefault(pid, {})
+                    for k, v in s[2].items():
+                        seen[k] = max(v, seen.get(k, 0))
             steps = self.run_dir / "steps"
             for stats in sorted(steps.glob("*/stats.json")) if self.driver else []:
                 s = sample(self.driver)
@@ -121,15 +130,20 @@ class Watch:
 
     def result(self) -> dict:
         workers = []
-        for pid, (name, cpu, hwm) in self.last.items():
+        for pid, (name, cpu, mem) in self.last.items():
             used = cpu - self.first[pid][1]
+            peak = self.peak[pid]
             if used >= 0.05:  # the worker processes this build kept busy
                 workers.append(
                     {
                         "pid": pid,
                         "name": name,
                         "cpu_seconds": round(used, 1),
-                        "peak_rss_mb": round(hwm / 1024),
+                        "peak_rss_mb": round(mem["VmHWM"] / 1024),
+                        # the highest sampled of each part of RSS (each peaks on its own)
+                        "peak_anon_mb": round(peak["RssAnon"] / 1024),
+                        "peak_file_mb": round(peak["RssFile"] / 1024),
+                        "peak_shmem_mb": round(peak["RssShmem"] / 1024),
                     }
                 )
         ends = sorted(self.step_cpu.items(), key=lambda kv: kv[1])
@@ -148,7 +162,8 @@ def build(recipe: Path, run_dir: Path, on_ray: bool, code: Path = REPO) -> dict:
     w = Watch(run_dir)
     w.thread.start()
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(recipe), str(run_dir)], env=env)
+    # -P: not the working directory first on sys.path, so that PYTHONPATH picks the kdata
+    proc = subprocess.Popen([sys.executable, "-P", "-c", CHILD, str(recipe), str(run_dir)], env=env)
     w.driver = proc.pid
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - t0

@@ -7,6 +7,7 @@ and one more node, 2 logical CPUs each, bound to 127.0.0.1), which each build jo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from ray_cluster import ENV, descendants, loopback_cluster
 import kdata
 from kdata.blocks import read_dataset, read_table
 from kdata.errors import BudgetExceeded, KdataError
+from kdata.steps.semantic import MINILM
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -262,6 +265,136 @@ def test_the_dedup_decisions_run_in_tasks_on_both_nodes(cluster, tmp_path: Path)
     finally:
         ray.shutdown()
         local.close()
+
+
+def embedding_recipe(folder: Path) -> kdata.Recipe:
+    """30 sentences (MiniLM cosine 0.82 at most between two), each also with a word more and a
+    word changed (0.95 or more); a benchmark of two of them reworded. Decontamination and dedup
+    by MiniLM embeddings (a sentence-transformers model: steps whose `gpu()` is true)."""
+    who = "baker sailor neighbour mayor astronomer gardener violinist detective beekeeper "
+    who += "librarian pilot chemist shepherd tailor glassblower"
+    does = [
+        "repairs old clocks in the attic", "counts comets over the harbour",
+        "breeds rare orchids each spring", "paints lighthouses along the coast",
+        "writes letters about tax reform", "trains falcons on the moor",
+        "collects maps of sunken ships", "brews cider from wild apples",
+        "studies frogs in the marsh", "restores stained glass windows",
+        "teaches chess to prisoners", "grows pumpkins for the fair",
+        "builds kites from newspaper", "translates poems from Finnish",
+        "carves spoons from cherry wood",
+    ]  # fmt: skip
+    base = [
+        f"the {w} {d}"
+        for k in (0, 5)
+        for w, d in zip(who.split(), does[k:] + does[:k], strict=True)
+    ]
+    rows = [{"text": t} for b in base for t in (b, b + " today", b.replace("the ", "that ", 1))]
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = [{"question": base[k].replace(" in ", " up in ")} for k in (0, 8)]
+    (folder / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bench))
+    text = f"""name: embedding
+steps:
+  - {{type: seeds, path: rows.jsonl}}
+  - type: decontaminate
+    method: semantic
+    model: {MINILM}
+    columns: [text]
+    benchmarks: [{{name: bench, path: bench.jsonl, columns: [question]}}]
+  - {{type: semantic_dedup, columns: [text], model: {MINILM}}}
+execution: {{block_rows: 45}}
+report: {{diversity: false}}
+"""
+    return kdata.recipe_from_yaml(text, folder)
+
+
+def _actors_seen(build: Callable[[], kdata.Run]) -> tuple[kdata.Run, set[str]]:
+    """``build()``'s run, and the names of the Ray processes seen while it ran."""
+    names: set[str] = set()
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(run=build()))
+    thread.start()
+    while thread.is_alive():
+        for pid in descendants(os.getpid()):
+            with contextlib.suppress(OSError):
+                names.add(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode())
+        time.sleep(0.1)
+    thread.join()
+    return box["run"], names
+
+
+@contextlib.contextmanager
+def gpu_node(cluster):
+    """One more node on 127.0.0.1 for the test's duration, declaring one logical GPU (there is
+    no GPU here: Ray schedules by what a node declares, and torch sees no CUDA)."""
+    node = cluster.add_node(num_cpus=2, num_gpus=1, node_ip_address="127.0.0.1")
+    try:
+        cluster.wait_for_nodes()
+        yield node
+    finally:
+        cluster.remove_node(node)
+        cluster.wait_for_nodes()  # gone from the live nodes before the next test counts them
+
+
+def test_gpu_passes_go_to_the_gpu_node_only_when_the_cluster_has_one(
+    cluster, tmp_path: Path, caplog
+) -> None:
+    """A pass that asks for a GPU (``blocks.map(..., gpu=True)``): on a cluster without GPUs
+    nothing asks for one (a request for one would never be scheduled: the pass would hang);
+    with a node declaring one, every block runs there, given GPU 0, and the driver warns that
+    torch sees no CUDA device on it; a pass that does not ask gets none."""
+    import asyncio
+
+    import ray
+
+    from kdata.executors.ray_executor import _RayBlocks, connect
+
+    def probe(block) -> tuple:
+        import os
+
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        return node, tuple(ray.get_gpu_ids()), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    def probes(gpu: bool) -> set:
+        connect(cluster.address)
+        try:
+            return set(asyncio.run(_RayBlocks(seeds, 40, 4).map(probe, gpu=gpu)))
+        finally:
+            ray.shutdown()
+
+    kdata.build(planted_recipe(tmp_path, 120), run_dir=tmp_path / "run")
+    seeds = tmp_path / "run" / "steps" / "00_seeds"
+    assert {ids for _, ids, _ in probes(gpu=True)} == {()}
+    assert "GPU actors" not in caplog.text
+    with gpu_node(cluster) as node:
+        assert probes(gpu=True) == {(node.node_id, (0,), "0")}  # the 3 blocks, on its GPU
+        assert {ids for _, ids, _ in probes(gpu=False)} == {()}
+    assert "1 of 1 GPU actors embed on CPU" in caplog.text
+
+
+@pytest.mark.slow
+def test_embedding_steps_keep_the_local_rows_with_and_without_a_gpu(
+    cluster, tmp_path: Path
+) -> None:
+    """MiniLM decontamination and dedup: the same rows locally, on the cluster (tasks) and
+    with a GPU node (its `GpuWorker` actors: the embedding ran there)."""
+    recipe = embedding_recipe(tmp_path)
+    local = kdata.build(recipe, run_dir=tmp_path / "local")
+    on_cpus, seen = _actors_seen(
+        lambda: kdata.build(on_ray(recipe, cluster), run_dir=tmp_path / "cpus")
+    )
+    assert not any("GpuWorker" in n for n in seen)
+    with gpu_node(cluster):
+        on_gpu, seen = _actors_seen(
+            lambda: kdata.build(on_ray(recipe, cluster), run_dir=tmp_path / "gpu")
+        )
+    assert any("GpuWorker" in n for n in seen)
+    tables = step_tables(local.dir)
+    assert step_tables(on_cpus.dir) == tables
+    assert step_tables(on_gpu.dir) == tables
+    assert tables["01_decontaminate"]["counts"]["dropped"] > 0
+    assert tables["02_semantic_dedup"]["counts"]["dropped"] > 0
 
 
 def _listening(pids: set[int]) -> list[str]:

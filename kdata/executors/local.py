@@ -77,10 +77,14 @@ class Blocks:
     def __init__(self, executor: LocalExecutor, blocks: Callable[..., Iterator[Block]]) -> None:
         self._executor, self._blocks = executor, blocks
 
-    async def map(self, fn: Callable[[Block], T], columns: list[str] | None = None) -> list[T]:
+    async def map(
+        self, fn: Callable[[Block], T], columns: list[str] | None = None, gpu: bool = False
+    ) -> list[T]:
         """``fn(block)`` of every block, in block order, computed in the thread pool.
 
-        ``columns``: read only these (``a``, or ``a.b`` of a struct) of the rows.
+        ``columns``: read only these (``a``, or ``a.b`` of a struct) of the rows. ``gpu``: the
+        pass gains from a GPU (the Ray executor's concern; here a model uses one if torch sees
+        it).
         """
         loop, pool = asyncio.get_running_loop(), self._executor.pool
         it = self._blocks(columns)
@@ -118,7 +122,9 @@ class OneBlock(Blocks):
     def __init__(self, rows: list[dict]) -> None:
         self.block = Block(0, 0, to_table([]), given=rows)
 
-    async def map(self, fn: Callable[[Block], T], columns: list[str] | None = None) -> list[T]:
+    async def map(
+        self, fn: Callable[[Block], T], columns: list[str] | None = None, gpu: bool = False
+    ) -> list[T]:
         return [fn(self.block)]
 
     async def each(self, fn: Callable[[Any], T], items: list) -> list[T]:

@@ -19,9 +19,13 @@ the steps below in place of the recipe's). What runs on the cluster, by the step
   a driver that died). A worker that dies is restarted by Ray and its blocks are run again.
 - ``map`` without teachers: each block is a task (`map_block`); the step is put in the object
   store once and each worker process fetches it once (``decontaminate``'s n-gram index of the
-  benchmarks is built on the driver before, so it is built once per build).
+  benchmarks is built on the driver before, so it is built once per build). A step that embeds
+  with a transformer (its ``gpu()``), on a cluster with GPUs: each block on one of the GPU
+  actors of `kdata.executors.ray_gpus` instead.
 - ``global``: ``decide``'s passes over the blocks run as tasks (`_RayBlocks`): ``blocks.map``
-  is one task per block, reading its rows from the input parts itself; ``blocks.shuffle`` is
+  is one task per block, reading its rows from the input parts itself (``blocks.map(...,
+  gpu=True)``, ``semantic_dedup``'s embedding pass, on GPU actors when the cluster has GPUs,
+  as for a map step); ``blocks.shuffle`` is
   a map task per block cutting its summaries into ``partitions`` (the cluster's CPUs) pieces
   kept in the object store, then one reduce task per partition (``exact_dedup``: the
   duplicates of its hashes); ``blocks.each`` runs a step's parts of one piece of work as tasks
@@ -167,7 +171,14 @@ class RayExecutor:
             setup = {**self._setup(ctx), "fingerprint": fingerprint}
             # the step in the object store once, its ref nested so a task fetches it only when
             # its worker process has no copy yet
-            step = _Remote(step, functools.partial(_tasks, [ray.put(step)], setup))
+            from kdata.executors.ray_gpus import Gpus, gpu_slots
+
+            ref = [ray.put(step)]
+            if step.gpu() and gpu_slots():  # its blocks on GPU actors
+                async with Gpus() as gpus:
+                    remote = _Remote(step, functools.partial(gpus.run_block, ref, setup))
+                    return await self.local.run(remote, source, folder, ctx, fingerprint)
+            step = _Remote(step, functools.partial(_tasks, ref, setup))
         return await self.local.run(step, source, folder, ctx, fingerprint)
 
     def merge_stores(self, ctx: StepContext) -> None:
@@ -360,12 +371,22 @@ class _RayBlocks:
         it reaches the files)."""
         return self._pieces()[index], index, index * self.block_rows, columns, self.files
 
-    async def map(self, fn: Callable[[Block], T], columns: list[str] | None = None) -> list[T]:
-        """``fn(block)`` of every block, in block order, each in a Ray task."""
+    async def map(
+        self, fn: Callable[[Block], T], columns: list[str] | None = None, gpu: bool = False
+    ) -> list[T]:
+        """``fn(block)`` of every block, in block order, each in a Ray task; with ``gpu`` and
+        a cluster that has GPUs, on `GpuWorker` actors instead."""
         import ray
 
-        task, f = _remote(_summarise), ray.put(fn)
-        refs = [task.remote(f, *self._read(i, columns)) for i in range(len(self._pieces()))]
+        from kdata.executors.ray_gpus import Gpus, gpu_slots
+
+        f, blocks = ray.put(fn), range(len(self._pieces()))
+        if gpu and gpu_slots():
+            async with Gpus() as gpus:
+                calls = [gpus.call(_summarise, f, *self._read(i, columns)) for i in blocks]
+                return list(await asyncio.gather(*calls))
+        task = _remote(_summarise)
+        refs = [task.remote(f, *self._read(i, columns)) for i in blocks]
         return list(await asyncio.gather(*(_await(r) for r in refs)))
 
     async def shuffle(

@@ -17,6 +17,8 @@
 - `map_block`: a task that runs one block of a map step that asks no teacher (a filter, or
   ``decontaminate``, whose benchmark index the driver builds once and each worker process
   fetches once).
+  The same function (`run_block`) runs on `kdata.executors.ray_gpus` actors for a step that
+  embeds, when the cluster has GPUs.
 """
 
 from __future__ import annotations
@@ -312,8 +314,7 @@ class TeacherWorker:
 _STEPS: dict[str, Any] = {}  # per worker process: the step of each fingerprint, as first received
 
 
-@ray.remote
-def map_block(step: list, rows: list[dict], setup: dict) -> StepOutput:
+def run_block(step: list, rows: list[dict], setup: dict) -> StepOutput:
     """One block of a map step that asks no teacher; ``step``: the step's object ref, in a
     list so that Ray does not fetch it for each task. A worker process fetches the step once
     and keeps it, so what the step holds (``decontaminate``'s benchmark index, built by the
@@ -328,3 +329,6 @@ def map_block(step: list, rows: list[dict], setup: dict) -> StepOutput:
         run_dir=setup["files"].here(),
     )
     return asyncio.run(step.run(rows, ctx))
+
+
+map_block = ray.remote(run_block)  # `run_block` as a task

@@ -404,6 +404,11 @@ class StepBase(StrictModel):
         """A hash of the files the step reads, part of its fingerprint."""
         return ""
 
+    def gpu(self) -> bool:
+        """Whether the step's work gains from a GPU (embedding with a transformer): the Ray
+        executor then runs it on GPU actors when the cluster has GPUs."""
+        return False
+
     def check_teachers(self, models: dict[str, str]) -> None:
         """Check the step against the models its teachers are bound to (name -> model).
 
@@ -443,8 +448,10 @@ class GlobalStep(StepBase):
     ``decide`` computes what the step needs of all rows through ``blocks.map(fn, columns)``,
     which applies ``fn(block)`` to every block in order (in the executor's thread pool; the
     block's table holds only ``columns``) and returns the results: keep them compact (hashes,
-    signatures), never the rows. ``blocks.shuffle(split, reduce, columns)`` cuts each block's
-    summaries into ``blocks.partitions`` pieces and reduces each partition's pieces on their own
+    signatures), never the rows; ``blocks.map(fn, columns, gpu=True)`` for a pass that gains
+    from a GPU (on Ray, GPU actors when the cluster has GPUs).
+    ``blocks.shuffle(split, reduce, columns)`` cuts each block's summaries into
+    ``blocks.partitions`` pieces and reduces each partition's pieces on their own
     (``exact_dedup``, by hash); ``blocks.each(fn, items)`` runs independent parts of one piece of
     work (``minhash_dedup``: its groups of bands). Locally there is one partition; on Ray these
     are tasks. ``mark`` then makes one block's output from the block and the decision (on Ray,

@@ -26,6 +26,7 @@ from kdata.steps.base import (
     failure,
 )
 from kdata.steps.clusters import COSINE_DECIMALS
+from kdata.steps.embedders import STATIC
 
 # Built-in refusal and apology patterns, searched in the lowercased text at word starts. Apologies
 # count only at the start of the text ("I'm sorry to hear that" inside a helpful answer is not a
@@ -140,6 +141,11 @@ class DecontaminateStep(StepBase):
             p = b.resolve(base_dir)
             h.update(b.name.encode() + b"\0" + (p.read_bytes() if p.is_file() else b"<missing>"))
         return h.hexdigest()
+
+    def gpu(self) -> bool:
+        """``method: semantic`` with a sentence-transformers model gains from a GPU (as in
+        ``semantic_dedup``, the static model does not)."""
+        return self.method == "semantic" and self.model != STATIC
 
     def index(self, base_dir: Path) -> _Index:
         """The benchmarks' n-grams, read once per step (the step runs block by block)."""

@@ -8,13 +8,12 @@ is a few arrays of one number per text, and the pairs, which scale with the dupl
 bands are the shuffle's partitions: a bucket (texts with equal keys on a band) never spans two
 bands, so the pairs of a group of bands (`edges`) are found and checked on their own, one group
 per reduce task under Ray, and the groups' pairs joined (`union`). The
-similarity of a pair reads the two signatures from the file, a bounded number of pages mapped
-at a time (`Signatures.take`), so the signatures do not count towards the process's memory.
+similarity of a pair reads the two signatures from the file, row by row (`Signatures.take`), so
+the signatures do not count towards the process's memory.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -23,10 +22,6 @@ import numpy as np
 
 WINDOW = 16  # in an LSH bucket, each row is compared with at most this many rows before it
 _TAKE = 32_768  # pairs compared at once
-# Signatures read through the map between two drops of its pages. Each page fault maps up to 16
-# pages around it (the kernel's fault-around), so this bounds the map's share of memory to
-# about 2,048 x 64 KB; 32,768 rows between drops measured 2 GB.
-_MAPPED = 2_048
 
 
 class Signatures:
@@ -69,16 +64,21 @@ class Signatures:
         return np.fromfile(self._files[1 + band], dtype=np.uint64)
 
     def take(self, index: np.ndarray) -> np.ndarray:
-        """The signatures of texts ``index``, read from the file a bounded batch at a time."""
+        """The signatures of texts ``index``, read from the file row by row (``pread``): only
+        they are in the process's memory. (A memory map of the file, read at random, maps far
+        more than the rows read: Linux 6.18 maps a whole large folio of the page cache, about
+        1.3 MB here, per row faulted in, so a Ray worker's RSS counted most of the file.)"""
         out = np.empty((len(index), self.num_perm), dtype=np.uint32)
-        if len(index) == 0 or self.n == 0:
+        if len(index) == 0:
             return out
-        with self._files[0].open("rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-            sig = np.frombuffer(m, dtype=np.uint32).reshape(self.n, self.num_perm)
-            for k in range(0, len(index), _MAPPED):
-                out[k : k + _MAPPED] = sig[index[k : k + _MAPPED]]
-                m.madvise(mmap.MADV_DONTNEED)  # drop the pages read from this process's memory
-            del sig
+        width = self.num_perm * 4
+        rows = memoryview(out).cast("B")
+        fd = os.open(self._files[0], os.O_RDONLY)
+        try:
+            for k, i in enumerate(index.tolist()):
+                os.preadv(fd, [rows[k * width : (k + 1) * width]], i * width)
+        finally:
+            os.close(fd)
         return out
 
 

@@ -134,6 +134,10 @@ class SemanticDedupStep(GlobalStep):
         score = [self.score_column] if self.score_column else []
         return [*self.columns, *score, f"{PROVENANCE}.id"]
 
+    def gpu(self) -> bool:
+        """A sentence-transformers model gains from a GPU; the static model (a lookup) not."""
+        return self.model != STATIC
+
     def summary(self, block: Block) -> tuple:
         """`summary` of a block's comparable texts."""
         return summary(block, self.columns, self.keep, self.score_column)
@@ -158,7 +162,7 @@ class SemanticDedupStep(GlobalStep):
                 embed = functools.partial(
                     self.embed_block, folder=folder, store=store, base_dir=ctx.base_dir
                 )
-                await blocks.map(embed, self.read_columns())
+                await blocks.map(embed, self.read_columns(), gpu=self.gpu())
                 graph = self.neighbours(embeddings_matrix(folder, counts))
             if path is not None:
                 graph.save(path)
