@@ -347,6 +347,7 @@ def test_gpu_passes_go_to_the_gpu_node_only_when_the_cluster_has_one(
     import ray
 
     from kdata.executors.ray_executor import _RayBlocks, connect
+    from kdata.storage import Files
 
     def probe(block) -> tuple:
         import os
@@ -359,7 +360,8 @@ def test_gpu_passes_go_to_the_gpu_node_only_when_the_cluster_has_one(
     def probes(gpu: bool) -> set:
         connect(cluster.address)
         try:
-            return set(asyncio.run(_RayBlocks(seeds, 40, 4).map(probe, gpu=gpu)))
+            blocks = _RayBlocks(seeds, 40, 4, Files(str(tmp_path / "run")))
+            return set(asyncio.run(blocks.map(probe, gpu=gpu)))
         finally:
             ray.shutdown()
 
