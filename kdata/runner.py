@@ -288,6 +288,7 @@ async def _build(
                         n, pool.in_flight, pool.tokens, pool.spent_usd
                     ),
                     written=remote.block if remote else lambda paths: None,
+                    url=url,
                 )
                 counts = await executor.run(step, source, folder, ctx, fp)
                 _check_accounting(name, counts)

@@ -209,7 +209,7 @@ class Remote:
                 if there.get(r) != now[0] or self._known.get(r) != now:
                     self._put(self.local / r, r)
             for r in sorted(set(there) - here):
-                if not _under(r, SKIPPED + LIVE):
+                if not _under(r, (LOCK, *LIVE)):  # tmp/ too: what workers sent for a step
                     self.fs.rm_file(self._remote(r))
 
     @contextlib.contextmanager
@@ -274,6 +274,23 @@ class Files:
         if not mine.exists():
             r._get(rel, mine)
         return mine
+
+    def mine(self, path: str | os.PathLike) -> Path:
+        """Where this process writes the driver's file ``path``: there, or, with a URL, at
+        the same place in its own machine's stage (then `sent`)."""
+        if self.url is None:
+            return Path(path)
+        return remote(self.url).local / Path(path).relative_to(self.stage)
+
+    def sent(self, path: Path) -> None:
+        """``path``, written by `mine`, sent to the URL for the driver to `read` when this
+        process's stage is not the driver's (and removed here: it was scratch)."""
+        if self.url is None or remote(self.url).local == Path(self.stage):
+            return
+        r = remote(self.url)
+        with r._sent:
+            r._put(path, path.relative_to(r.local).as_posix())
+        path.unlink()
 
     def send(self, store: Path, segments: Segments) -> None:
         """Send the responses ``store`` got since the last call to the URL (none without one)."""

@@ -483,12 +483,14 @@ def test_a_run_at_a_url_needs_no_filesystem_the_nodes_share(
     """The driver and each node have stages of their own (the fixture gives each node its
     ``KDATA_STAGE``), as machines with no filesystem in common: the input parts the tasks read
     and the responses the workers stored reach the others through the URL alone."""
+    from kdata.steps.semantic import SemanticDedupStep
     from kdata.storage import Remote
 
     with StandIn(Config()) as s:
         # every question once: a response stored on one node reaches the other at its
         # block's end, so one asked again in a block running meanwhile elsewhere is paid twice
         recipe = dedup_recipe(tmp_path, s.port, 300, repeats=1)
+        recipe.steps.append(SemanticDedupStep(columns=["q"], threshold=0.97))  # static model
         local = kdata.build(recipe, run_dir=tmp_path / "local")
         s.clear()
         monkeypatch.setenv("KDATA_STAGE", str(tmp_path / "driver"))
@@ -501,8 +503,11 @@ def test_a_run_at_a_url_needs_no_filesystem_the_nodes_share(
     fetched = [p for n in nodes for p in n.glob("steps/*/rows/*.parquet")]
     assert fetched  # the tasks read their blocks from the URL, into their node's stage
     assert [p for n in nodes for p in n.glob("cache/*-*.sqlite")]  # the workers' own stores
+    assert [n for n in nodes if (n / "embeddings" / "store.sqlite").exists()]  # embedded there
+    assert not [p for n in nodes for p in n.glob("tmp/*/*")]  # their block files: sent, gone
     root = tmp_path / "bucket" / "run"
     assert read_dataset(root).to_pylist() == read_dataset(local.dir).to_pylist()
+    assert not [p for p in root.rglob("tmp/**/*") if p.is_file()]  # the scratch, removed
     with sqlite3.connect(root / "cache.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == answered
 

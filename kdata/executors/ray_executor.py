@@ -37,8 +37,9 @@ the steps below in place of the recipe's). What runs on the cluster, by the step
 With the run directory at a URL (`kdata.storage`), the nodes need no filesystem in common: the
 driver works in its stage, a task reads the input parts it needs from its own machine's stage,
 fetched from the URL first (`Files`), and the teacher workers send what they store to the URL
-after each block. ``minhash_dedup`` and ``semantic_dedup``, whose passes share files under
-``tmp/``, then run on the driver.
+after each block; ``semantic_dedup``'s embedding passes send each block's file there.
+``minhash_dedup``, whose tasks write into shared signature files under ``tmp/``, then runs on
+the driver.
 """
 
 from __future__ import annotations

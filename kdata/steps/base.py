@@ -234,7 +234,7 @@ class StepContext:
 
     ``run_dir`` is where a step may keep what it can reuse on a rerun (embeddings, say).
     ``written`` gets the files of each block the executor has written (a run directory at a
-    URL sends them there, `kdata.storage`).
+    URL sends them there, `kdata.storage`); ``url`` is that URL.
     """
 
     name: str
@@ -244,6 +244,7 @@ class StepContext:
     advance: Callable[[int], None] = lambda n: None
     set_total: Callable[[int], None] = lambda n: None
     written: Callable[[list[Path]], None] = lambda paths: None
+    url: str | None = None
 
 
 @dataclass

@@ -49,6 +49,7 @@ from kdata.steps.clusters import (
     texts_key,
 )
 from kdata.steps.embedders import STATIC, STATIC_ID, missing, static_encoder
+from kdata.storage import Files
 
 if TYPE_CHECKING:
     from kdata.executors.local import Blocks
@@ -108,7 +109,6 @@ class SemanticDedupStep(GlobalStep):
     """
 
     curates: ClassVar[bool] = True
-    shares_files: ClassVar[bool] = True
     type: Literal["semantic_dedup"] = "semantic_dedup"
     columns: list[str] = Field(min_length=1)
     model: str = Field(default=DEFAULT_MODEL, min_length=1)
@@ -158,27 +158,36 @@ class SemanticDedupStep(GlobalStep):
             if missing(self.model):
                 _import(missing(self.model)[0])
             store = Path(ctx.run_dir) / "embeddings" if ctx.run_dir else None
+            # a Ray worker whose machine has the run directory at a URL only (`Files`) writes
+            # in its own stage and sends the block's file, which the driver fetches
+            files = Files(str(ctx.run_dir), ctx.url)
             with _step_folder(ctx) as folder:
                 embed = functools.partial(
-                    self.embed_block, folder=folder, store=store, base_dir=ctx.base_dir
+                    self.embed_block, folder=folder, store=store, base_dir=ctx.base_dir, files=files
                 )
                 await blocks.map(embed, self.read_columns(), gpu=self.gpu())
+                for i in range(len(counts)):
+                    files.read(folder / f"{block_id(i)}.npy")
                 graph = self.neighbours(embeddings_matrix(folder, counts))
             if path is not None:
                 graph.save(path)
         canonical, similarity = graph.clusters(order, self.threshold)
         return Clusters(starts, canonical, similarity, [p[3] for p in parts])
 
-    def embed_block(self, block: Block, folder: Path, store: Path | None, base_dir: Path) -> None:
+    def embed_block(
+        self, block: Block, folder: Path, store: Path | None, base_dir: Path, files: Files
+    ) -> None:
         """Embed a block's comparable texts (looked up first in the `EmbeddingStore` ``store``,
-        where new ones are put) into ``folder/<block id>.npy``."""
+        where new ones are put) into ``folder/<block id>.npy`` (where ``files`` says)."""
         texts = block_texts(block, self.columns, self.keep, self.score_column)[1]
-        emb = self.embed(texts, store, base_dir=base_dir)
-        path = folder / f"{block.id}.npy"
+        emb = self.embed(texts, store and files.mine(store), base_dir=base_dir)
+        path = files.mine(folder / f"{block.id}.npy")
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         with tmp.open("wb") as f:
             np.save(f, emb)
         os.replace(tmp, path)
+        files.sent(path)
 
     def mark(self, block: Block, decision: Clusters) -> StepOutput:
         idx, _, _, failed, _ = block_texts(block, self.columns, self.keep, self.score_column)
