@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdata.errors import BudgetExceeded, KdataError, RecipeError, RunLocked
+from kdata.storage import local_copy
 
 app = typer.Typer(
     name="kdata",
@@ -199,7 +200,9 @@ def build(
 
 @app.command()
 def rethreshold(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+    run_dir: Annotated[
+        str, typer.Argument(help="A run directory, a path or a URL.", show_default=False)
+    ],
     step: Annotated[
         str,
         typer.Option(
@@ -221,7 +224,7 @@ def rethreshold(
     from kdata.runner import build as run_build
 
     try:
-        recipe = recut_recipe(run_dir, step, threshold)
+        recipe = recut_recipe(local_copy(run_dir)[0], step, threshold)
     except KdataError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
@@ -252,7 +255,9 @@ def rethreshold(
 
 @app.command()
 def inspect(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+    where: Annotated[
+        str, typer.Argument(help="A run directory, a path or a URL.", show_default=False)
+    ],
     rows: Annotated[int, typer.Option("--rows", "-n", help="Sample rows to show.")] = 3,
     dropped: Annotated[
         str | None,
@@ -264,6 +269,11 @@ def inspect(
     from kdata.progress import summary_table
     from kdata.runner import Run, StepStats
 
+    try:
+        run_dir = local_copy(where)[0]
+    except KdataError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
     try:
         manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -317,7 +327,9 @@ def inspect(
 
 @app.command("validate-sft")
 def validate_sft(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+    where: Annotated[
+        str, typer.Argument(help="A run directory, a path or a URL.", show_default=False)
+    ],
     student: Annotated[
         str | None, typer.Option("--student", help="Another student than validate.student.")
     ] = None,
@@ -329,7 +341,10 @@ def validate_sft(
     try:
         from kdata.validation import validate_run
 
+        run_dir, remote = local_copy(where)
         report = validate_run(run_dir, student=student)
+        if remote is not None:
+            remote.sync("validation")
     except KdataError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None
@@ -367,7 +382,9 @@ def validate_sft(
 
 @app.command()
 def push(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.", show_default=False)],
+    where: Annotated[
+        str, typer.Argument(help="A finished run directory, a path or a URL.", show_default=False)
+    ],
     repo: Annotated[
         str | None, typer.Option("--repo", help="USER/NAME (default: publish.repo_id).")
     ] = None,
@@ -382,7 +399,7 @@ def push(
     from kdata.publish import push as run_push
 
     try:
-        res = run_push(run_dir, repo_id=repo, private=private or None, dry_run=dry_run)
+        res = run_push(local_copy(where)[0], repo_id=repo, private=private or None, dry_run=dry_run)
     except KdataError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None

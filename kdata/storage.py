@@ -245,6 +245,23 @@ class Remote:
                 self.fs.rm_file(lock)
 
 
+def local_copy(where: str | os.PathLike) -> tuple[Path, Remote | None]:
+    """The run directory ``where`` on this machine, for the commands that read one (and its
+    `Remote`, None for a path): a path as it is, a URL's stage brought to what the URL holds.
+
+    Raises:
+        RunLocked: a build on this machine is writing the stage.
+    """
+    if not is_url(where):
+        return Path(where), None
+    from kdata.lock import hold
+
+    r = Remote(str(where))
+    with hold(r.local, lambda text: None):
+        r.pull()
+    return r.local, r
+
+
 @cache
 def remote(url: str) -> Remote:
     """The `Remote` of ``url`` in this process, with this machine's stage."""

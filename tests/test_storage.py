@@ -204,3 +204,51 @@ def test_the_readme_output_snippet_names_a_url(tmp_path: Path) -> None:
         "name: t\nsteps:\n  - {type: seeds, path: s.jsonl}\n" + snippet, tmp_path
     )
     assert r.run_dir == "s3://my-bucket/runs/quickstart"  # a URL, not a path that mangles it
+
+
+def test_the_run_commands_take_a_url_from_another_machine(tmp_path: Path, monkeypatch) -> None:
+    """``inspect`` and ``rethreshold`` given the URL, on a machine that has only the URL."""
+    from typer.testing import CliRunner
+
+    from kdata.cli import app
+
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "near",
+        "the",
+        "river",
+        "bank",
+        "today",
+    ]
+    rows = [{"t": " ".join(words[: 8 + i % 4] + [f"w{i // 4}"])} for i in range(80)]
+    (tmp_path / "seeds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps = "  - {type: minhash_dedup, name: near, columns: [t], threshold: 0.9, floor: 0.3}\n"
+    r = kdata.recipe_from_yaml(
+        "name: t\nsteps:\n  - {type: seeds, path: seeds.jsonl}\n" + steps, tmp_path
+    )
+    url = f"file://{tmp_path}/bucket"
+    monkeypatch.setenv("KDATA_STAGE", str(tmp_path / "machine-a"))
+    before = kdata.build(r, run_dir=url).steps[-1].rows_out
+
+    monkeypatch.setenv("KDATA_STAGE", str(tmp_path / "machine-b"))
+    cli = CliRunner()
+    shown = cli.invoke(app, ["inspect", url, "-n", "1"])
+    assert shown.exit_code == 0, shown.output
+    assert f"({before} rows in 1 shards" in shown.output.replace("\n", "")
+    recut = cli.invoke(app, ["rethreshold", url, "--step", "near", "--threshold", "0.3"])
+    assert recut.exit_code == 0, recut.output
+    after = json.loads((tmp_path / "bucket" / "steps" / "near" / "stats.json").read_text())
+    assert after["rows_out"] < before  # the URL has the re-cut
+    stage = Remote(url, tmp_path / "machine-b").local
+    assert (
+        kdata.Run(stage, "complete", [], {}).rows()
+        == kdata.Run(tmp_path / "bucket", "complete", [], {}).rows()
+    )
