@@ -69,7 +69,7 @@ def random_pairs(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("metric", ["jaccard", "cosine"])
-@pytest.mark.parametrize("batch, temp", [(256, 64 << 20), (3, 200), (1, 1)])
+@pytest.mark.parametrize("batch, temp", [(256, 16 << 20), (3, 200), (1, 1)])
 def test_batched_clusters_equal_the_greedy_loop(monkeypatch, metric, batch, temp):
     monkeypatch.setattr(mod, "_BATCH", batch)
     monkeypatch.setattr(mod, "_TEMP_BYTES", temp)  # 1: one text compared at a time

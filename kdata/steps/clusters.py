@@ -28,7 +28,7 @@ from kdata.steps.base import PROVENANCE, StepOutput, dropped, failure, rid
 COSINE_DECIMALS = 6  # cosine similarities are rounded, so identical texts are exactly 1.0
 # Clustering compares up to _BATCH candidate kept texts with the rest of their group at once,
 # the rest a chunk at a time, within about _TEMP_BYTES of temporaries.
-_BATCH, _TEMP_BYTES = 256, 64 << 20
+_BATCH, _TEMP_BYTES = 256, 16 << 20
 
 
 def column_texts(
