@@ -8,7 +8,7 @@ them and clusters them at ``--threshold`` in input order, in a child process (``
 checkout; the old one a git worktree under /tmp), stopped after ``--timeout`` seconds; its wall
 and CPU seconds, and its peak RSS (``os.wait4``: the child's own ``ru_maxrss``) are reported, with
 the groups' sizes and whether both sides chose the same kept texts and similarities. Results in
-``benchmarks/results/clusters_<metric>_<texts>.json``.
+``benchmarks/results/clusters_<name>.json``, ``--name`` (default: the file's stem).
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, required=True)
     ap.add_argument("--old", default="c506c2e", help="commit of the baseline ('' for none)")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--name", help="of the results file (default: the neighbours file's stem)")
     a = ap.parse_args()
     with np.load(a.neighbours) as z:
         n, metric = int(z["n"]), str(z["metric"])
@@ -118,7 +119,7 @@ def main() -> None:
                 ),
             }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    dest = RESULTS / f"clusters_{metric}_{n}.json"
+    dest = RESULTS / f"clusters_{a.name or a.neighbours.stem}.json"
     dest.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result.get("compare", {})), "written", dest, flush=True)
 

@@ -6,6 +6,14 @@ or only the duplicates, per block: `Drops`), from which `outcome` makes a block'
 dropped rows (`Clusters.of` and `Drops.of`: what one block's marking needs). The near-duplicate
 steps find every pair of texts at least ``floor`` similar and keep them, with what clustering
 needs, as `Neighbours`, stored in the run directory (`neighbours_path`) for re-cutting.
+
+Clustering (`clusters`) splits each connected group of pairs greedily, best first: the best text
+left is kept, every text left at least ``threshold`` similar to it is its duplicate, and so on.
+It runs in batches (`_split`): one matrix product compares up to `_BATCH` candidate kept texts
+with the rest of their group, a chunk at a time, so a group costs about its size times its kept
+texts in products, and memory holds the group's vectors and about `_TEMP_BYTES` more. Cosines are
+summed in float64 (`similarities`), so a pair's similarity does not depend on the batch. The
+vectors of every text in a pair stay in memory with the `Neighbours` (texts x dim x 4 bytes).
 """
 
 from __future__ import annotations
