@@ -307,11 +307,7 @@ def _kept(step: SemanticDedupStep, emb: np.ndarray, codes: np.ndarray) -> np.nda
 
     n = len(emb)
     pairs = np.stack([codes // n, codes % n])
-
-    def similar(best: int, rest: np.ndarray) -> np.ndarray:
-        return np.round(emb[rest] @ emb[best], 6)
-
-    canonical, _ = clusters(n, pairs, np.arange(n), step.threshold, similar)
+    canonical, _ = clusters(n, pairs, np.arange(n), step.threshold, "cosine", lambda m: emb[m])
     return canonical == np.arange(n)
 
 

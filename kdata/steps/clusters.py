@@ -6,6 +6,14 @@ or only the duplicates, per block: `Drops`), from which `outcome` makes a block'
 dropped rows (`Clusters.of` and `Drops.of`: what one block's marking needs). The near-duplicate
 steps find every pair of texts at least ``floor`` similar and keep them, with what clustering
 needs, as `Neighbours`, stored in the run directory (`neighbours_path`) for re-cutting.
+
+Clustering (`clusters`) splits each connected group of pairs greedily, best first: the best text
+left is kept, every text left at least ``threshold`` similar to it is its duplicate, and so on.
+It runs in batches (`_split`): one matrix product compares up to `_BATCH` candidate kept texts
+with the rest of their group, a chunk at a time, so a group costs about its size times its kept
+texts in products, and memory holds the group's vectors and about `_TEMP_BYTES` more. Cosines are
+summed in float64 (`similarities`), so a pair's similarity does not depend on the batch. The
+vectors of every text in a pair stay in memory with the `Neighbours` (texts x dim x 4 bytes).
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from kdata.blocks import Block
 from kdata.steps.base import PROVENANCE, StepOutput, dropped, failure, rid
 
 COSINE_DECIMALS = 6  # cosine similarities are rounded, so identical texts are exactly 1.0
+# Clustering compares up to _BATCH candidate kept texts with the rest of their group at once,
+# the rest a chunk at a time, within about _TEMP_BYTES of temporaries.
+_BATCH, _TEMP_BYTES = 256, 16 << 20
 
 
 def column_texts(
@@ -244,14 +255,6 @@ class Neighbours:
         members = np.unique(pairs)
         return cls(n, metric, pairs, similarity, members, vectors_of(members))
 
-    def similar(self, best: int, rest: np.ndarray) -> np.ndarray:
-        """The similarity of text ``best`` to each of the texts ``rest`` (all members)."""
-        b = self.vectors[np.searchsorted(self.members, best)]
-        v = self.vectors[np.searchsorted(self.members, rest)]
-        if self.metric == "jaccard":
-            return (v == b).mean(axis=1)
-        return np.minimum(np.round(v @ b, COSINE_DECIMALS), 1.0)
-
     def clusters(self, order: np.ndarray | None, threshold: float) -> tuple[np.ndarray, np.ndarray]:
         """Cluster at ``threshold`` (at least the floor the pairs were found at).
 
@@ -268,7 +271,11 @@ class Neighbours:
         rank = np.empty(self.n, dtype=np.int64)
         rank[np.arange(self.n) if order is None else np.asarray(order)] = np.arange(self.n)
         pairs = self.pairs[:, self.similarity >= threshold]
-        return clusters(self.n, pairs, rank, threshold, self.similar)
+        return clusters(self.n, pairs, rank, threshold, self.metric, self.vectors_of)
+
+    def vectors_of(self, texts: np.ndarray) -> np.ndarray:
+        """The vectors of ``texts`` (members), in that order."""
+        return self.vectors[np.searchsorted(self.members, texts)]
 
     def save(self, path: Path) -> None:
         """Write to ``path`` (.npz), atomically."""
@@ -328,11 +335,15 @@ def clusters(
     pairs: np.ndarray,
     rank: np.ndarray,
     threshold: float,
-    similar: Callable[[int, np.ndarray], np.ndarray],
+    metric: Literal["jaccard", "cosine"],
+    vectors_of: Callable[[np.ndarray], np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split the connected groups of ``pairs`` into clusters around their best-ranked rows.
+    """Split the connected groups of ``pairs`` into clusters around their best-ranked items.
 
-    ``similar(best, rest)`` is the similarity of item ``best`` to each of the items ``rest``.
+    In each group the best-ranked item left is kept and every item left at least ``threshold``
+    similar to it is its duplicate (by `similarities`), until none is left (`_split`).
+    ``vectors_of(items)`` gives the vectors of ``items`` (all in a pair), asked one group at a
+    time.
     """
     members = np.unique(pairs)  # only these can share a cluster: union-find over them alone
     parent = list(range(len(members)))
@@ -352,12 +363,67 @@ def clusters(
     group = np.array([root(k) for k in range(len(members))], dtype=np.int64)
     by_group = np.lexsort((rank[members], group))  # by group, then best first
     members, group = members[by_group], group[by_group]
-    for rest in np.split(members, np.flatnonzero(np.diff(group)) + 1):
-        while len(rest) > 1:
-            best, rest = rest[0], rest[1:]
-            sim = similar(best, rest)
-            hit = sim >= threshold
-            canonical[rest[hit]] = best
-            similarity[rest[hit]] = sim[hit]
-            rest = rest[~hit]
+    for items in np.split(members, np.flatnonzero(np.diff(group)) + 1):
+        keeper, sim = _split(metric, vectors_of(items), threshold)
+        canonical[items] = items[keeper]
+        similarity[items] = sim
     return canonical, similarity
+
+
+def similarities(metric: Literal["jaccard", "cosine"], a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The similarity of each of the vectors ``a`` to each of ``b``, shape (len(a), len(b)).
+
+    ``jaccard``: the share of equal MinHash values. ``cosine``: the dot product of normalised
+    float32 embeddings, summed in float64 and rounded to `COSINE_DECIMALS`, so that it does not
+    depend on how the products are batched (float32 sums differ in their last bits).
+    """
+    if metric == "jaccard":
+        return (a[:, None, :] == b[None, :, :]).mean(axis=2)
+    dot = a.astype(np.float64) @ b.astype(np.float64).T
+    return np.minimum(np.round(dot, COSINE_DECIMALS, out=dot), 1.0, out=dot)
+
+
+def _split(
+    metric: Literal["jaccard", "cosine"], vectors: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """One group's greedy clusters, its ``vectors`` best first: each item's keeper (a position
+    in ``vectors``, its own when kept) and its similarity to it.
+
+    Batched: the next `_BATCH` items left are the candidates; those not the duplicate of an
+    earlier kept candidate are kept, in order; each other item left becomes the duplicate of the
+    first kept candidate it is at least ``threshold`` similar to. The items left are compared a
+    chunk at a time (`_rows`), so temporaries stay within about `_TEMP_BYTES`.
+    """
+    keeper, similarity = np.arange(len(vectors)), np.ones(len(vectors))
+    left = np.arange(len(vectors))
+    while len(left) > 1:
+        cand, rest = left[:_BATCH], left[_BATCH:]
+        sim = similarities(metric, vectors[cand], vectors[cand])
+        free = np.ones(len(cand), dtype=bool)
+        for j in range(len(cand)):
+            if free[j]:
+                hit = free & (sim[:, j] >= threshold)
+                hit[: j + 1] = False
+                keeper[cand[hit]], similarity[cand[hit]] = cand[j], sim[hit, j]
+                free &= ~hit
+        kept = cand[free]
+        rows, still = _rows(metric, vectors.shape[1], len(kept)), []
+        for at in range(0, len(rest), rows):
+            part = rest[at : at + rows]
+            sim = similarities(metric, vectors[part], vectors[kept])
+            hit = sim >= threshold
+            first = hit.argmax(axis=1)  # the first kept candidate each is a duplicate of
+            dup = np.flatnonzero(hit[np.arange(len(part)), first])
+            keeper[part[dup]], similarity[part[dup]] = kept[first[dup]], sim[dup, first[dup]]
+            still.append(np.delete(part, dup))
+        left = np.concatenate(still) if still else rest
+    return keeper, similarity
+
+
+def _rows(metric: Literal["jaccard", "cosine"], width: int, kept: int) -> int:
+    """How many items to compare with ``kept`` vectors of ``width`` values at once: the
+    temporaries of `similarities` (and the items' vectors) within about `_TEMP_BYTES`."""
+    # jaccard: the vectors, their equalities; cosine: the vectors in float32 and float64;
+    # both: the similarities and the hits
+    values = 4 * width + width * kept if metric == "jaccard" else 12 * width
+    return max(1, _TEMP_BYTES // (values + 9 * kept))
