@@ -2,7 +2,6 @@
 
     python benchmarks/ray_scale.py [--label-rows 10000] [--in-flight 1000] [--minhash-rows 1000000]
         [--label-block-rows 1000] [--minhash-block-rows 10000] [--workloads label minhash]
-        [--before DIR]
 
 Starts a two-node Ray cluster on 127.0.0.1 (`ray.cluster_utils.Cluster`, 2 logical CPUs per
 node) and the loopback OpenAI stand-in (``tests/openai_standin.py``, a process of its own,
@@ -11,11 +10,12 @@ local executor, and with ``execution: {executor: ray, address: <the cluster>}`` 
 workers). For each build: the driver's wall time, CPU time and peak RSS (``os.wait4``), and, for
 the Ray build, the CPU seconds and peak RSS (``VmHWM``) of every Ray worker process it used,
 and the highest of each part of its RSS (`sample`), sampled from ``/proc`` every 0.2 s, with
-the responses each teacher worker stored (its ``cache/<host>-<pid>.sqlite``). With ``--before
-DIR`` (a checkout of older kdata) a third build, ``ray_before``, runs that code on Ray, side by
-side. Every build's final dataset is checked to
-hold the local build's rows. Results go to ``benchmarks/results/ray_scale.json`` (with fewer
-``--workloads``, ``ray_scale_<workloads>.json``).
+the responses each teacher worker stored (its ``cache/<host>-<pid>.sqlite``). Every build's
+final dataset is checked to hold the local build's rows. To compare with older code, run this
+script from a checkout of it, then from this one: one cluster's worker processes keep the kdata
+they first imported, so two versions cannot share it. Results go to
+``benchmarks/results/ray_scale.json`` (with fewer ``--workloads``,
+``ray_scale_<workloads>.json``).
 
 The recipes: ``label`` is seeds -> label (one teacher, ``max_concurrency`` = ``--in-flight``);
 ``minhash`` is seeds -> exact_dedup -> minhash_dedup on ``benchmarks/scale.py``'s synthetic
@@ -155,10 +155,10 @@ class Watch:
         }
 
 
-def build(recipe: Path, run_dir: Path, on_ray: bool, code: Path = REPO) -> dict:
-    """Build ``recipe`` in a child process with the kdata of ``code``."""
+def build(recipe: Path, run_dir: Path, on_ray: bool) -> dict:
+    """Build ``recipe`` in a child process with this checkout's kdata."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(code), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     w = Watch(run_dir)
     w.thread.start()
     t0 = time.monotonic()
@@ -203,12 +203,6 @@ def main() -> None:
     ap.add_argument("--minhash-block-rows", type=int, default=10_000)
     ap.add_argument("--work", type=Path, default=Path("/tmp/kdata-ray-scale"))
     ap.add_argument("--workloads", nargs="+", default=["label", "minhash"])
-    ap.add_argument(
-        "--before",
-        type=Path,
-        help="a checkout of older kdata (e.g. `git archive <commit> | tar -x -C DIR`): its Ray "
-        "build runs too, side by side (ray_before)",
-    )
     a = ap.parse_args()
     shutil.rmtree(a.work, ignore_errors=True)
     a.work.mkdir(parents=True)
@@ -234,15 +228,13 @@ def main() -> None:
             folder.mkdir()
             write_seeds(folder / "seeds.jsonl", rows)
             runs = {}
-            builds = [("local", "", REPO), ("ray", ray_exec, REPO)]
-            if a.before:
-                builds.append(("ray_before", ray_exec, a.before.resolve()))
-            for ex, extra, code in builds:
+            builds = [("local", ""), ("ray", ray_exec)]
+            for ex, extra in builds:
                 recipe = folder / f"{ex}.yaml"
                 recipe.write_text(
                     text.format(port=port, in_flight=a.in_flight, block_rows=block_rows, ray=extra)
                 )
-                runs[ex] = build(recipe, folder / f"run_{ex}", ex != "local", code)
+                runs[ex] = build(recipe, folder / f"run_{ex}", ex != "local")
                 print(name, ex, json.dumps({k: v for k, v in runs[ex].items() if k != "workers"}))
             loc = runs["local"]
             runs["rows"] = rows
