@@ -469,7 +469,8 @@ def test_a_cluster_joined_through_ray_client_gives_the_local_rows(cluster, tmp_p
         address = cluster.client_address
 
     with StandIn(Config()) as s:
-        recipe = dedup_recipe(tmp_path, s.port, 150)
+        # every question once: two workers asking the same one at the same moment both pay
+        recipe = dedup_recipe(tmp_path, s.port, 150, repeats=1)
         local = kdata.build(recipe, run_dir=tmp_path / "local")
         s.clear()
         # the Ray Client server's processes for this client listen on loopback too
