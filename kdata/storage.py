@@ -103,13 +103,16 @@ class Remote:
     def pull(self) -> None:
         """Bring the stage to what the URL holds (the responses, batch journal and embeddings
         of the stage are kept: see the module doc). Remote responses land in ``cache/`` as
-        stores for the build to absorb."""
+        stores for the build to absorb; the URL's ``cache.sqlite`` not when the last build at
+        the URL was this stage's (its manifest is the stage's): the stage's cache holds it."""
         there = self._listing()
         for rel, size in there.items():
             if _under(rel, SKIPPED):
                 continue
             dest = self.local / rel
             if rel == "cache.sqlite" and dest.exists():
+                if self._last_build_was_here():
+                    continue
                 dest = self.local / "cache" / f"pulled-{time.time_ns()}.sqlite"  # absorbed
             elif dest.exists() and (_under(rel, KEPT) or dest.stat().st_size == size):
                 self._known[rel] = _stat(dest)
@@ -119,6 +122,13 @@ class Remote:
         for rel in list(self._files()):
             if rel not in there and not _under(rel, KEPT + SKIPPED):
                 (self.local / rel).unlink()  # finished here but never sent: it is made again
+
+    def _last_build_was_here(self) -> bool:
+        mine = self.local / "manifest.json"
+        try:
+            return mine.read_bytes() == self.fs.cat_file(self._remote("manifest.json"))
+        except OSError:  # FileNotFoundError included: no manifest on one side
+            return False
 
     def _get(self, rel: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -149,13 +159,24 @@ class Remote:
         """Send the responses stored in ``cache_path`` from now on with each block."""
         self._cache, self._segments = cache_path, Segments(self.local, cache_path)
 
+    def send_new(self, store: Path, segments: Segments) -> None:
+        """Send the responses ``store`` got since ``segments`` last took from it, as a segment
+        (removed from the stage once sent: its responses are in ``store``)."""
+        with self._sent:
+            segment = segments.take(store)
+            if segment is not None:
+                self._put(self.local / segment, segment)
+                (self.local / segment).unlink()
+
+    def send_responses(self) -> None:
+        """Send the responses the run's cache got since they were last sent."""
+        self.send_new(self._cache, self._segments)
+
     def block(self, paths: list[Path]) -> None:
         """Send the responses stored since the block before, then a block's files (its counts
         last: a block the URL counts finished has its responses there)."""
+        self.send_responses()
         with self._sent:
-            for segment in self._segments.take(self._cache):
-                self._put(self.local / segment, segment)
-                (self.local / segment).unlink()  # its responses are in the stage's cache
             for p in paths:
                 self._put(p, p.relative_to(self.local).as_posix())
 
@@ -312,11 +333,7 @@ class Files:
     def send(self, store: Path, segments: Segments) -> None:
         """Send the responses ``store`` got since the last call to the URL (none without one)."""
         if self.url is not None:
-            r = remote(self.url)
-            with r._sent:
-                for segment in segments.take(store):
-                    r._put(r.local / segment, segment)
-                    (r.local / segment).unlink()
+            remote(self.url).send_new(store, segments)
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -346,16 +363,16 @@ class Segments:
         self.after = {} if sent is None else {sent: _last_rowid(sent)}  # the URL has those
         self.n = 0
 
-    def take(self, store: Path) -> list[str]:
-        """The new segment's path relative to the stage, in a list (empty: nothing new)."""
+    def take(self, store: Path) -> str | None:
+        """The new segment's path relative to the stage (None: nothing new)."""
         rel = f"cache/seg-{socket.gethostname()}-{os.getpid()}-{self.n}.sqlite"
         self.after[store], wrote = export_responses(
             store, self.stage / rel, self.after.get(store, 0)
         )
         if not wrote:
-            return []
+            return None
         self.n += 1
-        return [rel]
+        return rel
 
 
 def _last_rowid(cache_path: Path) -> int:

@@ -84,6 +84,10 @@ def test_a_build_at_a_url_lands_there_and_another_machine_resumes_it(
             stage = sorted(p.name for p in (run.dir / "steps" / name / kind).iterdir())
             assert stage == sorted(p.name for p in (root / "steps" / name / kind).iterdir())
 
+    # The same machine again: its cache holds the URL's, which is not fetched again.
+    Remote(url, tmp_path / "machine-a").pull()
+    assert not list((run.dir / "cache").glob("pulled-*"))
+
     # Another machine: a stage of its own, nothing but the URL. Nothing is sent again.
     monkeypatch.setenv("KDATA_STAGE", str(tmp_path / "machine-b"))
     again = kdata.build(r, run_dir=url)

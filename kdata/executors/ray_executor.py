@@ -191,7 +191,7 @@ class RayExecutor:
         for path in sorted((self.run_dir / "cache").glob("*.sqlite")):
             ctx.pool.cache.absorb(path)
         if got:  # what they sent, sent again in one segment of the driver's, then forgotten
-            self.remote.block([])
+            self.remote.send_responses()
             self.remote.forget([p.name for p in got])
 
     def _setup(self, ctx: StepContext) -> dict:
